@@ -1,0 +1,98 @@
+"""Atomic output writing: nothing half-written, nothing the user had is overwritten silently."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import nibabel as nib
+import numpy as np
+
+
+def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Return ``path`` as a Path; raise ``FileExistsError`` if it exists and ``overwrite`` is False."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: output already exists (pass overwrite=True to replace it)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path`` (atomic on POSIX).
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    The temporary name keeps the suffixes of ``path`` (``.nii.gz``, ``.npy``...) so writers
+    that dispatch on the extension behave.
+    """
+    path = check_can_write(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; on success it replaces ``path`` as a whole.
+
+    Used for multi-file outputs (a prepared dataset, one subject's detection results): a crash
+    leaves either the old directory or the complete new one, never a mix.
+    """
+    path = check_can_write(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, backup / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(backup)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_npy(array: np.ndarray, path: str | os.PathLike, overwrite: bool = True) -> None:
+    """Write one array as ``.npy`` atomically."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        np.save(tmp, array)
+
+
+def save_nifti_like(
+    array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, overwrite: bool = False, dtype=np.float32
+) -> None:
+    """Save ``array`` (same shape as ``reference``) with the reference's affine and header, atomically.
+
+    The header (qform/sform codes, pixdim, orientation) is copied so the output overlays the input
+    exactly in any viewer; only the data type changes to ``dtype``.
+    """
+    if tuple(array.shape) != tuple(reference.shape):
+        raise ValueError(f"{path}: array shape {array.shape} does not match the reference shape {reference.shape}")
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header["scl_slope"], header["scl_inter"] = np.nan, np.nan  # data is stored unscaled
+    image = nib.Nifti1Image(np.asarray(array, dtype=dtype), reference.affine, header)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(image, str(tmp))
