@@ -1,0 +1,154 @@
+"""BraTS2020 layout: find subjects, locate their files, load validated volumes.
+
+Layout: ``DATASET/<subject>/<subject>_{t1,t1ce,t2,flair,seg}.nii[.gz]``; axial slices are the last array
+axis. Volumes are used in their stored orientation (no reorientation), so outputs can reuse the input
+affine and header unchanged. Every problem with a file raises :class:`TsgmInputError` naming that file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from tsgm_components.errors import TsgmInputError
+
+#: The four MRI contrasts, in the order used everywhere (datalists, ensembles, reports).
+MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
+#: Segmentation file key and the BraTS labels: 1 necrotic core, 2 oedema, 4 enhancing tumour.
+SEG = "seg"
+SEG_LABELS: tuple[int, ...] = (0, 1, 2, 4)
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+#: Two affines whose entries differ by less than this (mm) are the same geometry.
+AFFINE_ATOL = 1e-3
+
+
+@dataclass
+class SubjectVolumes:
+    """One subject's validated volumes.
+
+    arrays: modality -> (H, W, D) float32 raw intensities (finite, not all zero), all the same shape.
+    seg: (H, W, D) uint8 labels in {0, 1, 2, 4}, or None when no segmentation was given.
+    reference: NIfTI image of the first modality (affine + header for writing outputs in input geometry).
+    brain_mask: (H, W, D) bool, voxels where any modality is non-zero (BraTS is skull-stripped).
+    """
+
+    arrays: dict[str, np.ndarray]
+    seg: np.ndarray | None
+    reference: nib.Nifti1Image
+    brain_mask: np.ndarray
+
+
+def _nifti_file(subject_dir: Path, key: str) -> Path | None:
+    """The file ``<subject>_<key>.nii[.gz]`` in ``subject_dir``; error if both variants exist."""
+    found = [subject_dir / f"{subject_dir.name}_{key}{suffix}" for suffix in NIFTI_SUFFIXES]
+    found = [p for p in found if p.exists()]
+    if len(found) > 1:
+        raise TsgmInputError(subject_dir, f"both {found[0].name} and {found[1].name} exist; keep only one")
+    return found[0] if found else None
+
+
+def find_subjects(dataset_dir: str | Path) -> list[str]:
+    """Sorted names of the sub-folders of ``dataset_dir`` that hold BraTS files (``<name>_<mod>.nii[.gz]``)."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise TsgmInputError(dataset_dir, "dataset directory does not exist")
+    keys = (*MODALITIES, SEG)
+    subjects = sorted(
+        d.name
+        for d in dataset_dir.iterdir()
+        if d.is_dir() and any((d / f"{d.name}_{k}{s}").exists() for k in keys for s in NIFTI_SUFFIXES)
+    )
+    if not subjects:
+        raise TsgmInputError(
+            dataset_dir,
+            "no BraTS subjects found (expected sub-folders <subject>/<subject>_{t1,t1ce,t2,flair}.nii[.gz])",
+        )
+    return subjects
+
+
+def subject_files(subject_dir: str | Path, require_seg: bool) -> dict[str, Path]:
+    """Paths of a subject's files: ``{"t1", "t1ce", "t2", "flair"[, "seg"]} -> Path``.
+
+    ``seg`` is included when present; if ``require_seg`` it must be present.
+    """
+    subject_dir = Path(subject_dir)
+    if not subject_dir.is_dir():
+        raise TsgmInputError(subject_dir, "subject directory does not exist")
+    files: dict[str, Path] = {}
+    for key in (*MODALITIES, SEG):
+        path = _nifti_file(subject_dir, key)
+        if path is not None:
+            files[key] = path
+        elif key != SEG or require_seg:
+            raise TsgmInputError(
+                subject_dir / f"{subject_dir.name}_{key}.nii.gz",
+                f"missing {key} file for subject {subject_dir.name} (looked for .nii.gz and .nii)",
+            )
+    return files
+
+
+def _load_checked(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """Load one NIfTI as a float32 (H, W, D) array; raise TsgmInputError on any problem with the file."""
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many types for bad files (ImageFileError, OSError, ...)
+        raise TsgmInputError(path, f"cannot read as NIfTI ({type(error).__name__}: {error})") from error
+    if len(image.shape) != 3:
+        raise TsgmInputError(path, f"expected a 3D volume, got a {len(image.shape)}D image of shape {image.shape}")
+    try:
+        # float32 from any stored dtype (incl. scaled integers): no integer overflow in later arithmetic.
+        array = np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as error:  # truncated or corrupt data block (EOFError, zlib.error, ValueError, ...)
+        raise TsgmInputError(path, f"cannot read voxel data, file truncated or corrupt ({type(error).__name__}: {error})") from error
+    finite = np.isfinite(array)
+    if not finite.all():
+        n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        raise TsgmInputError(path, f"contains non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
+    return image, array
+
+
+def load_subject(files: dict[str, Path]) -> SubjectVolumes:
+    """Load and validate a subject's volumes (see :func:`subject_files` for ``files``).
+
+    Checks: readable 3D NIfTI, finite values, no all-zero modality, same shape and affine
+    (``AFFINE_ATOL``) as the first modality, seg labels in {0, 1, 2, 4}.
+    """
+    missing = [m for m in MODALITIES if m not in files]
+    if missing:
+        raise TsgmInputError(next(iter(files.values()), "<no files>"), f"missing modalities {missing}")
+    reference, arrays = None, {}
+    for modality in MODALITIES:
+        path = Path(files[modality])
+        image, array = _load_checked(path)
+        if reference is None:
+            reference = image
+        else:
+            _check_same_geometry(path, image, reference, files[MODALITIES[0]])
+        if not array.any():
+            raise TsgmInputError(path, "volume is all zero")
+        arrays[modality] = array
+    seg = None
+    if SEG in files:
+        path = Path(files[SEG])
+        image, array = _load_checked(path)
+        _check_same_geometry(path, image, reference, files[MODALITIES[0]])
+        bad = np.setdiff1d(np.unique(array), SEG_LABELS)
+        if bad.size:
+            raise TsgmInputError(path, f"segmentation labels {bad[:10].tolist()} are not BraTS labels {list(SEG_LABELS)}")
+        seg = array.astype(np.uint8)
+    brain_mask = np.logical_or.reduce([arrays[m] != 0 for m in MODALITIES])
+    return SubjectVolumes(arrays=arrays, seg=seg, reference=reference, brain_mask=brain_mask)
+
+
+def _check_same_geometry(path: Path, image: nib.Nifti1Image, reference: nib.Nifti1Image, reference_path: Path) -> None:
+    if image.shape != reference.shape:
+        raise TsgmInputError(path, f"shape {image.shape} differs from {Path(reference_path).name} {reference.shape}")
+    if not np.allclose(image.affine, reference.affine, atol=AFFINE_ATOL):
+        raise TsgmInputError(
+            path,
+            f"affine differs from {Path(reference_path).name} (max difference "
+            f"{np.abs(image.affine - reference.affine).max():.4g}); volumes must be co-registered",
+        )
