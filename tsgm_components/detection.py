@@ -1,0 +1,396 @@
+"""Volume in -> NIfTI anomaly maps out: the detection step shared by VE-JP inference and every baseline.
+
+A method is a ``reconstruct(slices, modality) -> healthy`` callable over (S, 1, s, s) slice stacks in [0, 1].
+:func:`detect_subject` loads and validates one subject, applies the training preprocessing, reconstructs each
+modality, and writes the detection output of ``docs/architecture.md`` in the input's exact geometry, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import Tensor
+
+import tsgm_components
+from tsgm_components.data.brats import MODALITIES, SubjectVolumes, load_subject, subject_files
+from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
+from tsgm_components.ensembling import (
+    OTSU_MIN_COMPONENT_MM2,
+    PAPER_WEIGHTS,
+    check_weights,
+    fixed_mask,
+    min_component_pixels,
+    otsu_mask,
+    weighted_anomaly,
+)
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.io import atomic_dir, check_can_write, save_json, save_nifti_like
+
+logger = logging.getLogger(__name__)
+
+#: reconstruct(slices (S, 1, s, s) float32 in [0, 1], modality) -> healthy slices (S, 1, s, s) in [0, 1].
+Reconstructor = Callable[[Tensor, str], Tensor]
+MASK_MODES = ("fixed", "otsu")
+#: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
+SPLIT_KEYS = {"train": "training", "training": "training", "val": "validation", "validation": "validation", "test": "test"}
+OVERLAY_SLICES = 6
+
+
+class InfererReconstructor:
+    """Adapts a MONAI inferer + network to :data:`Reconstructor`: ``inferer(slices, network)`` on ``device``.
+
+    The modality is not used: one single-channel model serves all four contrasts (as trained).
+    """
+
+    def __init__(self, inferer: Callable[[Tensor, torch.nn.Module], Tensor], network: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.inferer = inferer
+        self.network = network.eval()
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, slices: Tensor, modality: str) -> Tensor:
+        return self.inferer(slices.to(self.device), self.network).float().cpu()
+
+
+def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, str]:
+    """Read the evaluation bundle's ``calibration.json``: ``(weights, threshold, mode)``.
+
+    ``{"weights": {mod: w}, "threshold": t, "mode": "fixed" | "otsu", ...}``; ``threshold`` may be null in
+    Otsu mode. Raises TsgmInputError naming the file on any problem.
+    """
+    path = Path(path)
+    try:
+        calibration = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TsgmInputError(path, f"cannot read calibration JSON ({type(error).__name__}: {error})") from error
+    if not isinstance(calibration, dict) or "weights" not in calibration or not isinstance(calibration["weights"], dict):
+        raise TsgmInputError(path, 'expected {"weights": {modality: weight}, "threshold": t, "mode": "fixed"|"otsu"}')
+    mode = calibration.get("mode", "fixed")
+    if mode not in MASK_MODES:
+        raise TsgmInputError(path, f"mode must be one of {MASK_MODES}, got {mode!r}")
+    try:
+        weights = check_weights(calibration["weights"], source="weights")
+    except ValueError as error:
+        raise TsgmInputError(path, str(error)) from error
+    threshold = calibration.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
+        raise TsgmInputError(path, f"threshold must be a finite number, got {threshold!r}")
+    if mode == "fixed" and threshold is None:
+        raise TsgmInputError(path, 'mode "fixed" needs a numeric "threshold"')
+    return weights, (None if threshold is None else float(threshold)), mode
+
+
+def resolve_mask_settings(
+    calibration_file: str | Path | None = None,
+    weights: Mapping[str, float] | None = None,
+    threshold: float | None = None,
+    mask_mode: str | None = None,
+) -> dict[str, Any]:
+    """Ensemble weights and mask rule from a calibration file and/or explicit values (explicit values win).
+
+    Returns ``{"weights", "threshold", "mask_mode" (None = no mask), "weights_source", "threshold_source"}``.
+    Without calibration, threshold or Otsu mode no mask is made, and the paper's weights are used unless given.
+    """
+    weights_source, threshold_source = "paper (T1 .07, T1ce .19, T2 .30, FLAIR .44)", None
+    resolved_weights: dict[str, float] = dict(PAPER_WEIGHTS)
+    if calibration_file is not None:
+        cal_weights, cal_threshold, cal_mode = load_calibration(calibration_file)
+        resolved_weights, weights_source = cal_weights, f"calibration {Path(calibration_file).resolve()}"
+        threshold, mask_mode = (cal_threshold if threshold is None else threshold), (mask_mode or cal_mode)
+        threshold_source = f"calibration {Path(calibration_file).resolve()}"
+    if weights is not None:
+        resolved_weights, weights_source = check_weights(dict(weights), source="explicit weights"), "explicit"
+    if mask_mode is None and threshold is not None:
+        mask_mode = "fixed"
+    if mask_mode is not None and mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
+    if mask_mode == "fixed":
+        if threshold is None:
+            raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
+        if calibration_file is None or threshold_source is None:
+            threshold_source = "explicit"
+    elif mask_mode == "otsu":
+        threshold, threshold_source = None, f"per-slice Otsu + components > {OTSU_MIN_COMPONENT_MM2:g} mm²"
+    return {
+        "weights": resolved_weights,
+        "threshold": None if threshold is None else float(threshold),
+        "mask_mode": mask_mode,
+        "weights_source": weights_source,
+        "threshold_source": threshold_source,
+    }
+
+
+def _subject_id(files: Mapping[str, Path]) -> str:
+    """``BraTS20_Training_001`` from ``.../BraTS20_Training_001_t1.nii.gz``, else the file stem."""
+    name = Path(files[MODALITIES[0]]).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name[: -len(f"_{MODALITIES[0]}")] if name.endswith(f"_{MODALITIES[0]}") else name
+
+
+def _reconstruct_modality(
+    reconstruct: Reconstructor, slices: np.ndarray, modality: str, source: Path
+) -> np.ndarray:
+    """Run ``reconstruct`` on (S, s, s) slices; check its output; return (S, s, s) float32 clipped to [0, 1]."""
+    healthy = reconstruct(torch.from_numpy(slices[:, None]), modality)
+    healthy = healthy.detach().float().cpu().numpy()
+    if healthy.shape != (slices.shape[0], 1, *slices.shape[1:]):
+        raise RuntimeError(f"reconstruction of {source} returned shape {healthy.shape}, expected {(slices.shape[0], 1, *slices.shape[1:])}")
+    if not np.isfinite(healthy).all():
+        raise RuntimeError(f"reconstruction of {source} contains non-finite values (diverged sampler?)")
+    return np.clip(healthy[:, 0], 0.0, 1.0)
+
+
+def _mask(weighted: np.ndarray, subject: SubjectVolumes, preprocess: PreprocessConfig, mode: str | None, threshold: float | None) -> np.ndarray | None:
+    if mode is None:
+        return None
+    if mode == "fixed":
+        return fixed_mask(weighted, threshold, subject.brain_mask)
+    spacing = subject.reference.header.get_zooms()[:2]
+    return otsu_mask(weighted, subject.brain_mask, min_component_pixels(spacing), preprocess.z_range)
+
+
+def save_overlay(flair: np.ndarray, anomaly: np.ndarray, mask: np.ndarray | None, z_indices: Sequence[int], path: Path, title: str) -> None:
+    """PNG of the ``OVERLAY_SLICES`` axial slices with the most anomaly: FLAIR (grey), anomaly (heat), mask (contour).
+
+    flair, anomaly: (H, W, D) in [0, 1]; mask: (H, W, D) {0, 1} or None.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z_indices = list(z_indices)
+    mass = [float(anomaly[:, :, z].sum()) for z in z_indices]
+    chosen = sorted(z_indices[i] for i in np.argsort(mass)[::-1][:OVERLAY_SLICES])
+    vmax = float(max(anomaly.max(), 1e-6))
+    fig, axes = plt.subplots(1, len(chosen), figsize=(2.6 * len(chosen), 3.0), squeeze=False)
+    for ax, z in zip(axes[0], chosen):
+        ax.imshow(np.rot90(flair[:, :, z]), cmap="gray", vmin=0, vmax=1)
+        heat = np.ma.masked_less_equal(np.rot90(anomaly[:, :, z]), 0.05 * vmax)
+        ax.imshow(heat, cmap="hot", alpha=0.55, vmin=0, vmax=vmax)
+        if mask is not None and mask[:, :, z].any():
+            ax.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(f"z={z}", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def detect_subject(
+    files: Mapping[str, str | Path],
+    out_dir: str | Path,
+    reconstruct: Reconstructor,
+    preprocess: PreprocessConfig,
+    weights: Mapping[str, float],
+    threshold: float | None,
+    method: str,
+    overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    mask_mode: str | None = "fixed",
+    threshold_source: str | None = None,
+    weights_source: str | None = None,
+    subject: str | None = None,
+) -> Path:
+    """Detect anomalies in one subject; write ``out_dir/<subject>/`` (see docs/architecture.md); return that folder.
+
+    files: modality -> NIfTI path for the four modalities (extra keys such as ``seg`` are ignored).
+    Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s), ``reconstruct``, residual
+    |input − healthy| at the model's resolution, mapped back to the input geometry and zeroed outside the brain
+    and the slice range. The weighted map Σ w_m·anomaly_m is thresholded when ``mask_mode`` is "fixed" (needs
+    ``threshold``; ``threshold=None`` means no mask) or "otsu"; ``mask_mode=None`` writes no mask.
+    All files appear together or not at all; an existing folder is an error unless ``overwrite``.
+    """
+    started = time.perf_counter()
+    files = {m: Path(files[m]) for m in MODALITIES if m in files}
+    weights = check_weights(weights, source=f"{method} weights")
+    if mask_mode == "fixed" and threshold is None:
+        mask_mode = None
+    if mask_mode not in (None, *MASK_MODES):
+        raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
+    volumes = load_subject(files)
+    subject = subject or _subject_id(files)
+    target = check_can_write(Path(out_dir) / subject, overwrite)
+    try:
+        preprocess.check_volume_shape(volumes.reference.shape)
+    except ValueError as error:
+        raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
+
+    in_range = np.zeros(volumes.reference.shape, dtype=bool)
+    in_range[:, :, preprocess.z_min : preprocess.z_max + 1] = True
+    support = in_range & volumes.brain_mask
+    normalised, healthy, anomaly = {}, {}, {}
+    reconstruction_started = time.perf_counter()
+    for modality in MODALITIES:
+        normalised[modality] = normalize_volume(
+            volumes.arrays[modality], volumes.brain_mask, preprocess.lower_percentile, preprocess.upper_percentile
+        )
+        slices = volume_to_slices(normalised[modality], preprocess)
+        healthy_slices = _reconstruct_modality(reconstruct, slices, modality, files[modality])
+        shape = volumes.reference.shape
+        healthy[modality] = slices_to_volume(healthy_slices, shape, preprocess)
+        anomaly[modality] = slices_to_volume(np.abs(slices - healthy_slices), shape, preprocess) * support
+        logger.info("%s %s: reconstructed %d slices", subject, modality, slices.shape[0])
+    reconstruction_seconds = time.perf_counter() - reconstruction_started
+    weighted = weighted_anomaly(anomaly, weights)
+    mask = _mask(weighted, volumes, preprocess, mask_mode, threshold)
+    if mask is None:
+        logger.warning(
+            "%s: no calibration file, threshold or Otsu mode given: wrote the anomaly maps only, NO binary mask", subject
+        )
+
+    with atomic_dir(target, overwrite=overwrite) as tmp:
+        outputs = {}
+        for modality in MODALITIES:
+            outputs[f"healthy_{modality}"] = f"{subject}_healthy_{modality}.nii.gz"
+            save_nifti_like(healthy[modality], volumes.reference, tmp / outputs[f"healthy_{modality}"])
+            outputs[f"anomaly_{modality}"] = f"{subject}_anomaly_{modality}.nii.gz"
+            save_nifti_like(anomaly[modality], volumes.reference, tmp / outputs[f"anomaly_{modality}"])
+        outputs["anomaly"] = f"{subject}_anomaly.nii.gz"
+        save_nifti_like(weighted, volumes.reference, tmp / outputs["anomaly"])
+        if mask is not None:
+            outputs["mask"] = f"{subject}_mask.nii.gz"
+            save_nifti_like(mask, volumes.reference, tmp / outputs["mask"], dtype=np.uint8)
+        outputs["overlay"] = f"{subject}_overlay.png"
+        save_overlay(normalised["flair"], weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
+        outputs["detection"] = f"{subject}_detection.json"
+        record = {
+            "method": method,
+            "subject": subject,
+            "inputs": {m: str(files[m].resolve()) for m in MODALITIES},
+            "outputs": outputs,
+            "weights": weights,
+            "weights_source": weights_source or "given",
+            "mask": None
+            if mask is None
+            else {"mode": mask_mode, "threshold": threshold, "threshold_source": threshold_source or "given"},
+            "preprocess": preprocess.to_dict(),
+            "reconstruction": dict(provenance or {}),
+            "seconds": {
+                "reconstruction": round(reconstruction_seconds, 3),
+                "total": round(time.perf_counter() - started, 3),
+            },
+            "tsgm_version": tsgm_components.__version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        save_json(record, tmp / outputs["detection"])
+    logger.info("%s: wrote %s (%.1f s)", subject, target, time.perf_counter() - started)
+    return target
+
+
+def read_volumes_split(volumes: str | Path | Sequence[Mapping[str, Any]] | Mapping[str, Any], split: str | None) -> list[dict[str, Any]]:
+    """Subjects of one split of ``volumes.json`` (a path or its loaded dict), or an explicit list of items.
+
+    Items: ``{"subject": id, "t1": path, "t1ce": ..., "t2": ..., "flair": ..., "seg": optional}``.
+    """
+    source = "datalist"
+    if isinstance(volumes, (str, Path)):
+        source = str(volumes)
+        try:
+            volumes = json.loads(Path(volumes).read_text())
+        except (OSError, ValueError) as error:
+            raise TsgmInputError(source, f"cannot read volumes JSON ({type(error).__name__}: {error})") from error
+    if isinstance(volumes, Mapping):
+        key = SPLIT_KEYS.get(str(split))
+        if key is None or key not in volumes:
+            raise TsgmInputError(source, f"split {split!r} not found (available: {sorted(volumes)})")
+        volumes = volumes[key]
+    items = [dict(item) for item in volumes]
+    for item in items:
+        missing = [k for k in ("subject", *MODALITIES) if k not in item]
+        if missing:
+            raise TsgmInputError(source, f"item {item.get('subject', item)} lacks keys {missing}")
+    return items
+
+
+def detect_datalist(
+    volumes: str | Path | Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    split: str | None,
+    out_dir: str | Path,
+    reconstruct: Reconstructor,
+    preprocess: PreprocessConfig,
+    weights: Mapping[str, float],
+    threshold: float | None,
+    method: str,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    **detect_kwargs: Any,
+) -> list[Path]:
+    """:func:`detect_subject` for every subject of a split; subject i is done by rank ``i % world_size``.
+
+    ``skip_existing`` resumes an interrupted run: subjects whose folder already exists are logged and skipped
+    (folders are written atomically, so an existing one is complete). Returns the folders this rank wrote.
+    """
+    items = read_volumes_split(volumes, split)
+    written = []
+    for item in items[rank::world_size]:
+        target = Path(out_dir) / item["subject"]
+        if skip_existing and target.exists() and not overwrite:
+            logger.info("%s exists, skipped", target)
+            continue
+        written.append(
+            detect_subject(
+                {m: item[m] for m in MODALITIES}, out_dir, reconstruct, preprocess, weights, threshold, method,
+                overwrite=overwrite, subject=item["subject"], **detect_kwargs,
+            )
+        )
+    return written
+
+
+def run_detection(
+    out_dir: str | Path,
+    reconstruct: Reconstructor,
+    preprocess: PreprocessConfig,
+    method: str,
+    subject_dir: str | Path | None = None,
+    files: Mapping[str, str | Path | None] | None = None,
+    datalist: str | Path | None = None,
+    split: str | None = "test",
+    calibration_file: str | Path | None = None,
+    weights: Mapping[str, float] | None = None,
+    threshold: float | None = None,
+    mask_mode: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Path]:
+    """Bundle entry point: detect one subject folder, four explicit files, or one split of ``volumes.json``.
+
+    Exactly one input form must be given (``files`` counts when any of its paths is set). Weights and mask rule
+    come from :func:`resolve_mask_settings`. Returns the written subject folders.
+    """
+    files = {k: v for k, v in (files or {}).items() if v is not None}
+    given = [name for name, value in (("subject_dir", subject_dir), ("t1/t1ce/t2/flair", files), ("datalist", datalist)) if value]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one input: subject_dir, the four paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
+    settings = resolve_mask_settings(calibration_file, weights, threshold, mask_mode)
+    kwargs = dict(
+        reconstruct=reconstruct, preprocess=preprocess, weights=settings["weights"], threshold=settings["threshold"],
+        method=method, overwrite=overwrite, provenance=provenance, mask_mode=settings["mask_mode"],
+        threshold_source=settings["threshold_source"], weights_source=settings["weights_source"],
+    )
+    if datalist:
+        return detect_datalist(datalist, split, out_dir, skip_existing=skip_existing, rank=rank, world_size=world_size, **kwargs)
+    if subject_dir:
+        files = subject_files(subject_dir, require_seg=False)
+    else:
+        missing = [m for m in MODALITIES if m not in files]
+        if missing:
+            raise TsgmInputError(next(iter(files.values())), f"missing modalities {missing}: give all of t1, t1ce, t2, flair")
+    return [detect_subject(files, out_dir, **kwargs)]
