@@ -1,12 +1,20 @@
-"""Weighted residual ensemble and binary masks from anomaly maps (fixed threshold or per-slice Otsu + CC).
+"""Weighted residual ensemble, binary masks (fixed threshold or per-slice Otsu + CC) and their calibration.
 
-Owned by the evaluation part (weight search and threshold selection belong here too); detection imports it.
+Anomaly score of a voxel = Σ_m w_m · |x_m − healthy_m| with Σ w_m = 1 (paper eq. 9). Two binarisation modes:
+
+- ``"fixed"``: one global threshold ``t`` (mask = score > t inside the brain), chosen on the validation split;
+- ``"otsu"``: the authors' rule: Otsu's threshold per axial slice (over that slice's brain pixels), then only the
+  8-connected components larger than 400 mm² are kept (400 px of the authors' 1 mm, 256² padded slices).
+
+Calibration (:func:`search_weights`, :func:`select_threshold`) runs on the validation split only: one weight vector
+on a simplex grid maximises the validation objective (the paper averaged per-subject optima found on training data).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +26,8 @@ PAPER_WEIGHTS: dict[str, float] = {"t1": 0.07, "t1ce": 0.19, "t2": 0.30, "flair"
 #: Authors' Otsu mode: keep 8-connected components larger than this many pixels at 1 mm in-plane (256² padded slices).
 OTSU_MIN_COMPONENT_MM2 = 400.0
 WEIGHT_SUM_ATOL = 1e-6
+#: Weight-search objectives (see :func:`search_weights`).
+OBJECTIVES = ("dice", "auprc")
 
 
 def check_weights(weights: Mapping[str, float], source: str = "weights") -> dict[str, float]:
@@ -109,3 +119,198 @@ def fixed_mask(anomaly: np.ndarray, threshold: float, brain_mask: np.ndarray | N
     if brain_mask is not None:
         mask &= brain_mask
     return mask.astype(np.uint8)
+
+
+def min_component_pixels(pixel_spacing_mm: Sequence[float]) -> float:
+    """Otsu-mode minimum component size in pixels for in-plane spacing (sx, sy) mm: 400 mm² / (sx · sy)."""
+    area = float(pixel_spacing_mm[0]) * float(pixel_spacing_mm[1])
+    if not area > 0:
+        raise ValueError(f"pixel spacing must be positive, got {tuple(pixel_spacing_mm)}")
+    return OTSU_MIN_COMPONENT_MM2 / area
+
+
+def apply_calibration(
+    maps: Mapping[str, np.ndarray],
+    brain_mask: np.ndarray,
+    calibration: Mapping,
+    pixel_spacing_mm: Sequence[float],
+    z_indices: range | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted anomaly and mask of one volume from a ``calibration.json`` dict (written by the evaluation bundle).
+
+    maps: modality -> (H, W, D) anomaly; brain_mask: (H, W, D) bool; pixel_spacing_mm: in-plane (sx, sy).
+    Returns (score float32 (H, W, D), mask uint8 (H, W, D) in {0, 1}).
+    """
+    score = weighted_anomaly(maps, check_weights(calibration["weights"], "calibration"))
+    if calibration["mode"] == "otsu":
+        return score, otsu_mask(score, brain_mask, min_component_pixels(pixel_spacing_mm), z_indices)
+    if calibration["mode"] == "fixed":
+        return score, fixed_mask(score, float(calibration["threshold"]), brain_mask)
+    raise ValueError(f"calibration: unknown mode {calibration['mode']!r} (expected 'fixed' or 'otsu')")
+
+
+def simplex_grid(n_modalities: int, step: float) -> np.ndarray:
+    """All weight vectors whose entries are multiples of ``step`` and sum to 1.
+
+    Returns (K, n_modalities) float64, K = C(1/step + n − 1, n − 1): 1771 for 4 modalities at step 0.05.
+    """
+    n_steps = round(1.0 / step)
+    if n_steps < 1 or abs(n_steps * step - 1.0) > 1e-9:
+        raise ValueError(f"weight step must divide 1 exactly, got {step}")
+
+    def compositions(total: int, parts: int) -> list[list[int]]:
+        if parts == 1:
+            return [[total]]
+        return [[first] + rest for first in range(total, -1, -1) for rest in compositions(total - first, parts - 1)]
+
+    return np.asarray(compositions(n_steps, n_modalities), dtype=np.float64) / n_steps
+
+
+@dataclass
+class BrainVoxels:
+    """One volume's brain voxels (inside the evaluated z range) as the calibration sees them.
+
+    maps: (N, M) float32 per-modality anomaly values; target: (N,) bool ground-truth tumour.
+    """
+
+    maps: np.ndarray
+    target: np.ndarray
+
+
+@dataclass
+class _Pooled:
+    """Volumes concatenated for vectorised counting on a grid of ``n_bins`` thresholds.
+
+    maps_t: (M, N) float32 (modality-major: the weighted sum is one fast vector-matrix product);
+    offset: (N,) int64 = volume index · (n_bins + 1); tumour: indices of tumour voxels; n_tumour: (V,) per volume.
+    """
+
+    maps_t: np.ndarray
+    offset: np.ndarray
+    tumour: np.ndarray
+    n_tumour: np.ndarray
+    n_bins: int
+
+    @classmethod
+    def of(cls, volumes: Sequence[BrainVoxels], n_bins: int) -> "_Pooled":
+        maps_t = np.ascontiguousarray(np.concatenate([v.maps for v in volumes]).T, dtype=np.float32)
+        offset = np.concatenate([np.full(len(v.target), i * (n_bins + 1), dtype=np.int64) for i, v in enumerate(volumes)])
+        target = np.concatenate([v.target for v in volumes]).astype(bool, copy=False)
+        n_tumour = np.asarray([float(v.target.sum()) for v in volumes])
+        return cls(maps_t, offset, np.flatnonzero(target), n_tumour, n_bins)
+
+
+def _binned_counts(pooled: _Pooled, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-volume counts of the weighted score above each threshold t_j = j · max / n_bins, j = 0..n_bins−1.
+
+    Returns (thresholds (n_bins,), true_pos (V, n_bins), predicted (V, n_bins)): tumour voxels and all voxels with
+    score > t_j, per volume (``score > t_j`` ⇔ ceil(score / max · n_bins) ≥ j + 1, counted by one bincount).
+    """
+    n_bins, n_volumes = pooled.n_bins, len(pooled.n_tumour)
+    score = np.asarray(weights, dtype=np.float32) @ pooled.maps_t
+    top = float(score.max()) if score.size else 0.0
+    scale = n_bins / top if top > 0 else 0.0
+    score *= scale
+    np.ceil(score, out=score)
+    np.minimum(score, n_bins, out=score)
+    key = score.astype(np.int64)  # level 0..n_bins
+    key += pooled.offset
+    shape = (n_volumes, n_bins + 1)
+    at_level_all = np.bincount(key, minlength=n_volumes * (n_bins + 1)).reshape(shape)
+    at_level_tumour = np.bincount(key[pooled.tumour], minlength=n_volumes * (n_bins + 1)).reshape(shape)
+    predicted = np.cumsum(at_level_all[:, ::-1], axis=1)[:, ::-1][:, 1:]  # Σ_{level ≥ j+1}
+    true_pos = np.cumsum(at_level_tumour[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    thresholds = np.arange(n_bins) / scale if scale else np.zeros(n_bins)
+    return thresholds, true_pos.astype(np.float64), predicted.astype(np.float64)
+
+
+def _objective_curves(true_pos: np.ndarray, predicted: np.ndarray, n_tumour: np.ndarray) -> tuple[np.ndarray, float]:
+    """Mean per-volume Dice at every grid threshold, and the pooled average precision of the binned score.
+
+    true_pos, predicted: (V, n_bins) counts above each threshold; n_tumour: (V,) tumour voxels per volume.
+    Volumes without tumour have no Dice and are left out of the mean (their false positives still count in AP).
+    """
+    has_tumour = n_tumour > 0
+    if not has_tumour.any():
+        return np.zeros(true_pos.shape[1]), 0.0
+    dice = 2 * true_pos[has_tumour] / (predicted[has_tumour] + n_tumour[has_tumour, None])
+    pooled_tp, pooled_predicted = true_pos.sum(axis=0), predicted.sum(axis=0)
+    precision = pooled_tp / np.maximum(pooled_predicted, 1)
+    recall = pooled_tp / n_tumour.sum()
+    recall_gain = recall - np.append(recall[1:], 0.0)  # thresholds ascend with j, recall descends
+    return dice.mean(axis=0), float((recall_gain * precision).sum())
+
+
+def select_threshold(volumes: Sequence[BrainVoxels], weights: np.ndarray, n_bins: int = 10000) -> tuple[float, float]:
+    """Threshold maximising the mean per-volume Dice over ``volumes`` for the weighted score.
+
+    Args:
+        volumes: validation volumes (brain voxels in the evaluated z range).
+        weights: (M,) ensemble weights.
+        n_bins: thresholds searched, evenly spaced on [0, max score).
+    Returns:
+        (threshold, mean Dice at that threshold).
+    """
+    pooled = _Pooled.of(volumes, n_bins)
+    thresholds, true_pos, predicted = _binned_counts(pooled, weights)
+    mean_dice, _ = _objective_curves(true_pos, predicted, pooled.n_tumour)
+    best = int(np.argmax(mean_dice))
+    return float(thresholds[best]), float(mean_dice[best])
+
+
+def subsample(volumes: Sequence[BrainVoxels], max_voxels: int, seed: int = 0) -> list[BrainVoxels]:
+    """The same random fraction of every volume's voxels so that at most ``max_voxels`` remain in total."""
+    total = sum(len(v.target) for v in volumes)
+    if total <= max_voxels:
+        return list(volumes)
+    fraction = max_voxels / total
+    rng = np.random.default_rng(seed)
+    kept = []
+    for volume in volumes:
+        keep = rng.random(len(volume.target)) < fraction
+        kept.append(BrainVoxels(volume.maps[keep], volume.target[keep]))
+    return kept
+
+
+@dataclass
+class WeightSearch:
+    """Result of :func:`search_weights`: the best weights, their objective value, and every grid point's value."""
+
+    weights: np.ndarray
+    objective_value: float
+    grid: np.ndarray
+    values: np.ndarray
+
+
+def search_weights(
+    volumes: Sequence[BrainVoxels],
+    step: float = 0.05,
+    objective: str = "dice",
+    n_bins: int = 1000,
+    max_voxels: int = 1_000_000,
+    seed: int = 0,
+) -> WeightSearch:
+    """Grid search of the ensemble weights on the simplex.
+
+    Objective ``"dice"``: mean per-volume Dice at the best threshold of a grid of ``n_bins`` thresholds (the
+    threshold is then re-selected on all voxels by :func:`select_threshold`). Objective ``"auprc"``: average
+    precision of the weighted score pooled over all voxels, with scores binned to ``n_bins`` levels. Both are
+    computed on a random subsample of at most ``max_voxels`` voxels (same fraction per volume); ties between grid
+    points go to the first in grid order.
+
+    Args:
+        volumes: validation volumes; every ``maps`` has the same number M of modality columns.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if not volumes:
+        raise ValueError("no validation volumes to search the ensemble weights on")
+    pooled = _Pooled.of(subsample(volumes, max_voxels, seed), n_bins)
+    grid = simplex_grid(pooled.maps_t.shape[0], step)
+    values = np.empty(len(grid))
+    for index, weights in enumerate(grid):
+        _, true_pos, predicted = _binned_counts(pooled, weights)
+        mean_dice, average_precision = _objective_curves(true_pos, predicted, pooled.n_tumour)
+        values[index] = mean_dice.max() if objective == "dice" else average_precision
+    best = int(np.argmax(values))
+    return WeightSearch(grid[best], float(values[best]), grid, values)
