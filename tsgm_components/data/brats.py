@@ -90,65 +90,73 @@ def subject_files(subject_dir: str | Path, require_seg: bool) -> dict[str, Path]
     return files
 
 
-def _load_checked(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """Load one NIfTI as a float32 (H, W, D) array; raise TsgmInputError on any problem with the file."""
+def _open(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only; data is read lazily) and check it is a 3D volume."""
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises many types for bad files (ImageFileError, OSError, ...)
         raise TsgmInputError(path, f"cannot read as NIfTI ({type(error).__name__}: {error})") from error
     if len(image.shape) != 3:
         raise TsgmInputError(path, f"expected a 3D volume, got a {len(image.shape)}D image of shape {image.shape}")
+    return image
+
+
+def _read_data(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """Voxel data as float32 (also for integer and scaled files: no overflow later), checked finite."""
     try:
-        # float32 from any stored dtype (incl. scaled integers): no integer overflow in later arithmetic.
         array = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as error:  # truncated or corrupt data block (EOFError, zlib.error, ValueError, ...)
         raise TsgmInputError(path, f"cannot read voxel data, file truncated or corrupt ({type(error).__name__}: {error})") from error
-    finite = np.isfinite(array)
-    if not finite.all():
+    if not np.isfinite(array).all():
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         raise TsgmInputError(path, f"contains non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
-    return image, array
+    return array
+
+
+def open_subject(files: dict[str, Path]) -> dict[str, nib.Nifti1Image]:
+    """Open a subject's files and check their headers: readable, 3D, same shape and affine (``AFFINE_ATOL``).
+
+    Cheap (no voxel data read): used to validate a whole dataset before processing it.
+    """
+    missing = [m for m in MODALITIES if m not in files]
+    if missing:
+        raise TsgmInputError(next(iter(files.values()), "<no files>"), f"missing modalities {missing}")
+    keys = [*MODALITIES, *([SEG] if SEG in files else [])]
+    images = {key: _open(Path(files[key])) for key in keys}
+    reference, reference_name = images[MODALITIES[0]], Path(files[MODALITIES[0]]).name
+    for key in keys[1:]:
+        path, image = Path(files[key]), images[key]
+        if image.shape != reference.shape:
+            raise TsgmInputError(path, f"shape {image.shape} differs from {reference_name} {reference.shape}")
+        if not np.allclose(image.affine, reference.affine, atol=AFFINE_ATOL):
+            raise TsgmInputError(
+                path,
+                f"affine differs from {reference_name} (max difference "
+                f"{np.abs(image.affine - reference.affine).max():.4g}); volumes must be co-registered",
+            )
+    return images
 
 
 def load_subject(files: dict[str, Path]) -> SubjectVolumes:
     """Load and validate a subject's volumes (see :func:`subject_files` for ``files``).
 
-    Checks: readable 3D NIfTI, finite values, no all-zero modality, same shape and affine
-    (``AFFINE_ATOL``) as the first modality, seg labels in {0, 1, 2, 4}.
+    Checks :func:`open_subject`'s header checks, then finite values, no all-zero modality and seg labels
+    in {0, 1, 2, 4}.
     """
-    missing = [m for m in MODALITIES if m not in files]
-    if missing:
-        raise TsgmInputError(next(iter(files.values()), "<no files>"), f"missing modalities {missing}")
-    reference, arrays = None, {}
+    images = open_subject(files)
+    arrays = {}
     for modality in MODALITIES:
         path = Path(files[modality])
-        image, array = _load_checked(path)
-        if reference is None:
-            reference = image
-        else:
-            _check_same_geometry(path, image, reference, files[MODALITIES[0]])
-        if not array.any():
+        arrays[modality] = _read_data(path, images[modality])
+        if not arrays[modality].any():
             raise TsgmInputError(path, "volume is all zero")
-        arrays[modality] = array
     seg = None
     if SEG in files:
         path = Path(files[SEG])
-        image, array = _load_checked(path)
-        _check_same_geometry(path, image, reference, files[MODALITIES[0]])
-        bad = np.setdiff1d(np.unique(array), SEG_LABELS)
+        labels = _read_data(path, images[SEG])
+        bad = np.setdiff1d(np.unique(labels), SEG_LABELS)
         if bad.size:
             raise TsgmInputError(path, f"segmentation labels {bad[:10].tolist()} are not BraTS labels {list(SEG_LABELS)}")
-        seg = array.astype(np.uint8)
+        seg = labels.astype(np.uint8)
     brain_mask = np.logical_or.reduce([arrays[m] != 0 for m in MODALITIES])
-    return SubjectVolumes(arrays=arrays, seg=seg, reference=reference, brain_mask=brain_mask)
-
-
-def _check_same_geometry(path: Path, image: nib.Nifti1Image, reference: nib.Nifti1Image, reference_path: Path) -> None:
-    if image.shape != reference.shape:
-        raise TsgmInputError(path, f"shape {image.shape} differs from {Path(reference_path).name} {reference.shape}")
-    if not np.allclose(image.affine, reference.affine, atol=AFFINE_ATOL):
-        raise TsgmInputError(
-            path,
-            f"affine differs from {Path(reference_path).name} (max difference "
-            f"{np.abs(image.affine - reference.affine).max():.4g}); volumes must be co-registered",
-        )
+    return SubjectVolumes(arrays=arrays, seg=seg, reference=images[MODALITIES[0]], brain_mask=brain_mask)

@@ -1,0 +1,30 @@
+"""Session fixtures shared by all test files: a tiny phantom dataset and its prepared slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tsgm_components.data.phantom import PhantomConfig, make_phantom
+from tsgm_components.data.prepare import prepare
+from tsgm_components.data.preprocessing import PreprocessConfig
+
+#: 5 full-size (240x240x155) phantom subjects, seed 0: one healthy (BraTS20_Training_004), four with tumours.
+PHANTOM_CONFIG = PhantomConfig(n_subjects=5, seed=0)
+#: Prepared at 32x32 (slices 80-128); split (seed 0): train 3 subjects, val 1, test 1.
+PREPARE_CONFIG = PreprocessConfig(image_size=32)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """BraTS-layout phantom dataset (read-only for tests: copy it before damaging files)."""
+    return make_phantom(tmp_path_factory.mktemp("phantom") / "dataset", PHANTOM_CONFIG, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(phantom_dir, tmp_path_factory) -> Path:
+    """``tsgm prepare`` output of ``phantom_dir`` at image_size 32 (layout of docs/architecture.md)."""
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(phantom_dir, out, PREPARE_CONFIG, seed=0, verbose=False)
+    return out

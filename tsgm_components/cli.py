@@ -1,0 +1,66 @@
+"""The ``tsgm`` command: ``tsgm <subcommand> --flag value``. Add a subcommand by adding it to COMMANDS.
+
+Bad input (:class:`TsgmInputError`) and refusing to overwrite (``FileExistsError``) print one line on
+stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from tsgm_components.errors import TsgmInputError
+
+
+def phantom(out: str, n_subjects: int = 24, seed: int = 0, overwrite: bool = False) -> None:
+    """Write an MNI152-based phantom dataset in BraTS2020 layout (240x240x155, t1/t1ce/t2/flair/seg) to OUT."""
+    from tsgm_components.data.phantom import PhantomConfig, make_phantom
+
+    try:
+        cfg = PhantomConfig(n_subjects=int(n_subjects), seed=int(seed))
+    except ValueError as error:
+        raise TsgmInputError("tsgm phantom", str(error)) from error
+    make_phantom(out, cfg, overwrite=bool(overwrite))
+
+
+def prepare(
+    dataset_dir: str,
+    out: str,
+    image_size: int = 256,
+    z_min: int = 80,
+    z_max: int = 128,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_file: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Split a BraTS-layout dataset by subject, normalise, slice axially and write MONAI datalists to OUT."""
+    from tsgm_components.data.preprocessing import PreprocessConfig
+    from tsgm_components.data.prepare import prepare as run_prepare
+
+    try:
+        cfg = PreprocessConfig(z_min=int(z_min), z_max=int(z_max), image_size=int(image_size))
+    except ValueError as error:
+        raise TsgmInputError("tsgm prepare", str(error)) from error
+    run_prepare(
+        dataset_dir, out, cfg, seed=int(seed), val_fraction=float(val_fraction), test_fraction=float(test_fraction),
+        split_file=split_file, overwrite=bool(overwrite),
+    )
+
+
+COMMANDS = {"phantom": phantom, "prepare": prepare}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``tsgm`` console script."""
+    try:
+        fire.Fire(COMMANDS, command=argv, name="tsgm")
+    except (TsgmInputError, FileExistsError) as error:
+        print(f"tsgm: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

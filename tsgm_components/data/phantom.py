@@ -1,0 +1,381 @@
+"""MNI152-based phantom dataset in BraTS2020 layout (``tsgm phantom``).
+
+Each subject is the MNI152 2009a brain (grey/white matter probability maps and brain mask shipped with
+nilearn; CSF = mask - GM - WM) warped by a small random affine plus a smooth random deformation onto the
+BraTS grid (240x240x155, 1 mm, affine diag(-1, -1, 1) like BraTS, axial = last axis). Four contrasts are
+mixed from :data:`TISSUE_TABLE`, then a smooth bias field and Rician noise are applied and the result is
+stored as int16 (skull-stripped: background exactly 0).
+
+Tumour subjects get one or two irregular lesions: a core (necrosis, label 1; enhancing rim, label 4, absent
+in some lesions) inside an oedema region (label 2) that spreads mostly in white matter, with mass effect
+pushing the surrounding tissue outward. Healthy subjects (``healthy_fraction``) get no lesion. Confounders
+make intensity thresholding imperfect, as on real scans: FLAIR-bright periventricular caps and small white
+matter hyperintensities (not tumour), bright partial-volume CSF edges on FLAIR, enhancing vessels on T1ce,
+faint oedema in some lesions, and subject-to-subject contrast, bias and noise variation.
+
+Same ``seed`` -> byte-identical files (subject ``i`` depends only on ``seed`` and ``i``; gzip mtime 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from tsgm_components.data.brats import MODALITIES
+from tsgm_components.io import atomic_dir
+
+#: Output grid and geometry of BraTS2020 (SRI24 space): 240x240x155 at 1 mm, LPS-like voxel axes.
+SHAPE = (240, 240, 155)
+AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+
+#: Relative intensity of each tissue per contrast (WM on T1 = 0.80). Columns follow TISSUES.
+#: T1: WM > GM > CSF; T2: CSF > GM > WM; FLAIR: CSF suppressed, oedema and white matter hyperintensities
+#: bright, necrosis near-iso; T1ce: like T1 with a bright enhancing rim.
+TISSUES = ("csf", "gm", "wm", "necrosis", "enhancing", "oedema", "wm_hyperintensity")
+TISSUE_TABLE: dict[str, tuple[float, ...]] = {
+    "t1": (0.25, 0.55, 0.80, 0.20, 0.55, 0.48, 0.62),
+    "t1ce": (0.27, 0.57, 0.80, 0.22, 1.15, 0.50, 0.64),
+    "t2": (1.00, 0.62, 0.42, 0.95, 0.70, 0.85, 0.72),
+    "flair": (0.15, 0.55, 0.42, 0.40, 0.75, 0.95, 0.80),
+}
+
+# Crop of the output grid that holds the (deformed) brain; everything outside it is background.
+_CROP = (slice(40, 200), slice(20, 220), slice(0, 155))
+_CROP_SHAPE = tuple(s.stop - s.start for s in _CROP)
+# Brain centre in template voxels (MNI152 1 mm, RAS) and in output voxels; output i/j axes are flipped.
+_TEMPLATE_CENTRE = np.array([98.0, 117.0, 77.0])
+_OUTPUT_CENTRE = np.array([119.5, 119.5, 77.0])
+_FLIP = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Generation parameters (recorded in ``phantom.json`` next to the subjects)."""
+
+    n_subjects: int = 24
+    seed: int = 0
+    healthy_fraction: float = 0.2
+    #: Probability that a tumour subject has a second, smaller lesion.
+    second_lesion_probability: float = 0.3
+    #: Range of the axial index of the main lesion centre (the processed range is 80-128).
+    lesion_z_range: tuple[int, int] = (70, 140)
+    #: Core radius range in mm; oedema extends 1.3-2.2 times further.
+    core_radius_mm: tuple[float, float] = (4.0, 13.0)
+    #: Rician noise std as a fraction of the mean tissue intensity of each contrast.
+    noise_range: tuple[float, float] = (0.02, 0.045)
+    deformation_mm: float = 2.5
+    rotation_deg: float = 4.0
+    scale_range: tuple[float, float] = (0.93, 1.05)
+
+    def __post_init__(self) -> None:
+        if self.n_subjects < 1:
+            raise ValueError(f"n_subjects must be >= 1, got {self.n_subjects}")
+        if not 0.0 <= self.healthy_fraction <= 1.0:
+            raise ValueError(f"healthy_fraction must be in [0, 1], got {self.healthy_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def subject_id(index: int) -> str:
+    """BraTS2020 training-style id of subject ``index`` (0-based): ``BraTS20_Training_001``, ..."""
+    return f"BraTS20_Training_{index + 1:03d}"
+
+
+def healthy_subjects(cfg: PhantomConfig) -> list[int]:
+    """Indices of the healthy subjects: ``round(n * healthy_fraction)`` (at least one if the fraction is > 0)."""
+    n_healthy = int(round(cfg.n_subjects * cfg.healthy_fraction))
+    if cfg.healthy_fraction > 0:
+        n_healthy = max(1, n_healthy)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 2**31 - 1]))
+    return sorted(rng.choice(cfg.n_subjects, size=min(n_healthy, cfg.n_subjects), replace=False).tolist())
+
+
+@functools.lru_cache(maxsize=1)
+def _template_maps() -> dict[str, np.ndarray]:
+    """MNI152 maps (197x233x189, float32): csf, gm, wm, a periventricular-cap propensity map and the brain mask."""
+    from nilearn import datasets  # nilearn is slow to import; only the phantom needs it
+
+    mask = datasets.load_mni152_brain_mask(resolution=1).get_fdata(dtype=np.float32)
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32) * mask
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32) * mask
+    csf = np.clip(mask - gm - wm, 0.0, 1.0)
+    # Ventricles: CSF deep inside the brain. Caps: white matter next to them, strongest at the horns'
+    # tips in real scans; here a smooth shell around the ventricles, modulated per subject.
+    depth = ndi.distance_transform_edt(mask > 0.5)
+    ventricles = ((csf > 0.5) & (depth > 16)).astype(np.float32)
+    shell = ndi.gaussian_filter(ventricles, 3.0)
+    periventricular = np.clip(shell / max(shell.max(), 1e-6) * 3.0, 0, 1) * (1 - ventricles) * wm
+    return {"csf": csf, "gm": gm, "wm": wm, "periventricular": periventricular.astype(np.float32), "brain": mask}
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: float) -> np.ndarray:
+    """Smooth random field of unit std (float32, ``shape``): Gaussian-RBF control grid with ``spacing`` voxels.
+
+    Separable: the 3D field is three small matrix products, far cheaper than filtering a noise volume.
+    """
+    bases = []
+    for length in shape:
+        n_ctrl = int(np.ceil(length / spacing)) + 3
+        centres = np.linspace(-spacing, length - 1 + spacing, n_ctrl)
+        x = np.arange(length)[:, None]
+        bases.append(np.exp(-0.5 * ((x - centres[None]) / spacing) ** 2).astype(np.float32))
+    coeffs = rng.standard_normal(tuple(b.shape[1] for b in bases)).astype(np.float32)
+    field = np.einsum("ip,pqr->iqr", bases[0], coeffs)
+    field = np.einsum("jq,iqr->ijr", bases[1], field)
+    field = np.einsum("kr,ijr->ijk", bases[2], field)  # not BLAS matmul: its threads stall on a busy machine
+    sample = field[::3, ::3, ::3]  # the field is smooth: a subsample gives its moments
+    return (field - sample.mean()) / max(float(sample.std()), 1e-6)
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _sampling_coordinates(rng: np.random.Generator, cfg: PhantomConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Template voxel coordinates (3, *crop) of each output crop voxel, and the linear map output->template."""
+    angles = np.deg2rad(rng.uniform(-cfg.rotation_deg, cfg.rotation_deg, 3))
+    scales = rng.uniform(*cfg.scale_range, 3)
+    shift = rng.uniform(-3.0, 3.0, 3)
+    # template = C_t + F (R S^-1 (output - C_o)) + shift + deformation; S > 1 makes the output brain larger.
+    linear = _FLIP @ _rotation(angles) @ np.diag(1.0 / scales)
+    axes = [np.arange(s.start, s.stop, dtype=np.float64) - c for s, c in zip(_CROP, _OUTPUT_CENTRE)]
+    coords = np.empty((3, *_CROP_SHAPE), dtype=np.float32)
+    for row in range(3):
+        offset = _TEMPLATE_CENTRE[row] + shift[row]
+        coords[row] = (
+            (linear[row, 0] * axes[0] + offset)[:, None, None]
+            + (linear[row, 1] * axes[1])[None, :, None]
+            + (linear[row, 2] * axes[2])[None, None, :]
+        )
+        coords[row] += cfg.deformation_mm * smooth_field(rng, _CROP_SHAPE, spacing=24.0)
+    return coords, linear
+
+
+def _warp(maps: dict[str, np.ndarray], coords: np.ndarray, where: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Trilinear samples of each template map at ``coords`` (3, *shape); only at ``where`` (bool) if given."""
+    if where is None:
+        return {k: ndi.map_coordinates(v, coords, order=1, prefilter=False, cval=0.0) for k, v in maps.items()}
+    points = coords[:, where]
+    warped = {}
+    for key, value in maps.items():
+        warped[key] = np.zeros(where.shape, np.float32)
+        warped[key][where] = ndi.map_coordinates(value, points, order=1, prefilter=False, cval=0.0)
+    return warped
+
+
+def _brain_region(brain: np.ndarray, coords: np.ndarray, step: int = 4) -> np.ndarray:
+    """Bool mask of output voxels that may be brain: the template brain sampled every ``step`` voxels, dilated.
+
+    Sampling the maps only there skips the ~60 % of the crop that is certainly background.
+    """
+    coarse = ndi.map_coordinates(brain, coords[:, ::step, ::step, ::step], order=1, prefilter=False) > 0
+    coarse = ndi.binary_dilation(coarse, iterations=1)
+    full = coarse.repeat(step, 0).repeat(step, 1).repeat(step, 2)
+    return full[tuple(slice(0, n) for n in coords.shape[1:])]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+@dataclass
+class _Lesion:
+    centre: np.ndarray  # output crop voxel coordinates
+    core_radius: float
+    oedema_factor: float
+    rim_fraction: float  # share of the core radius that enhances (0: non-enhancing lesion)
+    oedema_strength: float  # how far oedema intensity moves from normal tissue towards TISSUE_TABLE oedema
+    mass_effect: float
+
+    def box(self) -> tuple[slice, ...]:
+        half = self.core_radius * self.oedema_factor * 1.5 + 4
+        return tuple(
+            slice(max(0, int(c - half)), min(n, int(np.ceil(c + half)) + 1)) for c, n in zip(self.centre, _CROP_SHAPE)
+        )
+
+
+def _draw_lesions(rng: np.random.Generator, cfg: PhantomConfig, wm: np.ndarray) -> list[_Lesion]:
+    n_lesions = 1 + int(rng.random() < cfg.second_lesion_probability)
+    lesions = []
+    for number in range(n_lesions):
+        # The main lesion is centred near the processed slices; a second one may lie anywhere.
+        z_low, z_high = cfg.lesion_z_range if number == 0 else (40, 140)
+        candidates = np.argwhere(wm[:, :, z_low:z_high] > 0.7)
+        centre = candidates[rng.integers(len(candidates))].astype(np.float64) + [0, 0, z_low]
+        radius = rng.uniform(*cfg.core_radius_mm) * (0.6 if number else 1.0)
+        rim = 0.0 if rng.random() < 0.2 else (1.0 if radius < 7 else rng.uniform(0.3, 0.6))
+        lesions.append(
+            _Lesion(
+                centre=centre,
+                core_radius=radius,
+                oedema_factor=rng.uniform(1.3, 2.2),
+                rim_fraction=rim,
+                oedema_strength=rng.uniform(0.6, 1.0),
+                mass_effect=rng.uniform(0.2, 0.45),
+            )
+        )
+    return lesions
+
+
+def _lesion_fields(rng: np.random.Generator, lesion: _Lesion, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised distances (core, oedema) with irregular borders, and the radial distance, on ``box``."""
+    grid = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in box], indexing="ij")
+    offsets = [g - c for g, c in zip(grid, lesion.centre)]
+    distance = np.sqrt(sum(o * o for o in offsets))
+    shape = distance.shape
+    core = distance / lesion.core_radius + 0.22 * smooth_field(rng, shape, max(2.0, lesion.core_radius / 2))
+    oedema_radius = lesion.core_radius * lesion.oedema_factor
+    oedema = distance / oedema_radius + 0.3 * smooth_field(rng, shape, max(3.0, oedema_radius / 2.5))
+    return core, oedema, distance
+
+
+def _apply_mass_effect(
+    coords: np.ndarray, linear: np.ndarray, lesion: _Lesion, box: tuple[slice, ...]
+) -> None:
+    """Tissue at output x comes from x - g(|x - c|)(x - c) (closer to the centre): tissue is pushed outward."""
+    grid = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in box], indexing="ij")
+    offsets = np.stack([g - c for g, c in zip(grid, lesion.centre)])
+    distance2 = (offsets**2).sum(0)
+    pull = lesion.mass_effect * np.exp(-0.5 * distance2 / (1.3 * lesion.core_radius) ** 2)
+    displacement = np.einsum("ab,b...->a...", linear.astype(np.float32), offsets * pull)
+    coords[(slice(None), *box)] -= displacement
+
+
+def _blobs(rng: np.random.Generator, wm: np.ndarray, count: int) -> np.ndarray:
+    """Soft small white-matter hyperintensities (radius 1.5-4 mm), fraction map on the crop."""
+    out = np.zeros(wm.shape, np.float32)
+    candidates = np.argwhere(wm[:, :, 60:140] > 0.8) + [0, 0, 60]
+    for centre in candidates[rng.integers(len(candidates), size=count)]:
+        radius = rng.uniform(1.5, 4.0)
+        box = tuple(slice(max(0, int(c - radius - 3)), min(n, int(c + radius + 4))) for c, n in zip(centre, wm.shape))
+        grid = np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij")
+        distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+        out[box] = np.maximum(out[box], rng.uniform(0.6, 1.0) * _sigmoid((radius - distance) / 0.7))
+    return out
+
+
+def generate_subject(index: int, cfg: PhantomConfig, healthy: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One subject: ``({modality: (240, 240, 155) int16}, seg (240, 240, 155) uint8 in {0, 1, 2, 4})``."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
+    template = dict(_template_maps())
+    brain_template = template.pop("brain")
+    coords, linear = _sampling_coordinates(rng, cfg)
+    maps = _warp(template, coords, where=_brain_region(brain_template, coords))
+
+    crop_labels = np.zeros(_CROP_SHAPE, np.uint8)
+    necrosis = np.zeros(_CROP_SHAPE, np.float32)
+    enhancing = np.zeros(_CROP_SHAPE, np.float32)
+    oedema = np.zeros(_CROP_SHAPE, np.float32)
+    if not healthy:
+        for lesion in _draw_lesions(rng, cfg, maps["wm"]):
+            box = lesion.box()
+            _apply_mass_effect(coords, linear, lesion, box)
+            for key, value in _warp(template, coords[(slice(None), *box)]).items():
+                maps[key][box] = value
+            core_d, oedema_d, _ = _lesion_fields(rng, lesion, box)
+            core = _sigmoid((1.0 - core_d) / 0.06)  # soft border: partial volume
+            enhancing_part = np.zeros_like(core)
+            if lesion.rim_fraction > 0:
+                enhancing_part = core * _sigmoid((core_d - (1.0 - lesion.rim_fraction)) / 0.05)
+            # Oedema spreads along white matter and spares CSF.
+            tissue = np.clip(maps["wm"][box] + 0.4 * maps["gm"][box], 0, 1)
+            spread = _sigmoid((1.0 - oedema_d) / 0.07) * np.clip(1.6 * tissue - 0.3, 0, 1) * (1 - core)
+            necrosis[box] = np.maximum(necrosis[box], core - enhancing_part)
+            enhancing[box] = np.maximum(enhancing[box], enhancing_part)
+            oedema[box] = np.maximum(oedema[box], lesion.oedema_strength * spread)
+            labels = np.where(spread > 0.5, 2, 0)
+            labels = np.where(core > 0.5, np.where(enhancing_part > 0.5 * core, 4, 1), labels)
+            crop_labels[box] = np.maximum(crop_labels[box], labels.astype(np.uint8))  # overlapping lesions: 4 > 2 > 1 ...
+
+    brain = (maps["csf"] + maps["gm"] + maps["wm"]) > 0.5
+    crop_labels[~brain] = 0
+    lesion_total = np.clip(necrosis + enhancing + oedema, 0, 1)
+    normal = 1.0 - lesion_total
+    # Healthy FLAIR/T2 hyperintensities: periventricular caps (subject-specific extent) and small WM blobs.
+    caps = np.clip(rng.uniform(0.3, 1.0) * maps["periventricular"] * (1 + 0.6 * smooth_field(rng, _CROP_SHAPE, 16.0)), 0, 1)
+    hyper = np.maximum(caps, _blobs(rng, maps["wm"], int(rng.integers(0, 9)))) * maps["wm"]
+    fractions = {
+        "csf": maps["csf"] * normal,
+        "gm": maps["gm"] * normal,
+        "wm": (maps["wm"] - hyper) * normal,
+        "necrosis": necrosis,
+        "enhancing": enhancing,
+        "oedema": oedema,
+        "wm_hyperintensity": hyper * normal,
+    }
+    csf_edge = 4 * maps["csf"] * (1 - maps["csf"])  # partial-volume CSF boundary (sulci, ventricle walls)
+    volumes = {}
+    for modality in MODALITIES:
+        means = np.asarray(TISSUE_TABLE[modality]) * rng.normal(1.0, 0.04, len(TISSUES))  # subject contrast variation
+        intensity = sum(float(m) * fractions[t] for m, t in zip(means, TISSUES))
+        if modality == "flair":  # incomplete CSF suppression at tissue edges
+            intensity = intensity + rng.uniform(0.1, 0.3) * csf_edge
+        if modality == "t1ce":  # enhancing vessels / choroid plexus along CSF spaces
+            intensity = intensity + rng.uniform(0.1, 0.3) * csf_edge * (smooth_field(rng, _CROP_SHAPE, 5.0) > 1.2)
+        intensity *= np.exp(0.12 * smooth_field(rng, _CROP_SHAPE, 50.0))  # bias field
+        sigma = rng.uniform(*cfg.noise_range) * float(np.mean(TISSUE_TABLE[modality]))
+        values = intensity[brain]
+        real = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)
+        imaginary = sigma * rng.standard_normal(values.shape, dtype=np.float32)
+        gain = rng.uniform(400.0, 1200.0)  # scanner scale: arbitrary units differ between subjects
+        stored = np.zeros(SHAPE, np.int16)
+        crop = np.zeros(_CROP_SHAPE, np.int16)
+        crop[brain] = np.clip(np.rint(gain * np.sqrt(real * real + imaginary * imaginary)), 1, 32767)
+        stored[_CROP] = crop
+        volumes[modality] = stored
+    seg = np.zeros(SHAPE, np.uint8)
+    seg[_CROP] = crop_labels
+    return volumes, seg
+
+
+def save_nifti_deterministic(array: np.ndarray, path: Path) -> None:
+    """Write ``array`` as ``.nii.gz`` with the BraTS affine; gzip header without time or name (reproducible)."""
+    image = nib.Nifti1Image(array, AFFINE)
+    image.header.set_xyzt_units("mm", "sec")
+    image.header.set_qform(AFFINE, code=1)
+    image.header.set_sform(AFFINE, code=1)
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as gz:
+        gz.write(image.to_bytes())
+
+
+def make_phantom(out: str | Path, cfg: PhantomConfig, overwrite: bool = False, verbose: bool = True) -> Path:
+    """Write the phantom dataset to ``out`` (BraTS layout + ``phantom.json`` with the parameters), atomically."""
+    import json
+
+    healthy = set(healthy_subjects(cfg))
+    start = time.perf_counter()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for index in range(cfg.n_subjects):
+            name = subject_id(index)
+            volumes, seg = generate_subject(index, cfg, healthy=index in healthy)
+            folder = tmp / name
+            folder.mkdir()
+            for modality, volume in volumes.items():
+                save_nifti_deterministic(volume, folder / f"{name}_{modality}.nii.gz")
+            save_nifti_deterministic(seg, folder / f"{name}_seg.nii.gz")
+            if verbose:
+                kind = "healthy" if index in healthy else f"tumour, {int((seg > 0).sum())} voxels"
+                print(f"  {name}: {kind}  [{time.perf_counter() - start:.1f} s]", flush=True)
+        record = {
+            "generator": "tsgm_components.data.phantom",
+            "parameters": cfg.to_dict(),
+            "healthy_subjects": [subject_id(i) for i in sorted(healthy)],
+            "tissue_table": {"tissues": list(TISSUES), **{m: list(v) for m, v in TISSUE_TABLE.items()}},
+        }
+        (tmp / "phantom.json").write_text(json.dumps(record, indent=2) + "\n")
+    return Path(out)

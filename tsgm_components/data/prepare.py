@@ -1,0 +1,215 @@
+"""``tsgm prepare``: subject-level split, normalisation, axial slicing and MONAI datalists.
+
+Output layout (docs/architecture.md): ``prepare_config.json``, ``split.json``, ``datalist.json``,
+``volumes.json`` and ``slices/<id>/{<mod>,seg}_zZZZ.npy``. Inputs are only read. All subjects' headers
+(files present, readable, 3D, same shape and affine, usable with the slice range) are checked before any
+work; voxel-level problems (NaN, truncated data, bad labels) surface while processing. Either way the
+output is written through :func:`tsgm_components.io.atomic_dir`, so a failure leaves nothing at ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tsgm_components import REPO_ROOT
+from tsgm_components.data.brats import MODALITIES, SEG, find_subjects, open_subject, load_subject, subject_files
+from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, volume_to_slices
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.io import atomic_dir, check_can_write
+
+SPLITS = ("train", "val", "test")
+#: split.json key -> MONAI datalist key
+DATALIST_KEYS = {"train": "training", "val": "validation", "test": "test"}
+#: Shipped split of the full BraTS2020 training set, used when a dataset holds exactly those subjects.
+BRATS2020_SPLIT = REPO_ROOT / "data_manifests" / "brats2020_split.json"
+
+
+def split_subjects(
+    subjects: list[str], seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+) -> dict[str, list[str]]:
+    """Seeded subject-level split ``{"train", "val", "test"} -> sorted ids``.
+
+    Rule: permute the sorted ids with ``numpy.random.default_rng(seed).permutation``; the first
+    ``round(n * test_fraction)`` are test, the next ``round(n * val_fraction)`` validation, the rest
+    training (the paper's 9:1 train/test split with validation carved out of training). A fraction > 0
+    gets at least one subject.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val_fraction}, {test_fraction}")
+    ordered = sorted(subjects)
+    n = len(ordered)
+
+    def count(fraction: float) -> int:
+        return max(1, int(round(n * fraction))) if fraction > 0 else 0
+
+    n_test, n_val = count(test_fraction), count(val_fraction)
+    if n - n_test - n_val < 1:
+        raise ValueError(f"{n} subjects are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    picked = [ordered[i] for i in order]
+    return {
+        "train": sorted(picked[n_test + n_val :]),
+        "val": sorted(picked[n_test : n_test + n_val]),
+        "test": sorted(picked[:n_test]),
+    }
+
+
+def load_split_file(path: str | Path, subjects: list[str]) -> dict[str, list[str]]:
+    """Read a split manifest (``{"split": {"train", "val", "test"}}`` or those keys at top level).
+
+    Its subjects must be exactly the dataset's subjects.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        split = record.get("split", record)
+        split = {name: sorted(str(s) for s in split[name]) for name in SPLITS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise TsgmInputError(path, f"not a split manifest with train/val/test lists ({type(error).__name__}: {error})") from error
+    listed = [s for name in SPLITS for s in split[name]]
+    if len(listed) != len(set(listed)):
+        raise TsgmInputError(path, "a subject is listed in more than one split")
+    missing, extra = sorted(set(listed) - set(subjects)), sorted(set(subjects) - set(listed))
+    if missing or extra:
+        raise TsgmInputError(
+            path,
+            f"split does not match the dataset: {len(missing)} listed subjects not in the dataset {missing[:3]}, "
+            f"{len(extra)} dataset subjects not listed {extra[:3]}",
+        )
+    return split
+
+
+def _slice_records(
+    subject: str, files: dict[str, Path], cfg: PreprocessConfig, min_brain_fraction: float
+) -> tuple[dict[str, np.ndarray], list[int], list[int]]:
+    """Normalised slices of one subject, the kept z indices and their tumour flags.
+
+    Returns ``({mod: (S, s, s) float32, "seg": (S, s, s) uint8}, kept z, tumour flags)``. A slice is kept
+    when the brain (any modality non-zero) covers at least ``min_brain_fraction`` of it; it is a tumour
+    slice when the full-resolution segmentation has any voxel > 0 (all classes merged).
+    """
+    volumes = load_subject(files)
+    slices = {
+        m: volume_to_slices(
+            normalize_volume(volumes.arrays[m], volumes.brain_mask, cfg.lower_percentile, cfg.upper_percentile), cfg
+        )
+        for m in MODALITIES
+    }
+    whole_tumour = (volumes.seg > 0).astype(np.uint8)
+    slices[SEG] = volume_to_slices(whole_tumour, cfg, is_mask=True)
+    z_axis = np.arange(cfg.z_min, cfg.z_max + 1)
+    brain_area = volumes.brain_mask[:, :, cfg.z_min : cfg.z_max + 1].mean(axis=(0, 1))
+    tumour = whole_tumour[:, :, cfg.z_min : cfg.z_max + 1].any(axis=(0, 1))
+    kept = brain_area >= min_brain_fraction
+    return slices, z_axis[kept].tolist(), tumour[kept].astype(int).tolist()
+
+
+def prepare(
+    dataset_dir: str | Path,
+    out: str | Path,
+    cfg: PreprocessConfig = PreprocessConfig(),
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    split_file: str | Path | None = None,
+    min_brain_fraction: float = 0.01,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Prepare a BraTS-layout dataset at ``dataset_dir`` into ``out``; returns the per-split counts.
+
+    The split comes from ``split_file`` if given, else from the shipped BraTS2020 manifest when the
+    dataset holds exactly its subjects, else from :func:`split_subjects` with ``seed``.
+    """
+    start = time.perf_counter()
+    dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
+    if out == dataset_dir or dataset_dir in out.parents or out in dataset_dir.parents:
+        raise TsgmInputError(out, f"output must be outside the input dataset {dataset_dir} (inputs are never modified)")
+    check_can_write(out, overwrite)
+    subjects = find_subjects(dataset_dir)
+    if split_file is None and BRATS2020_SPLIT.exists() and set(subjects) == set(_manifest_subjects(BRATS2020_SPLIT)):
+        split_file = BRATS2020_SPLIT
+    if split_file is not None:
+        split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
+    else:
+        try:
+            split = split_subjects(subjects, seed, val_fraction, test_fraction)
+        except ValueError as error:
+            raise TsgmInputError(dataset_dir, str(error)) from error
+        split_source = f"seeded (seed={seed})"
+
+    files = {s: subject_files(dataset_dir / s, require_seg=True) for s in subjects}
+    for subject in subjects:
+        shape = open_subject(files[subject])[MODALITIES[0]].shape
+        try:
+            cfg.check_volume_shape(shape)
+        except ValueError as error:
+            raise TsgmInputError(files[subject][MODALITIES[0]], str(error)) from error
+    if verbose:
+        print(f"prepare: {len(subjects)} subjects in {dataset_dir}, split {split_source}", flush=True)
+
+    datalist: dict[str, list[dict[str, Any]]] = {DATALIST_KEYS[s]: [] for s in SPLITS}
+    volumes: dict[str, list[dict[str, str]]] = {DATALIST_KEYS[s]: [] for s in SPLITS}
+    counts = {s: {"subjects": len(split[s]), "healthy_slices": 0, "tumour_slices": 0, "discarded_blank": 0} for s in SPLITS}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for name in SPLITS:
+            key = DATALIST_KEYS[name]
+            for subject in split[name]:
+                slices, kept, tumour = _slice_records(subject, files[subject], cfg, min_brain_fraction)
+                folder = tmp / "slices" / subject
+                folder.mkdir(parents=True)
+                for z, is_tumour in zip(kept, tumour):
+                    i = z - cfg.z_min
+                    label = f"slices/{subject}/{SEG}_z{z:03d}.npy"
+                    np.save(tmp / label, slices[SEG][i])
+                    for modality in MODALITIES:
+                        image = f"slices/{subject}/{modality}_z{z:03d}.npy"
+                        np.save(tmp / image, slices[modality][i])
+                        datalist[key].append(
+                            {"image": image, "label": label, "subject": subject, "modality": modality, "z": z, "tumour": is_tumour}
+                        )
+                counts[name]["tumour_slices"] += sum(tumour)
+                counts[name]["healthy_slices"] += len(tumour) - sum(tumour)
+                counts[name]["discarded_blank"] += len(cfg.z_range) - len(kept)
+                volumes[key].append({"subject": subject, **{k: str(p) for k, p in files[subject].items()}})
+                if verbose:
+                    print(f"  {name:5s} {subject}: {len(kept)} slices, {sum(tumour)} tumour  [{time.perf_counter() - start:.1f} s]", flush=True)
+        config = {
+            **cfg.to_dict(),
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "split_source": split_source,
+            "min_brain_fraction": min_brain_fraction,
+            "dataset_dir": str(dataset_dir),
+            "counts": counts,
+        }
+        for filename, obj in [
+            ("prepare_config.json", config),
+            ("split.json", split),
+            ("datalist.json", datalist),
+            ("volumes.json", volumes),
+        ]:
+            (tmp / filename).write_text(json.dumps(obj, indent=1) + "\n")
+    if verbose:
+        print(format_counts(counts))
+        print(f"prepared {out} in {time.perf_counter() - start:.1f} s", flush=True)
+    return counts
+
+
+def _manifest_subjects(path: Path) -> list[str]:
+    split = json.loads(path.read_text())["split"]
+    return [s for name in SPLITS for s in split[name]]
+
+
+def format_counts(counts: dict[str, dict[str, int]]) -> str:
+    """Per-split table: subjects, healthy and tumour slices (per modality), discarded blank slices."""
+    lines = [f"{'split':6s} {'subjects':>8s} {'healthy':>8s} {'tumour':>8s} {'blank':>6s}   (slices per modality)"]
+    for name, c in counts.items():
+        lines.append(f"{name:6s} {c['subjects']:8d} {c['healthy_slices']:8d} {c['tumour_slices']:8d} {c['discarded_blank']:6d}")
+    return "\n".join(lines)
