@@ -120,3 +120,19 @@ def test_checkpoint_resume_matches_uninterrupted_training(tmp_path):
     # the saved EMA loads into a plain ScoreUNet for sampling
     sampling_net = ScoreUNet(1, **TINY)
     sampling_net.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["network_ema"])
+
+
+def test_inferer_runs_a_real_score_unet():
+    from tsgm_components.inferers import DiffusionSamplerInferer
+
+    torch.manual_seed(0)
+    net = ScoreUNet(1, **TINY).eval()
+    inputs = torch.rand(3, 1, 16, 16)
+    out = DiffusionSamplerInferer(VESDE(), sampler="heun", n_steps=3, batch_size=2)(inputs, net)
+    assert out.shape == (3, 1, 16, 16) and out.min() >= 0 and out.max() <= 1
+
+
+def test_amp_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        net = ScoreUNet(1, **TINY)
+        ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(), amp=True)

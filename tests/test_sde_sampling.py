@@ -261,3 +261,20 @@ def test_inferer_paper_defaults_and_modes():
     unconditional = DiffusionSamplerInferer(sde, sampler="sdedit", n_steps=10, sdedit_sigma_start=0.3, conditional=False)
     out = unconditional(torch.full((2, 1, 8, 8), MU), ConditionalGaussianScore(0))
     assert out.shape == (2, 1, 8, 8) and abs(out.mean().item() - MU) < 0.05
+
+
+def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog):
+    inferer = DiffusionSamplerInferer(VESDE(), n_steps=4, progress=True)
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got values in \[0, 250"):
+        inferer(torch.full((1, 1, 4, 4), 250.0).index_fill_(2, torch.tensor([0]), 0.0), ConditionalGaussianScore())
+    with pytest.raises(ValueError, match="NaN"):
+        inferer(torch.full((1, 1, 4, 4), float("nan")), ConditionalGaussianScore())
+    with caplog.at_level("INFO", logger="tsgm_components.inferers"):
+        inferer(torch.rand(1, 1, 4, 4), ConditionalGaussianScore())
+    assert "pc sampling slices 1-1 of 1: step 4/4" in caplog.text
+
+
+def test_sampler_progress_callback_sees_every_step():
+    steps = []
+    sample_pc(gaussian_score, torch.zeros(1, 1, 2, 2), geometric_sigmas(5, 0.01, 1.0), progress=lambda i, n: steps.append((i, n)))
+    assert steps == [(i, 5) for i in range(1, 6)]

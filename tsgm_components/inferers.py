@@ -9,6 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from monai.inferers import Inferer
+from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
 from tsgm_components.sampling import (
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("pc", "sdedit", "heun")
 #: Heun steps when ``n_steps`` is None: 18 levels, 35 NFE (EDM's default budget).
 DEFAULT_HEUN_STEPS = 18
+#: inputs may exceed [0, 1] by this much (resampling overshoot); more means they were not normalised
+INPUT_RANGE_TOLERANCE = 1e-3
 
 
 def slice_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
@@ -147,8 +150,14 @@ class DiffusionSamplerInferer(Inferer):
         Returns:
             (B, 1, H, W) healthy reconstructions in [0, 1], float32, on the inputs' device.
         """
+        inputs = convert_to_tensor(inputs, dtype=torch.float32, track_meta=False)
         if inputs.ndim != 4 or inputs.shape[1] != 1:
             raise ValueError(f"inputs must be (B, 1, H, W), got {tuple(inputs.shape)}")
+        if not torch.isfinite(inputs).all():
+            raise ValueError("inputs contain NaN or infinite values")
+        low, high = inputs.min().item(), inputs.max().item()
+        if low < -INPUT_RANGE_TOLERANCE or high > 1 + INPUT_RANGE_TOLERANCE:
+            raise ValueError(f"inputs must be normalised slices in [0, 1], got values in [{low:.4g}, {high:.4g}]")
         expected = 1 if self.conditional else 0
         got = getattr(network, "condition_channels", None)
         if got != expected:
@@ -156,7 +165,6 @@ class DiffusionSamplerInferer(Inferer):
                 f"{'conditional' if self.conditional else 'unconditional'} sampling needs a network with "
                 f"condition_channels={expected}, got {got}"
             )
-        inputs = inputs.float()
         outputs = []
         for first in range(0, inputs.shape[0], self.batch_size):
             chunk = inputs[first : first + self.batch_size]

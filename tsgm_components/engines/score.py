@@ -108,6 +108,8 @@ class ScoreMatchingTrainer(Trainer):
             amp=amp,
             decollate=False,
         )
+        if amp and self.state.device.type != "cuda":
+            raise ValueError(f"amp=True needs a CUDA device, got {self.state.device}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.network = network
