@@ -57,7 +57,10 @@ def test_preset_parameter_counts():
 
 def pair_batches(n, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"image": torch.rand(2, 1, size, size, generator=g), "condition": torch.rand(2, 1, size, size, generator=g)} for _ in range(n)]
+    return [
+        {"image": torch.rand(2, 1, size, size, generator=g), "condition": torch.rand(2, 1, size, size, generator=g)}
+        for _ in range(n)
+    ]
 
 
 def make_trainer(data, max_epochs, condition_channels=1, seed=0, warmup=3):

@@ -95,7 +95,8 @@ def test_pc_fewer_steps_reproduces_data(corrector):
     sde = VESDE()
     g = torch.Generator().manual_seed(2)
     score = CountingScore()
-    out = sample_pc(score, sde.prior_sample(SHAPE, g), geometric_sigmas(100, 0.01, 348.0), corrector=corrector, generator=g)
+    x_init = sde.prior_sample(SHAPE, g)
+    out = sample_pc(score, x_init, geometric_sigmas(100, 0.01, 348.0), corrector=corrector, generator=g)
     assert out.nfe == score.calls == (200 if corrector else 100)
     assert_gaussian(out.sample)
 
@@ -183,7 +184,8 @@ def test_dsm_loss_of_exact_score_is_the_closed_form_minimum():
     x0 = MU + STD * torch.randn(20_000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     # For Gaussian data E‖σ s* + z‖² = s²/(s²+σ²) per pixel; averaged over t ~ U(eps, 1) with u = σ(t)²:
     # 1/((1−eps)·2 ln(σmax/σmin)) · [ln(u/(s²+u))] from u(eps) to u(1).
-    u0, u1 = sde.sigma(torch.tensor(sde.eps, dtype=torch.float64)) ** 2, torch.tensor(sde.sigma_max**2, dtype=torch.float64)
+    u0 = sde.sigma(torch.tensor(sde.eps, dtype=torch.float64)) ** 2
+    u1 = torch.tensor(sde.sigma_max**2, dtype=torch.float64)
     primitive = lambda u: torch.log(u / (STD**2 + u))  # noqa: E731
     minimum = (primitive(u1) - primitive(u0)) / ((1 - sde.eps) * 2 * math.log(sde.sigma_max / sde.sigma_min))
     exact_loss = dsm_loss(ScaledGaussianScore(1.0), x0, None, sde, torch.Generator().manual_seed(1))
@@ -258,7 +260,9 @@ def test_inferer_paper_defaults_and_modes():
         DiffusionSamplerInferer(sde, sampler="sdedit")
     with pytest.raises(ValueError, match="condition_channels=1"):
         DiffusionSamplerInferer(sde, n_steps=2)(torch.rand(1, 1, 4, 4), ConditionalGaussianScore(0))
-    unconditional = DiffusionSamplerInferer(sde, sampler="sdedit", n_steps=10, sdedit_sigma_start=0.3, conditional=False)
+    unconditional = DiffusionSamplerInferer(
+        sde, sampler="sdedit", n_steps=10, sdedit_sigma_start=0.3, conditional=False
+    )
     out = unconditional(torch.full((2, 1, 8, 8), MU), ConditionalGaussianScore(0))
     assert out.shape == (2, 1, 8, 8) and abs(out.mean().item() - MU) < 0.05
 
@@ -276,5 +280,6 @@ def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog)
 
 def test_sampler_progress_callback_sees_every_step():
     steps = []
-    sample_pc(gaussian_score, torch.zeros(1, 1, 2, 2), geometric_sigmas(5, 0.01, 1.0), progress=lambda i, n: steps.append((i, n)))
+    grid = geometric_sigmas(5, 0.01, 1.0)
+    sample_pc(gaussian_score, torch.zeros(1, 1, 2, 2), grid, progress=lambda i, n: steps.append((i, n)))
     assert steps == [(i, 5) for i in range(1, 6)]

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from tsgm_components.sampling import (
     LangevinCorrector,
+    ProgressFn,
     ReverseDiffusionPredictor,
     ScoreFn,
     karras_sigmas,
@@ -82,7 +83,9 @@ class DiffusionSamplerInferer(Inferer):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if not conditional and sampler != "sdedit":
-            raise ValueError("an unconditional model reconstructs only with sampler='sdedit' (it must start from the input)")
+            raise ValueError(
+                "an unconditional model reconstructs only with sampler='sdedit' (it must start from the input)"
+            )
         if sampler == "sdedit":
             if sdedit_sigma_start is None or not sde.sigma_min < sdedit_sigma_start <= sde.sigma_max:
                 raise ValueError(
@@ -92,7 +95,9 @@ class DiffusionSamplerInferer(Inferer):
         if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         if n_corrector_steps < 0 or batch_size < 1:
-            raise ValueError(f"need n_corrector_steps >= 0 and batch_size >= 1, got {n_corrector_steps}, {batch_size}")
+            raise ValueError(
+                f"need n_corrector_steps >= 0 and batch_size >= 1, got {n_corrector_steps}, {batch_size}"
+            )
         self.sde = sde
         self.sampler = sampler
         self.conditional = conditional
@@ -127,14 +132,17 @@ class DiffusionSamplerInferer(Inferer):
 
         return score_fn
 
-    def _progress(self, first: int, count: int, total: int):
+    def _progress(self, first: int, count: int, total: int) -> Optional[ProgressFn]:
+        """Logs about every tenth step of the sampling of slices first+1..first+count, or None if not wanted."""
         if not self.progress:
             return None
-        every = max(1, total // 10)
 
         def report(step: int, steps: int) -> None:
-            if step % every == 0 or step == steps:
-                logger.info("%s sampling slices %d-%d of %d: step %d/%d", self.sampler, first + 1, first + count, total, step, steps)
+            if step % max(1, steps // 10) == 0 or step == steps:
+                logger.info(
+                    "%s sampling slices %d-%d of %d: step %d/%d",
+                    self.sampler, first + 1, first + count, total, step, steps,
+                )
 
         return report
 
@@ -169,13 +177,17 @@ class DiffusionSamplerInferer(Inferer):
         for first in range(0, inputs.shape[0], self.batch_size):
             chunk = inputs[first : first + self.batch_size]
             generators = [slice_generator(self.seed, first + i, inputs.device) for i in range(chunk.shape[0])]
-            outputs.append(self._sample(chunk, network, generators, self._progress(first, chunk.shape[0], inputs.shape[0])))
+            progress = self._progress(first, chunk.shape[0], inputs.shape[0])
+            outputs.append(self._sample(chunk, network, generators, progress))
         return torch.cat(outputs).clamp_(0.0, 1.0)
 
-    def _sample(self, chunk: Tensor, network: nn.Module, generators: list, progress) -> Tensor:
+    def _sample(
+        self, chunk: Tensor, network: nn.Module, generators: list[torch.Generator], progress: Optional[ProgressFn]
+    ) -> Tensor:
         score_fn = self._score_fn(network, chunk if self.conditional else None)
         if self.sampler == "sdedit":
-            return sample_sdedit(score_fn, chunk, self.sigmas, self.predictor, self.corrector, generators, progress).sample
+            out = sample_sdedit(score_fn, chunk, self.sigmas, self.predictor, self.corrector, generators, progress)
+            return out.sample
         x_init = self.sde.prior_sample(chunk.shape, generators, chunk.device)
         if self.sampler == "pc":
             return sample_pc(score_fn, x_init, self.sigmas, self.predictor, self.corrector, generators, progress).sample

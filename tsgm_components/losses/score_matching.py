@@ -20,7 +20,8 @@ def dsm_loss(
     sde: VESDE,
     generator=None,
 ) -> Tensor:
-    """Scalar loss mean_{batch, pixels} (σ·s_θ(x0 + σz, σ, condition) + z)², t ~ U(eps, 1), σ = σ(t), z ~ N(0, I).
+    """Scalar loss mean over batch and pixels of (σ·s_θ(x0 + σz, σ, condition) + z)², t ~ U(eps, 1), σ = σ(t),
+    z ~ N(0, I).
 
     Weighting each σ by σ² makes the loss O(1) at every noise level; its minimiser is the score of the noised
     marginal. The condition is passed unchanged (never noised).
