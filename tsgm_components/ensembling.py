@@ -242,7 +242,7 @@ def _objective_curves(true_pos: np.ndarray, predicted: np.ndarray, n_tumour: np.
 
 
 def select_threshold(volumes: Sequence[BrainVoxels], weights: np.ndarray, n_bins: int = 10000) -> tuple[float, float]:
-    """Threshold maximising the mean per-volume Dice over ``volumes`` for the weighted score.
+    """Threshold maximising the mean per-volume Dice over ``volumes`` for the weighted score (mask = score > t).
 
     Args:
         volumes: validation volumes (brain voxels in the evaluated z range).
@@ -254,7 +254,12 @@ def select_threshold(volumes: Sequence[BrainVoxels], weights: np.ndarray, n_bins
     pooled = _Pooled.of(volumes, n_bins)
     thresholds, true_pos, predicted = _binned_counts(pooled, weights)
     mean_dice, _ = _objective_curves(true_pos, predicted, pooled.n_tumour)
-    best = int(np.argmax(mean_dice))
+    # middle of the first run of grid thresholds that reach the maximum: a clean gap between the classes is
+    # split in the middle instead of being hugged at its lower end
+    at_best = mean_dice >= mean_dice.max() - 1e-12
+    first = int(np.argmax(at_best))
+    run_length = int(np.argmin(at_best[first:])) if not at_best[first:].all() else len(at_best) - first
+    best = first + (run_length - 1) // 2
     return float(thresholds[best]), float(mean_dice[best])
 
 

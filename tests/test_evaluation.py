@@ -1,0 +1,315 @@
+"""Evaluation: ensemble calibration, metrics against independent implementations, report, bundle run (tiny, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score
+
+from tsgm_components import REPO_ROOT
+from tsgm_components.data.brats import MODALITIES
+from tsgm_components.ensembling import (
+    BrainVoxels,
+    fixed_mask,
+    min_component_pixels,
+    otsu_mask,
+    otsu_threshold,
+    search_weights,
+    select_threshold,
+    simplex_grid,
+)
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.evaluation import calibrate, load_cases, read_prepared
+from tsgm_components.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
+
+BUNDLE = REPO_ROOT / "bundles" / "tsgm_evaluation"
+SHAPE = (24, 24, 12)
+SPACING = (5.0, 4.0, 6.0)  # anisotropic; Otsu components > 400 mm² = 20 px here
+Z_MIN, Z_MAX = 2, 9
+
+
+# ---------------------------------------------------------------- ensembling
+
+
+def test_simplex_grid_covers_the_simplex():
+    grid = simplex_grid(4, 0.05)
+    assert grid.shape == (1771, 4)
+    np.testing.assert_allclose(grid.sum(axis=1), 1.0)
+    assert (grid >= 0).all() and len(np.unique(np.round(grid * 20).astype(int), axis=0)) == 1771
+    with pytest.raises(ValueError, match="divide 1"):
+        simplex_grid(4, 0.3)
+
+
+def _signal_volumes(rng: np.random.Generator, signal_column: int, n_volumes: int = 4, n: int = 3000) -> list[BrainVoxels]:
+    volumes = []
+    for _ in range(n_volumes):
+        target = rng.random(n) < 0.1
+        maps = 0.5 * rng.random((n, 4)).astype(np.float32)
+        maps[:, signal_column] = np.where(target, 0.3, 0.0) + 0.5 * rng.random(n)  # overlapping: noise only hurts
+        volumes.append(BrainVoxels(maps, target))
+    return volumes
+
+
+@pytest.mark.parametrize("objective", ["dice", "auprc"])
+def test_weight_search_puts_all_weight_on_the_informative_modality(objective):
+    volumes = _signal_volumes(np.random.default_rng(0), signal_column=2)
+    search = search_weights(volumes, step=0.1, objective=objective)
+    np.testing.assert_allclose(search.weights, [0, 0, 1, 0])
+    assert search.objective_value > 0.7
+    # a tenth of the voxels still finds (nearly) the same answer
+    assert search_weights(volumes, 0.1, objective, max_voxels=1200).weights[2] >= 0.9
+
+
+def test_threshold_lands_in_the_gap_between_classes():
+    rng = np.random.default_rng(1)
+    volumes = []
+    for _ in range(3):
+        target = rng.random(2000) < 0.2
+        score = np.where(target, 0.7, 0.2) + 0.1 * rng.random(2000)  # healthy in [0.2, 0.3), tumour in [0.7, 0.8)
+        volumes.append(BrainVoxels(np.repeat(score[:, None], 4, axis=1).astype(np.float32), target))
+    threshold, dice = select_threshold(volumes, np.full(4, 0.25))
+    assert 0.45 <= threshold <= 0.55 and dice == pytest.approx(1.0)  # the middle of the gap
+    for volume in volumes:  # the mask rule (score > t) reproduces the perfect split
+        np.testing.assert_array_equal(fixed_mask(volume.maps[:, 0], threshold).astype(bool), volume.target)
+
+
+def test_selected_threshold_matches_brute_force_mean_dice():
+    rng = np.random.default_rng(2)
+    volumes = []
+    for _ in range(3):
+        target = rng.random(500) < 0.15
+        score = rng.random(500) + 0.6 * target
+        volumes.append(BrainVoxels(score[:, None].astype(np.float32), target))
+
+    def mean_dice(t: float) -> float:
+        return float(np.mean([2 * (v.target & (v.maps[:, 0] > t)).sum() / (v.target.sum() + (v.maps[:, 0] > t).sum()) for v in volumes]))
+
+    best = max(mean_dice(t) for t in np.unique(np.concatenate([v.maps[:, 0] for v in volumes])))
+    threshold, dice = select_threshold(volumes, np.ones(1), n_bins=20000)
+    assert dice == pytest.approx(mean_dice(threshold), abs=1e-12)  # the reported Dice is that of the threshold
+    assert best - 0.01 <= dice <= best + 1e-12
+
+
+def test_otsu_threshold_and_mask_keep_only_large_components():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([0.1 + 0.05 * rng.random(900), 0.8 + 0.05 * rng.random(100)])
+    assert 0.15 <= otsu_threshold(values) < 0.8
+    score = 0.1 * rng.random((24, 24, 2)).astype(np.float32)
+    score[3:9, 3:9, 0] = 0.9  # 36 px > 20 px: kept
+    score[15:18, 15:18, 0] = 0.9  # 9 px: dropped
+    score[::5, ::5, 1] = 0.9
+    brain = np.ones(score.shape, dtype=bool)
+    mask = otsu_mask(score, brain, min_component_pixels(SPACING[:2]))
+    assert min_component_pixels(SPACING[:2]) == pytest.approx(20.0)
+    assert mask[3:9, 3:9, 0].all() and mask[:, :, 0].sum() == 36
+    assert not mask[:, :, 1].any()  # isolated bright pixels: Otsu finds them, all are too small
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_average_precision_matches_scikit_learn():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        target = rng.random(400) < 0.3
+        score = np.round(rng.random(400) + 0.4 * target, 1)  # many ties
+        assert average_precision(score, target) == pytest.approx(average_precision_score(target, score), abs=1e-12)
+    assert math.isnan(average_precision(np.ones(5), np.zeros(5, bool)))
+
+
+def _brute_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    """MONAI's definition: boundary = mask XOR erosion; max of the two directed 95th percentiles."""
+    coords = [np.argwhere(m ^ ndimage.binary_erosion(m)) * np.asarray(spacing) for m in (a, b)]
+    distances = np.sqrt(((coords[0][:, None] - coords[1][None]) ** 2).sum(-1))
+    return max(np.percentile(distances.min(axis=1), 95), np.percentile(distances.min(axis=0), 95))
+
+
+def test_overlap_metrics_match_hand_computed_and_brute_force_hd95():
+    prediction = np.zeros((14, 12, 7), bool)
+    target = prediction.copy()
+    prediction[2:7, 3:8, 1:4] = True
+    target[4:11, 2:6, 2:6] = True
+    target[12, 10, 6] = True  # an isolated voxel makes the directed distances asymmetric
+    result = overlap_metrics(prediction[None], target[None], SPACING)
+    tp, n_pred, n_true = (prediction & target).sum(), prediction.sum(), target.sum()
+    assert result["dice"][0] == pytest.approx(2 * tp / (n_pred + n_true))
+    assert result["iou"][0] == pytest.approx(tp / (prediction | target).sum())
+    assert result["precision"][0] == pytest.approx(tp / n_pred)
+    assert result["recall"][0] == pytest.approx(tp / n_true)
+    assert result["hd95"][0] == pytest.approx(_brute_hd95(prediction, target, SPACING), rel=1e-5)
+    plane = overlap_metrics(prediction[None, :, :, 3], target[None, :, :, 3], SPACING[:2])
+    assert plane["hd95"][0] == pytest.approx(_brute_hd95(prediction[:, :, 3], target[:, :, 3], SPACING[:2]), rel=1e-5)
+
+
+def test_empty_mask_conventions():
+    target = np.zeros((1, 10, 8), bool)
+    target[0, 2:5, 2:5] = True
+    empty = overlap_metrics(np.zeros_like(target), target, (2.0, 3.0))
+    assert [empty[m][0] for m in ("dice", "iou", "precision", "recall")] == [0, 0, 0, 0]
+    assert empty["hd95"][0] == pytest.approx(region_diagonal_mm((10, 8), (2.0, 3.0))) == pytest.approx(math.hypot(20, 24))
+    assert empty["empty_prediction"][0]
+    with pytest.raises(ValueError, match="non-empty target"):
+        overlap_metrics(target, np.zeros_like(target), (1.0, 1.0))
+
+    # one subject: slice 0 tumour (missed), slice 1 healthy with a false positive, slice 2 healthy and clean
+    brain = np.ones((10, 8, 3), bool)
+    truth = np.zeros((10, 8, 3), bool)
+    truth[2:5, 2:5, 0] = True
+    mask = np.zeros((10, 8, 3), np.uint8)
+    mask[0, 0, 1] = 1
+    volume, slices, healthy = evaluate_case(mask.astype(np.float32), mask, truth, brain, (2.0, 3.0, 4.0), [40, 41, 42])
+    assert volume["dice"] == 0 and not volume["empty_prediction"]  # the volume has a (wrong) prediction
+    assert [s["z"] for s in slices] == [40] and slices[0]["empty_prediction"]
+    assert slices[0]["hd95"] == pytest.approx(math.hypot(20, 24))
+    assert [(h["z"], h["false_positive"], h["healthy_dice"]) for h in healthy] == [(41, True, 0.0), (42, False, 1.0)]
+    assert healthy[0]["fp_fraction"] == pytest.approx(1 / 80)
+    assert evaluate_case(mask.astype(np.float32), mask, np.zeros_like(truth), brain, (2.0, 3.0, 4.0), [40, 41, 42])[0] is None
+
+
+# ---------------------------------------------------------------- harness, report and bundle on tiny synthetic folders
+
+
+def _save(array: np.ndarray, path: Path, dtype=np.float32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array.astype(dtype), np.diag([*SPACING, 1.0])), str(path))
+
+
+def _make_subject(root: Path, subject: str, rng: np.random.Generator, tumour: bool) -> dict[str, str]:
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    brain = np.repeat((((yy - 11.5) / 10) ** 2 + ((xx - 11.5) / 9) ** 2 < 1)[:, :, None], SHAPE[2], axis=2)
+    seg = np.zeros(SHAPE, np.uint8)
+    if tumour:
+        cy, cx = rng.integers(7, 15, size=2)
+        seg[cy - 3 : cy + 3, cx - 3 : cx + 3, 3:8] = 2
+        seg[cy - 1 : cy + 1, cx - 1 : cx + 1, 4:6] = 1
+    item = {"subject": subject}
+    for modality in MODALITIES:
+        item[modality] = str(root / "data" / subject / f"{subject}_{modality}.nii.gz")
+        _save(brain * (100 + 20 * rng.random(SHAPE) + 80 * (seg > 0)), Path(item[modality]))
+    item["seg"] = str(root / "data" / subject / f"{subject}_seg.nii.gz")
+    _save(seg, Path(item["seg"]), np.uint8)
+    return item
+
+
+def _write_detection(out: Path, item: dict[str, str], rng: np.random.Generator, signal: str, strength: float) -> None:
+    """A detection folder in the contract's format whose ``signal`` modality carries the tumour."""
+    subject = item["subject"]
+    truth = np.asarray(nib.load(item["seg"]).dataobj) > 0
+    brain = np.asarray(nib.load(item["flair"]).dataobj) > 0
+    support = np.zeros(SHAPE, bool)
+    support[:, :, Z_MIN : Z_MAX + 1] = brain[:, :, Z_MIN : Z_MAX + 1]
+    folder = out / subject
+    for modality in MODALITIES:
+        anomaly = 0.3 * rng.random(SHAPE) + (strength * truth if modality == signal else 0.0)
+        _save(np.clip(anomaly, 0, 1) * support, folder / f"{subject}_anomaly_{modality}.nii.gz")
+        _save(0.5 * brain, folder / f"{subject}_healthy_{modality}.nii.gz")
+    record = {"method": out.parent.name, "subject": subject, "seconds": {"total": 2.5}, "reconstruction": {"nfe_per_slice": 35}}
+    (folder / f"{subject}_detection.json").write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    """work_dir with prepared/{volumes,prepare_config}.json and detections/{good,weak}/{validation,test}."""
+    root = tmp_path_factory.mktemp("evaluation")
+    rng = np.random.default_rng(5)
+    volumes = {"training": [], "validation": [], "test": []}
+    for split, n in (("validation", 3), ("test", 3)):
+        for i in range(n):
+            volumes[split].append(_make_subject(root, f"{split}_{i}", rng, tumour=not (split == "test" and i == 2)))
+    prepared = root / "prepared"
+    prepared.mkdir()
+    (prepared / "volumes.json").write_text(json.dumps(volumes))
+    config = {"z_min": Z_MIN, "z_max": Z_MAX, "image_size": 24, "pad_to": 24, "lower_percentile": 1, "upper_percentile": 99, "min_brain_fraction": 0.01}
+    (prepared / "prepare_config.json").write_text(json.dumps(config))
+    for method, strength in (("good", 0.25), ("weak", 0.1)):
+        for split in ("validation", "test"):
+            for item in volumes[split]:
+                _write_detection(root / "detections" / method / split, item, rng, "t2", strength)
+    return root
+
+
+def test_calibration_on_synthetic_detections(synthetic):
+    volumes, preprocess, _ = read_prepared(synthetic / "prepared")
+    cases = load_cases(synthetic / "detections" / "good" / "validation", volumes["validation"], preprocess)
+    assert cases[0].maps.shape[1] == 4 and cases[0].brain.shape == (24, 24, Z_MAX - Z_MIN + 1)
+    calibration = calibrate(cases, weight_step=0.1)
+    assert calibration["weights"]["t2"] == 1.0 and calibration["chosen_on"] == "validation"
+    # t2 anomaly: healthy voxels uniform on [0, 0.3), tumour on [0.25, 0.55): the best cut is near 0.3
+    assert 0.27 <= calibration["threshold"] <= 0.32 and calibration["validation_dice"] > 0.85
+    otsu = calibrate(cases, mode="otsu", weight_step=0.1)  # per-slice Otsu also cuts the uniform healthy noise
+    assert otsu["mode"] == "otsu" and otsu["threshold"] is None and 0 < otsu["validation_dice"] < calibration["validation_dice"]
+
+
+def test_missing_anomaly_map_is_a_clear_error(synthetic, tmp_path):
+    volumes, preprocess, _ = read_prepared(synthetic / "prepared")
+    with pytest.raises(TsgmInputError, match="anomaly map missing"):
+        load_cases(tmp_path, volumes["validation"], preprocess)
+    with pytest.raises(TsgmInputError, match="volumes.json"):
+        read_prepared(tmp_path)
+
+
+def test_bundle_evaluating_writes_calibration_and_report(synthetic):
+    from monai.bundle import run
+
+    configs = [str(BUNDLE / "configs" / "evaluate.yaml"), str(BUNDLE / "configs" / "cpu.yaml")]
+    methods = [
+        {"name": "good", "detection_dir": str(synthetic / "detections" / "good")},
+        {"name": "weak", "detection_dir": str(synthetic / "detections" / "weak"), "mode": "otsu"},
+        {"name": "t1_only", "detection_dir": str(synthetic / "detections" / "good"), "fixed_weights": {"t1": 1.0, "t1ce": 0.0, "t2": 0.0, "flair": 0.0}},
+    ]
+    run("evaluating", config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(synthetic), methods=methods)
+    out = synthetic / "evaluation"
+    calibration = json.loads((out / "good" / "calibration.json").read_text())
+    assert calibration["weights"]["t2"] == 1.0 and calibration["mode"] == "fixed" and calibration["n_validation_subjects"] == 3
+    assert json.loads((out / "weak" / "calibration.json").read_text())["mode"] == "otsu"
+    assert json.loads((out / "t1_only" / "calibration.json").read_text())["weights"]["t1"] == 1.0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["good", "weak", "t1_only"]
+    good = summary["good"]
+    assert good["volume"]["dice"]["mean"] > 0.8 and good["volume"]["dice"]["n"] == 2
+    assert good["counts"]["test_volumes_without_tumour"] == 1 and good["nfe_per_slice"] == 35
+    assert good["healthy_slices"]["n"] > 0 and good["oracle_test_threshold"]["volume_dice"] >= good["volume"]["dice"]["mean"] - 1e-9
+    assert summary["t1_only"]["volume"]["auprc"]["mean"] < 0.5 < good["volume"]["auprc"]["mean"]
+
+    with open(out / "per_case.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3 * 3 and {r["method"] for r in rows} == {"good", "weak", "t1_only"}
+    with open(out / "per_slice.csv") as handle:
+        kinds = {r["kind"] for r in csv.DictReader(handle)}
+    assert kinds == {"tumour", "healthy"}
+    markdown = (out / "results.md").read_text()
+    assert "| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-slice FPR | NFE | s / volume |" in markdown
+    assert "Oracle (upper bound, NOT a result)" in markdown and "| good |" in markdown
+    for figure in ("boxplots.png", "examples.png"):
+        image = matplotlib.image.imread(out / "figures" / figure)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100
+
+
+def test_bundle_configs_load_and_metadata_is_valid():
+    import jsonschema
+    from monai.bundle import ConfigParser
+
+    for names in (["evaluate.yaml"], ["evaluate.yaml", "cpu.yaml"], ["baselines.yaml"], ["baselines.yaml", "cpu.yaml"]):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / n) for n in names])
+        parser.parse()
+        assert parser.get_parsed_content("weight_step" if names[0] == "evaluate.yaml" else "splits") is not None
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "baselines.yaml"), str(BUNDLE / "configs" / "cpu.yaml")])
+    parser.parse()
+    inferer = parser.get_parsed_content("slice_inferer")
+    assert inferer.sampler == "sdedit" and not inferer.conditional and inferer.nfe_per_slice == 20
+    schema = json.loads((REPO_ROOT / "bundles" / "meta_schema_20240725.json").read_text())
+    jsonschema.validate(json.loads((BUNDLE / "configs" / "metadata.json").read_text()), schema)
+    for path in ("LICENSE", "docs/README.md", "configs/logging.conf"):
+        assert (BUNDLE / path).is_file()

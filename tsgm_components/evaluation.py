@@ -1,0 +1,360 @@
+"""Evaluation harness: detection folders + ground truth -> calibration on validation, metrics on test.
+
+For each method, the per-modality anomaly maps of its validation detection folder fix the ensemble weights and the
+binarisation (:func:`calibrate`, written as ``calibration.json``); the same calibration is then applied, unchanged,
+to its test detection folder (:func:`evaluate_cases`). Everything is scored in the input geometry, on the
+processed axial range ``z_min..z_max`` of ``prepare_config.json`` (slices outside it are never reconstructed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from tsgm_components.data.brats import MODALITIES, SEG, load_subject
+from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
+from tsgm_components.ensembling import (
+    OBJECTIVES,
+    OTSU_MIN_COMPONENT_MM2,
+    BrainVoxels,
+    check_weights,
+    fixed_mask,
+    min_component_pixels,
+    otsu_mask,
+    search_weights,
+    select_threshold,
+)
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.io import atomic_dir, save_json
+from tsgm_components.metrics import evaluate_case, overlap_metrics
+from tsgm_components.report import write_report
+
+logger = logging.getLogger(__name__)
+
+MODES = ("fixed", "otsu")
+
+
+@dataclass
+class Case:
+    """One subject as the evaluation sees it, cropped to the evaluated axial range.
+
+    maps: (N, M) float32 per-modality anomaly at the N brain voxels (columns follow ``MODALITIES``);
+    brain, target: (H, W, Z) bool brain mask and whole-tumour ground truth; spacing: (sx, sy, sz) mm;
+    z_indices: input axial index of each of the Z slices; record: the subject's ``_detection.json`` (or {}).
+    """
+
+    subject: str
+    maps: np.ndarray
+    brain: np.ndarray
+    target: np.ndarray
+    spacing: tuple[float, float, float]
+    z_indices: range
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, weights: Mapping[str, float]) -> np.ndarray:
+        """(H, W, Z) float32 weighted anomaly Σ w_m · anomaly_m (0 outside the brain)."""
+        vector = np.asarray([weights[m] for m in MODALITIES], dtype=np.float32)
+        volume = np.zeros(self.brain.shape, dtype=np.float32)
+        volume[self.brain] = self.maps @ vector
+        return volume
+
+    def voxels(self) -> BrainVoxels:
+        return BrainVoxels(self.maps, self.target[self.brain])
+
+
+def read_prepared(prepared_dir: str | Path) -> tuple[dict[str, Any], PreprocessConfig, float]:
+    """``(volumes.json, PreprocessConfig, min_brain_fraction)`` of a prepared dataset folder."""
+    prepared_dir = Path(prepared_dir)
+    loaded = {}
+    for name in ("volumes.json", "prepare_config.json"):
+        path = prepared_dir / name
+        try:
+            loaded[name] = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise TsgmInputError(path, f"cannot read ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
+    config = loaded["prepare_config.json"]
+    return loaded["volumes.json"], PreprocessConfig.from_dict(config), float(config.get("min_brain_fraction", 0.01))
+
+
+def _anomaly_path(detection_dir: Path, subject: str, modality: str) -> Path:
+    return detection_dir / subject / f"{subject}_anomaly_{modality}.nii.gz"
+
+
+def load_case(detection_dir: str | Path, item: Mapping[str, Any], preprocess: PreprocessConfig) -> Case:
+    """Read one subject: its four anomaly maps from ``detection_dir/<id>/``, its inputs and ``seg`` (volumes.json item)."""
+    detection_dir, subject = Path(detection_dir), str(item["subject"])
+    if not item.get(SEG):
+        raise TsgmInputError(f"{subject} (volumes.json)", "no 'seg' path: evaluation needs the ground truth")
+    inputs = load_subject({key: Path(item[key]) for key in (*MODALITIES, SEG)})
+    shape = inputs.reference.shape
+    try:
+        preprocess.check_volume_shape(shape)
+    except ValueError as error:
+        raise TsgmInputError(item[MODALITIES[0]], str(error)) from error
+    z = slice(preprocess.z_min, preprocess.z_max + 1)
+    brain = inputs.brain_mask[:, :, z]
+    columns = []
+    for modality in MODALITIES:
+        path = _anomaly_path(detection_dir, subject, modality)
+        if not path.is_file():
+            raise TsgmInputError(path, f"anomaly map missing: run the detection of this method for subject {subject}")
+        try:
+            array = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        except Exception as error:  # nibabel raises many types for bad files
+            raise TsgmInputError(path, f"cannot read as NIfTI ({type(error).__name__}: {error})") from error
+        if array.shape != shape:
+            raise TsgmInputError(path, f"shape {array.shape} differs from the subject's input shape {shape}")
+        if not np.isfinite(array).all():
+            raise TsgmInputError(path, "contains non-finite values")
+        columns.append(array[:, :, z][brain])
+    record_path = detection_dir / subject / f"{subject}_detection.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    zooms = inputs.reference.header.get_zooms()[:3]
+    return Case(
+        subject=subject,
+        maps=np.stack(columns, axis=1),
+        brain=brain,
+        target=inputs.seg[:, :, z] > 0,
+        spacing=tuple(float(v) for v in zooms),
+        z_indices=preprocess.z_range,
+        record=record,
+    )
+
+
+def load_cases(detection_dir: str | Path, items: Sequence[Mapping[str, Any]], preprocess: PreprocessConfig) -> list[Case]:
+    """:func:`load_case` for every volumes.json item of a split; an empty split is an error."""
+    if not items:
+        raise TsgmInputError(detection_dir, "the split has no subjects to evaluate")
+    if not Path(detection_dir).is_dir():
+        raise TsgmInputError(detection_dir, "detection folder does not exist: run the method's detection on this split")
+    return [load_case(detection_dir, item, preprocess) for item in items]
+
+
+def predict(case: Case, calibration: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(score float32, mask uint8) of a case, both (H, W, Z), under a calibration dict."""
+    score = case.score(calibration["weights"])
+    if calibration["mode"] == "otsu":
+        return score, otsu_mask(score, case.brain, min_component_pixels(case.spacing[:2]))
+    return score, fixed_mask(score, float(calibration["threshold"]), case.brain)
+
+
+def mean_volume_dice(cases: Sequence[Case], calibration: Mapping[str, Any]) -> float:
+    """Exact mean per-volume Dice over the cases with tumour in range (NaN when none has tumour)."""
+    values = []
+    for case in cases:
+        if case.target.any():
+            _, mask = predict(case, calibration)
+            values.append(float(overlap_metrics(mask[None], case.target[None], case.spacing)["dice"][0]))
+    return float(np.mean(values)) if values else math.nan
+
+
+def calibrate(
+    cases: Sequence[Case],
+    mode: str = "fixed",
+    objective: str = "dice",
+    weight_step: float = 0.05,
+    fixed_weights: Mapping[str, float] | None = None,
+    search_bins: int = 1000,
+    threshold_bins: int = 10000,
+    max_voxels: int = 1_000_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Ensemble weights and binarisation from validation cases: the content of ``calibration.json``.
+
+    Weights: simplex grid search (``weight_step``) maximising ``objective`` (see
+    :func:`tsgm_components.ensembling.search_weights`), or ``fixed_weights`` when given (no search).
+    Threshold: maximum mean per-volume Dice over ``threshold_bins`` thresholds on all validation voxels; it is
+    the mask rule in ``"fixed"`` mode and recorded (but unused) in ``"otsu"`` mode, which thresholds per slice.
+    ``validation_dice`` is the exact mean per-volume Dice of the final rule on these cases.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    voxels = [case.voxels() for case in cases]
+    if not any(v.target.any() for v in voxels):
+        raise TsgmInputError(
+            ", ".join(c.subject for c in cases), "no tumour voxel in the validation split's evaluated slices: cannot calibrate"
+        )
+    calibration: dict[str, Any] = {}
+    if fixed_weights is not None:
+        weights = check_weights(fixed_weights, source="fixed_weights")
+        calibration["weights_search"] = "fixed (not searched)"
+    else:
+        search = search_weights(voxels, weight_step, objective, search_bins, max_voxels, seed)
+        weights = {m: round(float(w), 6) for m, w in zip(MODALITIES, search.weights)}
+        calibration["weights_search"] = {
+            "grid_step": weight_step,
+            "grid_points": len(search.grid),
+            "objective": objective,
+            "objective_value": search.objective_value,
+            "voxels_used": min(max_voxels, sum(len(v.target) for v in voxels)),
+            "threshold_levels": search_bins,
+        }
+    threshold, _ = select_threshold(voxels, np.asarray([weights[m] for m in MODALITIES]), threshold_bins)
+    calibration = {
+        "weights": weights,
+        "threshold": float(threshold) if mode == "fixed" else None,
+        "mode": mode,
+        "chosen_on": "validation",
+        "objective": objective if fixed_weights is None else "dice (threshold only)",
+        "validation_dice": None,
+        "n_validation_subjects": len(cases),
+        "validation_subjects": [case.subject for case in cases],
+        "fixed_threshold_on_validation": float(threshold),
+        **calibration,
+    }
+    if mode == "otsu":
+        calibration["min_component_mm2"] = OTSU_MIN_COMPONENT_MM2
+    calibration["validation_dice"] = mean_volume_dice(cases, calibration)
+    return calibration
+
+
+@dataclass
+class MethodResult:
+    """Test-split results of one method: metric rows (dicts with ``subject``) and the settings behind them."""
+
+    name: str
+    calibration: dict[str, Any]
+    volume_rows: list[dict[str, Any]]
+    slice_rows: list[dict[str, Any]]
+    healthy_rows: list[dict[str, Any]]
+    volumes_without_tumour: list[str]
+    oracle: dict[str, float]
+    nfe_per_slice: float | None
+    seconds_per_volume: float | None
+
+
+def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | None:
+    """Mean of a numeric field (``path`` of keys) over the detection records that have it, else None."""
+    values = []
+    for record in records:
+        value: Any = record
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values.append(float(value))
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_cases(name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01) -> MethodResult:
+    """Apply ``calibration`` unchanged to the (test) cases and score them (see :mod:`tsgm_components.metrics`).
+
+    Slices whose brain covers less than ``min_brain_fraction`` of the plane are skipped by the slice-level metrics,
+    as they were by ``tsgm prepare``. The oracle is the best mean volume Dice of a global threshold chosen on these
+    very cases: an upper bound, never a result.
+    """
+    volume_rows, slice_rows, healthy_rows, without_tumour = [], [], [], []
+    for case in cases:
+        score, mask = predict(case, calibration)
+        evaluated = case.brain.mean(axis=(0, 1)) >= min_brain_fraction
+        volume, slices, healthy = evaluate_case(score, mask, case.target, case.brain, case.spacing, case.z_indices, evaluated)
+        if volume is None:
+            without_tumour.append(case.subject)
+        else:
+            volume_rows.append({"subject": case.subject, **volume})
+        slice_rows += [{"subject": case.subject, **row} for row in slices]
+        healthy_rows += [{"subject": case.subject, **row} for row in healthy]
+    oracle_threshold, oracle_dice = select_threshold(
+        [case.voxels() for case in cases], np.asarray([calibration["weights"][m] for m in MODALITIES])
+    )
+    records = [case.record for case in cases]
+    return MethodResult(
+        name=name,
+        calibration=dict(calibration),
+        volume_rows=volume_rows,
+        slice_rows=slice_rows,
+        healthy_rows=healthy_rows,
+        volumes_without_tumour=without_tumour,
+        oracle={"threshold": oracle_threshold, "volume_dice": oracle_dice},
+        nfe_per_slice=_record_value(records, "reconstruction", "nfe_per_slice"),
+        seconds_per_volume=_record_value(records, "seconds", "total"),
+    )
+
+
+def example_slice(cases: Sequence[Case]) -> tuple[str, int]:
+    """(subject, input z index) of the axial slice with the largest tumour area among ``cases``."""
+    best = max(
+        ((int(case.target[:, :, k].sum()), case.subject, k) for case in cases for k in range(case.target.shape[2])),
+        key=lambda entry: entry[0],
+    )
+    case = next(c for c in cases if c.subject == best[1])
+    return case.subject, case.z_indices[best[2]]
+
+
+def example_panels(
+    case: Case, calibration: Mapping[str, Any], detection_dir: str | Path, flair: np.ndarray, z: int
+) -> dict[str, np.ndarray | None]:
+    """The five 2D panels of one method at input slice ``z``: flair is the normalised (H, W, D) input FLAIR."""
+    k = case.z_indices.index(z)
+    score, mask = predict(case, calibration)
+    healthy_path = Path(detection_dir) / case.subject / f"{case.subject}_healthy_flair.nii.gz"
+    healthy = np.asarray(nib.load(str(healthy_path)).dataobj[:, :, z], dtype=np.float32) if healthy_path.is_file() else None
+    return {
+        "input FLAIR": flair[:, :, z],
+        "healthy FLAIR": healthy,
+        "anomaly map": score[:, :, k],
+        "mask": mask[:, :, k].astype(np.float32),
+        "ground truth": case.target[:, :, k].astype(np.float32),
+    }
+
+
+def run_evaluation(
+    prepared_dir: str | Path,
+    methods: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    mode: str = "fixed",
+    objective: str = "dice",
+    weight_step: float = 0.05,
+    search_bins: int = 1000,
+    threshold_bins: int = 10000,
+    max_voxels: int = 1_000_000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> str:
+    """Bundle entry point: calibrate every method on validation, score it on test, write the report; return markdown.
+
+    methods: ``[{"name": str, "detection_dir": path with validation/ and test/ sub-folders,
+    optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search)}]``.
+    Writes ``out_dir/<name>/calibration.json`` per method (what VE-JP inference reads for "tsgm") and the report
+    files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically.
+    """
+    volumes, preprocess, min_brain_fraction = read_prepared(prepared_dir)
+    names = [str(method["name"]) for method in methods]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"methods need distinct names, got {names}")
+    results, examples, example = [], {}, None
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for method in methods:
+            name, detection_dir = str(method["name"]), Path(method["detection_dir"])
+            validation = load_cases(detection_dir / "validation", volumes.get("validation", []), preprocess)
+            calibration = calibrate(
+                validation, method.get("mode", mode), objective, weight_step, method.get("fixed_weights"),
+                search_bins, threshold_bins, max_voxels, seed,
+            )
+            calibration["method"] = name
+            calibration["detection_dir"] = str(detection_dir.resolve())
+            save_json(calibration, tmp / name / "calibration.json")
+            logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), calibration["weights"])
+            del validation
+            test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess)
+            results.append(evaluate_cases(name, test, calibration, min_brain_fraction))
+            if example is None:
+                example = example_slice(test)
+                item = next(i for i in volumes["test"] if i["subject"] == example[0])
+                example_case = load_subject({m: Path(item[m]) for m in MODALITIES})
+                flair = normalize_volume(
+                    example_case.arrays["flair"], example_case.brain_mask, preprocess.lower_percentile, preprocess.upper_percentile
+                )
+            case = next(c for c in test if c.subject == example[0])
+            examples[name] = example_panels(case, calibration, detection_dir / "test", flair, example[1])
+            logger.info("%s: evaluated %d test subjects", name, len(test))
+        markdown = write_report(results, tmp, examples, f"test subject {example[0]}, axial slice z={example[1]}")
+    return markdown

@@ -1,0 +1,167 @@
+"""Detection metrics per 3D volume, per tumour slice and on healthy slices (standard definitions, MONAI where it has them).
+
+Definitions (all on one subject, restricted to the processed axial range ``z_min..z_max``):
+
+- Dice, IoU: MONAI ``DiceMetric``/``MeanIoU``; precision, recall: MONAI confusion-matrix metrics.
+- HD95 (mm): MONAI ``HausdorffDistanceMetric(percentile=95)`` with the voxel spacing: boundary voxels are
+  ``mask XOR binary_erosion(mask)`` (scipy's cross-shaped structuring element), Euclidean distances from each
+  boundary voxel of one mask to the nearest boundary voxel of the other, and the result is the **larger of the two
+  directed 95th percentiles** (linear interpolation), not the percentile of their union.
+- AUPRC: average precision of the continuous anomaly score over brain voxels, AP = Σ_n (R_n − R_{n−1}) P_n over
+  the distinct score values in decreasing order (scikit-learn's ``average_precision_score`` definition).
+
+Empty-mask conventions (MONAI returns inf/NaN there and its mean would silently drop them):
+
+- tumour present, prediction empty: Dice = IoU = precision = recall = 0, HD95 = the diagonal of the evaluated
+  region in mm (slice: H·W plane; volume: H·W·(z_max − z_min + 1) box); counted in ``empty_prediction``;
+- no tumour in the region: the case is not a tumour case. A volume without tumour in ``z_min..z_max`` is left out
+  of the volume metrics (counted), and slices without tumour are scored only as healthy slices: "any voxel
+  predicted" (false-positive slice) and the fraction of brain voxels predicted. Dice of two empty masks (= 1) is
+  reported only there, as ``healthy_dice`` (1 when nothing is predicted, else 0).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, compute_confusion_matrix_metric, get_confusion_matrix
+
+#: Metrics of a tumour case (volume or slice), in report order.
+OVERLAP_METRICS = ("dice", "iou", "precision", "recall", "hd95")
+
+
+def average_precision(score: np.ndarray, target: np.ndarray) -> float:
+    """Step-wise average precision of ``score`` for the binary ``target`` (same shape, any dims).
+
+    Returns NaN when ``target`` has no positive element (AP is undefined).
+    """
+    score = np.asarray(score, dtype=np.float64).ravel()
+    target = np.asarray(target, dtype=bool).ravel()
+    n_positive = int(target.sum())
+    if n_positive == 0:
+        return math.nan
+    order = np.argsort(-score, kind="stable")
+    score, target = score[order], target[order]
+    last_of_each_value = np.append(np.flatnonzero(np.diff(score)), score.size - 1)
+    true_pos = np.cumsum(target)[last_of_each_value]
+    precision = true_pos / (last_of_each_value + 1)
+    recall = true_pos / n_positive
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def region_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Diagonal of a box of ``shape`` voxels with ``spacing`` mm: the HD95 assigned to an empty prediction."""
+    return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)) ** 2)))
+
+
+def overlap_metrics(prediction: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> dict[str, np.ndarray]:
+    """Dice, IoU, precision, recall and HD95 (mm) of a batch of tumour cases.
+
+    Args:
+        prediction, target: (B, *spatial) binary arrays (2D slices or 3D volumes); every target is non-empty.
+        spacing: voxel size in mm per spatial axis.
+    Returns:
+        metric name -> (B,) float64, plus ``empty_prediction`` (B,) bool. Empty predictions follow the module's
+        convention (0 overlap, HD95 = region diagonal).
+    """
+    prediction = np.asarray(prediction).astype(bool)
+    target = np.asarray(target).astype(bool)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction shape {prediction.shape} differs from target shape {target.shape}")
+    spatial_axes = tuple(range(1, target.ndim))
+    if not target.any(axis=spatial_axes).all():
+        raise ValueError("overlap metrics need a non-empty target in every case (score empty ones as healthy)")
+    y_pred = torch.from_numpy(prediction[:, None].astype(np.float32))
+    y = torch.from_numpy(target[:, None].astype(np.float32))
+    empty = ~prediction.any(axis=spatial_axes)
+    confusion = get_confusion_matrix(y_pred, y, include_background=True)
+    results = {
+        "dice": DiceMetric(include_background=True, reduction="none")(y_pred, y)[:, 0],
+        "iou": MeanIoU(include_background=True, reduction="none")(y_pred, y)[:, 0],
+        "precision": compute_confusion_matrix_metric("precision", confusion)[:, 0],
+        "recall": compute_confusion_matrix_metric("recall", confusion)[:, 0],
+    }
+    hd95 = np.full(len(target), region_diagonal_mm(target.shape[1:], spacing))
+    if (~empty).any():
+        with warnings.catch_warnings():  # MONAI warns on empty masks; those cases are not passed to it
+            warnings.simplefilter("ignore")
+            metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+            hd95[~empty] = metric(y_pred[~empty], y[~empty], spacing=list(map(float, spacing)))[:, 0].double().numpy()
+    out = {name: np.nan_to_num(value.double().numpy(), nan=0.0) for name, value in results.items()}  # empty pred: 0/0
+    out["hd95"] = hd95
+    out["empty_prediction"] = empty
+    return out
+
+
+def evaluate_case(
+    score: np.ndarray,
+    mask: np.ndarray,
+    target: np.ndarray,
+    brain: np.ndarray,
+    spacing: Sequence[float],
+    z_indices: Sequence[int],
+    evaluated_slices: np.ndarray | None = None,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metrics of one subject over the evaluated axial range.
+
+    Args:
+        score: (H, W, Z) continuous anomaly map; mask: (H, W, Z) binary prediction; target: (H, W, Z) binary ground
+            truth; brain: (H, W, Z) bool; all cropped to the evaluated slices, whose indices are ``z_indices``.
+        spacing: (sx, sy, sz) mm.
+        evaluated_slices: (Z,) bool, the slices scored by the slice-level metrics (default: those with brain).
+    Returns:
+        (volume row or None when the range holds no tumour, tumour-slice rows, healthy-slice rows). Rows are dicts:
+        volume/slice rows hold ``OVERLAP_METRICS`` + ``auprc`` + ``empty_prediction`` (+ ``z`` for slices);
+        healthy rows hold ``z``, ``false_positive`` (any voxel predicted), ``fp_fraction`` (predicted / brain
+        voxels), ``healthy_dice``.
+    """
+    mask, target, brain = np.asarray(mask).astype(bool), np.asarray(target).astype(bool), np.asarray(brain).astype(bool)
+    volume_row = None
+    if target.any():
+        volume = overlap_metrics(mask[None], target[None], spacing)
+        volume_row = {name: float(volume[name][0]) for name in OVERLAP_METRICS}
+        volume_row["auprc"] = average_precision(score[brain], target[brain])
+        volume_row["empty_prediction"] = bool(volume["empty_prediction"][0])
+
+    has_tumour = target.any(axis=(0, 1))
+    if evaluated_slices is None:
+        evaluated_slices = brain.any(axis=(0, 1))
+    evaluated_slices = np.asarray(evaluated_slices, dtype=bool) & brain.any(axis=(0, 1))
+    tumour_slices = np.flatnonzero(has_tumour & evaluated_slices)
+    slice_rows: list[dict[str, Any]] = []
+    if tumour_slices.size:
+        planes = overlap_metrics(
+            np.moveaxis(mask[:, :, tumour_slices], -1, 0), np.moveaxis(target[:, :, tumour_slices], -1, 0), spacing[:2]
+        )
+        for row_index, k in enumerate(tumour_slices):
+            row = {"z": int(z_indices[k])}
+            row.update({name: float(planes[name][row_index]) for name in OVERLAP_METRICS})
+            inside = brain[:, :, k]
+            row["auprc"] = average_precision(score[:, :, k][inside], target[:, :, k][inside])
+            row["empty_prediction"] = bool(planes["empty_prediction"][row_index])
+            slice_rows.append(row)
+
+    healthy_rows = []
+    for k in np.flatnonzero(~has_tumour & evaluated_slices):
+        predicted = int(mask[:, :, k].sum())
+        healthy_rows.append(
+            {
+                "z": int(z_indices[k]),
+                "false_positive": predicted > 0,
+                "fp_fraction": predicted / int(brain[:, :, k].sum()),
+                "healthy_dice": float(predicted == 0),
+            }
+        )
+    return volume_row, slice_rows, healthy_rows
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float | int]:
+    """``{"mean", "std", "n"}`` of the finite values (population std); NaN mean/std when there are none."""
+    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if array.size == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    return {"mean": float(array.mean()), "std": float(array.std()), "n": int(array.size)}
