@@ -162,3 +162,17 @@ def test_training_reduces_the_dsm_loss():
     before = eval_loss(net)
     ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5)).run()
     assert before > 0.8 and eval_loss(net) < 0.5 * before
+
+
+def test_prepare_pair_batch_strips_metadata_and_names_missing_keys():
+    from monai.data import MetaTensor
+
+    from tsgm_components.engines.score import prepare_pair_batch
+
+    image, condition = prepare_pair_batch(
+        {"image": MetaTensor(torch.rand(2, 1, 4, 4)), "condition": torch.rand(2, 1, 4, 4, dtype=torch.float64)}, "cpu"
+    )
+    assert type(image) is torch.Tensor and image.dtype == condition.dtype == torch.float32
+    assert prepare_pair_batch({"image": torch.rand(1, 1, 4, 4)}, "cpu")[1] is None
+    with pytest.raises(KeyError, match="'image'"):
+        prepare_pair_batch({"condition": torch.rand(1, 1, 4, 4)}, "cpu")

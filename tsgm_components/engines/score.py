@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from monai.engines import Trainer
-from monai.utils import CommonKeys
+from monai.utils import CommonKeys, convert_to_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LinearLR, LRScheduler
@@ -42,14 +42,17 @@ class RNGState:
 
 
 def prepare_pair_batch(batchdata: dict, device: torch.device, non_blocking: bool = False, **kwargs: Any):
-    """``(image, condition)`` tensors on ``device`` from a pseudo-pair batch dict (condition None when absent)."""
+    """``(image, condition)`` plain float32 tensors on ``device`` from a pseudo-pair batch dict (MetaTensors lose
+    their metadata); condition is None when the batch has none."""
     if IMAGE_KEY not in batchdata:
         raise KeyError(f"training batch needs key '{IMAGE_KEY}', got keys {sorted(batchdata)}")
-    image = torch.as_tensor(batchdata[IMAGE_KEY]).to(device, non_blocking=non_blocking, **kwargs)
+
+    def to_device(value: Any) -> Tensor:
+        tensor = convert_to_tensor(value, dtype=torch.float32, track_meta=False)
+        return tensor.to(device, non_blocking=non_blocking, **kwargs)
+
     condition = batchdata.get(CONDITION_KEY)
-    if condition is not None:
-        condition = torch.as_tensor(condition).to(device, non_blocking=non_blocking, **kwargs)
-    return image, condition
+    return to_device(batchdata[IMAGE_KEY]), None if condition is None else to_device(condition)
 
 
 class ScoreMatchingTrainer(Trainer):
