@@ -283,3 +283,15 @@ def test_sampler_progress_callback_sees_every_step():
     grid = geometric_sigmas(5, 0.01, 1.0)
     sample_pc(gaussian_score, torch.zeros(1, 1, 2, 2), grid, progress=lambda i, n: steps.append((i, n)))
     assert steps == [(i, 5) for i in range(1, 6)]
+
+
+def test_max_pairwise_distance_is_exact_and_chunk_independent():
+    from tsgm_components.sde import max_pairwise_distance
+
+    images = torch.rand(7, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    brute = max((a - b).norm().item() for a in images for b in images)
+    assert max_pairwise_distance(images, chunk_size=3) == pytest.approx(brute, rel=1e-6)
+    extremes = torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8), torch.full((1, 8, 8), 0.5)])
+    assert max_pairwise_distance(extremes) == pytest.approx(8.0)  # sqrt(64 pixels)
+    with pytest.raises(ValueError, match="at least 2"):
+        max_pairwise_distance(images[:1])

@@ -15,6 +15,7 @@ class VESDE:
     """VE SDE dx = sqrt(d[σ²]/dt) dw with σ(t) = σ_min (σ_max/σ_min)^t, t ∈ [eps, 1].
 
     Defaults follow the authors' code (σ_min = 0.01; the paper text says 0.1), σ_max = 348 and N = 1000 scales.
+    σ_max = 348 belongs to 256×256 slices; see :func:`max_pairwise_distance` for other data.
 
     Prior choice: ``prior_sample`` draws from σ_max·N(0, I), the standard VE prior (the marginal of any data in
     [0, 1] at σ_max is ≈ N(0, σ_max² I)). The authors' code starts sampling from N(0, I) instead, which is
@@ -65,3 +66,18 @@ class VESDE:
             f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
             f"n_scales={self.n_scales}, eps={self.eps})"
         )
+
+
+def max_pairwise_distance(images: Tensor, chunk_size: int = 1024) -> float:
+    """Largest Euclidean distance between two of ``images`` (N, ...): Song & Ermon (2020, technique 1) choose
+    σ_max this large so that the prior covers every pair of training images; 348 is this rule's value for the
+    paper's 256×256 BraTS slices. Distances grow with the square root of the pixel count, so smaller images
+    (CPU configurations) need a proportionally smaller σ_max. Exact, in ``chunk_size`` blocks of rows.
+    """
+    flat = images.reshape(images.shape[0], -1).double()
+    if flat.shape[0] < 2:
+        raise ValueError(f"need at least 2 images, got {flat.shape[0]}")
+    largest = 0.0
+    for start in range(0, flat.shape[0], chunk_size):
+        largest = max(largest, torch.cdist(flat[start : start + chunk_size], flat).max().item())
+    return largest
