@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -189,3 +191,225 @@ def test_volume_shape_checks():
         volume_to_slices(np.zeros((240, 240, 100), np.float32), cfg)
     with pytest.raises(ValueError, match="exceeds pad_to"):
         volume_to_slices(np.zeros((300, 240, 155), np.float32), cfg)
+
+
+# ---------------------------------------------------------------- phantom
+
+
+@pytest.fixture(scope="module")
+def tumour_subject():
+    """Subject 0 of the conftest phantom (a tumour subject), regenerated in memory with its tissue map."""
+    from conftest import PHANTOM_CONFIG
+    from tsgm_components.data.phantom import generate_subject, healthy_subjects
+
+    assert 0 not in healthy_subjects(PHANTOM_CONFIG)
+    return generate_subject(0, PHANTOM_CONFIG, healthy=False)
+
+
+def test_phantom_layout_and_geometry(phantom_dir):
+    from conftest import PHANTOM_CONFIG
+    from tsgm_components.data.phantom import AFFINE, SHAPE, healthy_subjects, subject_id
+
+    subjects = find_subjects(phantom_dir)
+    assert subjects == [subject_id(i) for i in range(PHANTOM_CONFIG.n_subjects)]
+    healthy = {subject_id(i) for i in healthy_subjects(PHANTOM_CONFIG)}
+    assert len(healthy) == 1
+    for name in subjects:
+        volumes = load_subject(subject_files(phantom_dir / name, require_seg=True))  # passes all validation
+        assert volumes.reference.shape == SHAPE
+        np.testing.assert_allclose(volumes.reference.affine, AFFINE)
+        assert volumes.reference.get_data_dtype() == np.int16
+        assert not volumes.seg[~volumes.brain_mask].any()
+        assert volumes.seg.any() == (name not in healthy)
+        assert all((a[~volumes.brain_mask] == 0).all() for a in volumes.arrays.values())
+
+
+def test_phantom_deterministic(phantom_dir, tumour_subject, tmp_path):
+    from conftest import PHANTOM_CONFIG
+    from tsgm_components.data.phantom import generate_subject, save_nifti_deterministic
+
+    name = "BraTS20_Training_001"
+    for modality, volume in {**tumour_subject.volumes, "seg": tumour_subject.seg}.items():
+        save_nifti_deterministic(volume, tmp_path / f"{modality}.nii.gz")
+        assert (tmp_path / f"{modality}.nii.gz").read_bytes() == (phantom_dir / name / f"{name}_{modality}.nii.gz").read_bytes()
+    other = generate_subject(0, dataclasses.replace(PHANTOM_CONFIG, seed=1), healthy=False)
+    assert not np.array_equal(other.volumes["flair"], tumour_subject.volumes["flair"])
+    assert not np.array_equal(other.seg, tumour_subject.seg)
+
+
+def test_phantom_contrasts(tumour_subject):
+    seg, tissue = tumour_subject.seg, tumour_subject.tissue
+    mean = {m: {} for m in MODALITIES}
+    for modality, volume in tumour_subject.volumes.items():
+        v = volume.astype(np.float64)
+        for name, region in [("csf", (tissue == 1) & (seg == 0)), ("gm", (tissue == 2) & (seg == 0)),
+                             ("wm", (tissue == 3) & (seg == 0)), ("necrosis", seg == 1), ("oedema", seg == 2),
+                             ("enhancing", seg == 4)]:
+            assert region.sum() > 100, name
+            mean[modality][name] = v[region].mean() / v[(tissue == 3) & (seg == 0)].mean()
+    t1, t1ce, t2, flair = (mean[m] for m in MODALITIES)
+    assert t1["wm"] > t1["gm"] > t1["csf"]
+    assert t2["csf"] > t2["gm"] > t2["wm"]
+    assert flair["oedema"] > 1.4 and t2["oedema"] > 1.4
+    assert t1ce["enhancing"] > 1.2 and t1ce["enhancing"] > t1["enhancing"] + 0.3
+    assert flair["necrosis"] < 1.2 < flair["oedema"]
+    assert flair["csf"] < flair["gm"]
+
+
+# ---------------------------------------------------------------- prepare
+
+
+def test_prepared_layout(prepared_dir, phantom_dir):
+    from conftest import PREPARE_CONFIG
+
+    split = json.loads((prepared_dir / "split.json").read_text())
+    ids = [s for name in ("train", "val", "test") for s in split[name]]
+    assert sorted(ids) == find_subjects(phantom_dir) and len(set(ids)) == len(ids)
+    assert [len(split[n]) for n in ("train", "val", "test")] == [3, 1, 1]
+    config = json.loads((prepared_dir / "prepare_config.json").read_text())
+    assert PreprocessConfig.from_dict(config) == PREPARE_CONFIG and config["seed"] == 0
+    datalist = json.loads((prepared_dir / "datalist.json").read_text())
+    volumes = json.loads((prepared_dir / "volumes.json").read_text())
+    n_tumour = n_healthy = 0
+    for split_name, key in [("train", "training"), ("val", "validation"), ("test", "test")]:
+        items = datalist[key]
+        assert {it["subject"] for it in items} == set(split[split_name])
+        assert [v["subject"] for v in volumes[key]] == split[split_name]
+        for entry in volumes[key]:
+            assert set(entry) == {"subject", *MODALITIES, "seg"} and all(Path(entry[m]).is_file() for m in MODALITIES)
+        for subject in split[split_name]:
+            seg = np.asarray(nib.load(str(phantom_dir / subject / f"{subject}_seg.nii.gz")).dataobj)
+            mine = [it for it in items if it["subject"] == subject]
+            assert len(mine) == 4 * len(PREPARE_CONFIG.z_range)  # no blank slices in z 80-128 of a whole brain
+            for it in mine:
+                assert it["image"] == f"slices/{subject}/{it['modality']}_z{it['z']:03d}.npy"
+                assert it["tumour"] == int(seg[:, :, it["z"]].any())
+            n_tumour += sum(it["tumour"] for it in mine) // 4
+            n_healthy += sum(1 - it["tumour"] for it in mine) // 4
+        assert config["counts"][split_name]["tumour_slices"] == sum(it["tumour"] for it in items) // 4
+    assert n_tumour > 20 and n_healthy > 49  # both domains present (the healthy subject alone gives 49)
+    files = sorted(p.relative_to(prepared_dir).as_posix() for p in (prepared_dir / "slices").rglob("*.npy"))
+    listed = sorted({it[k] for items in datalist.values() for it in items for k in ("image", "label")})
+    assert files == listed
+
+
+def test_prepared_slices_values(prepared_dir, phantom_dir):
+    from conftest import PREPARE_CONFIG
+
+    datalist = json.loads((prepared_dir / "datalist.json").read_text())
+    items = [it for its in datalist.values() for it in its]
+    images = np.stack([np.load(prepared_dir / it["image"]) for it in items])
+    labels = np.stack([np.load(prepared_dir / it["label"]) for it in items])
+    assert images.shape[1:] == (32, 32) and images.dtype == np.float32
+    assert images.min() == 0.0 and images.max() <= 1.0 and images.max() > 0.99
+    assert not images[:, [0, -1]].any() and not images[:, :, [0, -1]].any()  # 8 px of zero padding -> 1 px at 32
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
+    tumour = np.array([it["tumour"] for it in items], bool)
+    assert not labels[~tumour].any() and labels[tumour].any(axis=(1, 2)).mean() > 0.8
+    # One slice recomputed independently from the NIfTI: same normalisation and geometry.
+    item = next(it for it in items if it["tumour"] and it["modality"] == "flair")
+    subject = load_subject(subject_files(phantom_dir / item["subject"], require_seg=True))
+    expected = volume_to_slices(normalize_volume(subject.arrays["flair"], subject.brain_mask), PREPARE_CONFIG)
+    np.testing.assert_allclose(np.load(prepared_dir / item["image"]), expected[item["z"] - PREPARE_CONFIG.z_min], atol=1e-6)
+
+
+def test_datalist_loads_with_monai(prepared_dir):
+    from monai.data import load_decathlon_datalist
+
+    for key in ("training", "validation", "test"):
+        items = load_decathlon_datalist(str(prepared_dir / "datalist.json"), data_list_key=key, base_dir=str(prepared_dir))
+        assert items and all(Path(it["image"]).is_file() and Path(it["label"]).is_file() for it in items)
+        assert {it["modality"] for it in items} == set(MODALITIES)
+
+
+def test_shipped_manifests_are_reproducible():
+    from tsgm_components.data.manifests import MANIFEST_DIR, build_manifests
+
+    for name, content in build_manifests().items():
+        shipped = json.loads((MANIFEST_DIR / name).read_text())
+        assert shipped == json.loads(json.dumps(content)), f"{name} is stale: python -m tsgm_components.data.manifests"
+    brats = json.loads((MANIFEST_DIR / "brats2020_split.json").read_text())
+    assert brats["counts"] == {"train": 295, "val": 37, "test": 37}
+    ids = [s for n in ("train", "val", "test") for s in brats["split"][n]]
+    assert len(set(ids)) == 369 and min(ids) == "BraTS20_Training_001" and max(ids) == "BraTS20_Training_369"
+
+
+# ---------------------------------------------------------------- prepare on bad input, CLI
+
+SMALL_PREP = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16)
+
+
+def small_dataset(root: Path, n: int = 3) -> Path:
+    dataset = root / "dataset"
+    for i in range(n):
+        write_subject(dataset, f"S{i:03d}")
+    return dataset
+
+
+def test_prepare_small_dataset_split_file_and_inputs_untouched(tmp_path):
+    from tsgm_components.data.prepare import prepare
+
+    dataset = small_dataset(tmp_path, n=4)
+    before = {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    manifest = tmp_path / "split.json"
+    manifest.write_text(json.dumps({"split": {"train": ["S000", "S003"], "val": ["S001"], "test": ["S002"]}}))
+    counts = prepare(dataset, tmp_path / "out", SMALL_PREP, split_file=manifest, verbose=False)
+    assert json.loads((tmp_path / "out" / "split.json").read_text())["train"] == ["S000", "S003"]
+    assert counts["train"] == {"subjects": 2, "healthy_slices": 4, "tumour_slices": 4, "discarded_blank": 0}
+    assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
+    manifest.write_text(json.dumps({"split": {"train": ["S000"], "val": ["S001"], "test": ["S002"]}}))
+    with pytest.raises(TsgmInputError, match="not listed"):
+        prepare(dataset, tmp_path / "out2", SMALL_PREP, split_file=manifest, verbose=False)
+    with pytest.raises(TsgmInputError, match="outside the input dataset"):
+        prepare(dataset, dataset / "prepared", SMALL_PREP, verbose=False)
+    with pytest.raises(FileExistsError):
+        prepare(dataset, tmp_path / "out", SMALL_PREP, verbose=False)
+
+
+def test_prepare_discards_blank_slices(tmp_path):
+    from tsgm_components.data.prepare import prepare
+
+    dataset = small_dataset(tmp_path, n=3)
+    for modality in MODALITIES:  # slice z=3 of S001 has no brain in any modality
+        path = dataset / "S001" / f"S001_{modality}.nii.gz"
+        data = nib.load(str(path)).get_fdata(dtype=np.float32)
+        data[:, :, 3] = 0
+        nib.save(nib.Nifti1Image(data, AFFINE), str(path))
+    counts = prepare(dataset, tmp_path / "out", SMALL_PREP, verbose=False)
+    assert sum(c["discarded_blank"] for c in counts.values()) == 1
+    datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
+    assert not [it for its in datalist.values() for it in its if it["subject"] == "S001" and it["z"] == 3]
+
+
+@pytest.mark.parametrize("name, damage, message", _bad_inputs(), ids=[b[0] for b in _bad_inputs()])
+def test_prepare_bad_input_writes_nothing(tmp_path, name, damage, message):
+    from tsgm_components.data.prepare import prepare
+
+    dataset = small_dataset(tmp_path)
+    damaged = damage(dataset / "S001")
+    with pytest.raises(TsgmInputError, match=message) as info:
+        prepare(dataset, tmp_path / "out", SMALL_PREP, verbose=False)
+    assert info.value.path == str(damaged)
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["dataset"]
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    dataset = small_dataset(tmp_path)
+    (dataset / "S002" / "S002_t1ce.nii.gz").unlink()
+    out = tmp_path / "out"
+    args = ["prepare", "--dataset_dir", str(dataset), "--out", str(out), "--z_min", "2", "--z_max", "5", "--image_size", "16"]
+    result = subprocess.run([sys.executable, "-m", "tsgm_components.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "S002_t1ce.nii.gz: missing t1ce file for subject S002" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+    from tsgm_components.cli import main
+
+    out.mkdir()
+    (dataset / "S002" / "S002_t1ce.nii").write_bytes((dataset / "S002" / "S002_t1.nii.gz").read_bytes())
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--overwrite", "False"])
+    assert info.value.code == 2

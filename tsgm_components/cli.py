@@ -13,15 +13,18 @@ import fire
 from tsgm_components.errors import TsgmInputError
 
 
-def phantom(out: str, n_subjects: int = 24, seed: int = 0, overwrite: bool = False) -> None:
-    """Write an MNI152-based phantom dataset in BraTS2020 layout (240x240x155, t1/t1ce/t2/flair/seg) to OUT."""
+def phantom(out: str, n_subjects: int = 24, seed: int = 0, workers: int = 2, overwrite: bool = False) -> None:
+    """Write an MNI152-based phantom dataset in BraTS2020 layout (240x240x155, t1/t1ce/t2/flair/seg) to OUT.
+
+    WORKERS processes generate subjects in parallel (the files are identical for any number).
+    """
     from tsgm_components.data.phantom import PhantomConfig, make_phantom
 
     try:
         cfg = PhantomConfig(n_subjects=int(n_subjects), seed=int(seed))
     except ValueError as error:
         raise TsgmInputError("tsgm phantom", str(error)) from error
-    make_phantom(out, cfg, overwrite=bool(overwrite))
+    make_phantom(out, cfg, overwrite=bool(overwrite), workers=int(workers))
 
 
 def prepare(

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import json
+import multiprocessing
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ TISSUE_TABLE: dict[str, tuple[float, ...]] = {
     "t1": (0.25, 0.55, 0.80, 0.20, 0.55, 0.48, 0.62),
     "t1ce": (0.27, 0.57, 0.80, 0.22, 1.15, 0.50, 0.64),
     "t2": (1.00, 0.62, 0.42, 0.95, 0.70, 0.85, 0.72),
-    "flair": (0.15, 0.55, 0.42, 0.40, 0.75, 0.95, 0.80),
+    "flair": (0.15, 0.50, 0.42, 0.40, 0.75, 0.95, 0.80),
 }
 
 # Crop of the output grid that holds the (deformed) brain; everything outside it is background.
@@ -67,9 +69,9 @@ class PhantomConfig:
     #: Probability that a tumour subject has a second, smaller lesion.
     second_lesion_probability: float = 0.3
     #: Range of the axial index of the main lesion centre (the processed range is 80-128).
-    lesion_z_range: tuple[int, int] = (70, 140)
-    #: Core radius range in mm; oedema extends 1.3-2.2 times further.
-    core_radius_mm: tuple[float, float] = (4.0, 13.0)
+    lesion_z_range: tuple[int, int] = (65, 145)
+    #: Core radius range in mm; oedema extends 1.4-2.4 times further.
+    core_radius_mm: tuple[float, float] = (5.0, 15.0)
     #: Rician noise std as a fraction of the mean tissue intensity of each contrast.
     noise_range: tuple[float, float] = (0.02, 0.045)
     deformation_mm: float = 2.5
@@ -223,7 +225,7 @@ def _draw_lesions(rng: np.random.Generator, cfg: PhantomConfig, wm: np.ndarray) 
             _Lesion(
                 centre=centre,
                 core_radius=radius,
-                oedema_factor=rng.uniform(1.3, 2.2),
+                oedema_factor=rng.uniform(1.4, 2.4),
                 rim_fraction=rim,
                 oedema_strength=rng.uniform(0.6, 1.0),
                 mass_effect=rng.uniform(0.2, 0.45),
@@ -269,8 +271,21 @@ def _blobs(rng: np.random.Generator, wm: np.ndarray, count: int) -> np.ndarray:
     return out
 
 
-def generate_subject(index: int, cfg: PhantomConfig, healthy: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One subject: ``({modality: (240, 240, 155) int16}, seg (240, 240, 155) uint8 in {0, 1, 2, 4})``."""
+@dataclass
+class PhantomSubject:
+    """One generated subject on the BraTS grid (240, 240, 155).
+
+    volumes: modality -> int16 intensities (0 outside the brain); seg: uint8 labels {0, 1, 2, 4};
+    tissue: uint8 dominant normal tissue (0 background, 1 CSF, 2 GM, 3 WM), for checks only (not written).
+    """
+
+    volumes: dict[str, np.ndarray]
+    seg: np.ndarray
+    tissue: np.ndarray
+
+
+def generate_subject(index: int, cfg: PhantomConfig, healthy: bool) -> PhantomSubject:
+    """Generate subject ``index``; depends only on ``cfg.seed``, ``index`` and ``healthy``."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, index]))
     template = dict(_template_maps())
     brain_template = template.pop("brain")
@@ -304,43 +319,50 @@ def generate_subject(index: int, cfg: PhantomConfig, healthy: bool) -> tuple[dic
 
     brain = (maps["csf"] + maps["gm"] + maps["wm"]) > 0.5
     crop_labels[~brain] = 0
-    lesion_total = np.clip(necrosis + enhancing + oedema, 0, 1)
-    normal = 1.0 - lesion_total
     # Healthy FLAIR/T2 hyperintensities: periventricular caps (subject-specific extent) and small WM blobs.
-    caps = np.clip(rng.uniform(0.3, 1.0) * maps["periventricular"] * (1 + 0.6 * smooth_field(rng, _CROP_SHAPE, 16.0)), 0, 1)
-    hyper = np.maximum(caps, _blobs(rng, maps["wm"], int(rng.integers(0, 9)))) * maps["wm"]
+    patchy = smooth_field(rng, _CROP_SHAPE, 12.0)
+    caps = np.clip(rng.uniform(0.3, 1.0) * maps["periventricular"] * (1 + 0.6 * patchy), 0, 1)
+    hyper = np.maximum(caps, _blobs(rng, maps["wm"], int(rng.integers(0, 9))))
+    # From here on only brain voxels (1-D vectors): the rest of the crop stays background.
+    at = {k: v[brain] for k, v in maps.items()}
+    necrosis, enhancing, oedema, hyper = necrosis[brain], enhancing[brain], oedema[brain], hyper[brain] * at["wm"]
+    normal = 1.0 - np.clip(necrosis + enhancing + oedema, 0, 1)
     fractions = {
-        "csf": maps["csf"] * normal,
-        "gm": maps["gm"] * normal,
-        "wm": (maps["wm"] - hyper) * normal,
+        "csf": at["csf"] * normal,
+        "gm": at["gm"] * normal,
+        "wm": (at["wm"] - hyper) * normal,
         "necrosis": necrosis,
         "enhancing": enhancing,
         "oedema": oedema,
         "wm_hyperintensity": hyper * normal,
     }
-    csf_edge = 4 * maps["csf"] * (1 - maps["csf"])  # partial-volume CSF boundary (sulci, ventricle walls)
+    csf_edge = 4 * at["csf"] * (1 - at["csf"])  # partial-volume CSF boundary (sulci, ventricle walls)
+    vessels = csf_edge * (patchy[brain] > 1.0)
     volumes = {}
     for modality in MODALITIES:
         means = np.asarray(TISSUE_TABLE[modality]) * rng.normal(1.0, 0.04, len(TISSUES))  # subject contrast variation
-        intensity = sum(float(m) * fractions[t] for m, t in zip(means, TISSUES))
+        intensity = sum(np.float32(m) * fractions[t] for m, t in zip(means, TISSUES))
         if modality == "flair":  # incomplete CSF suppression at tissue edges
-            intensity = intensity + rng.uniform(0.1, 0.3) * csf_edge
+            intensity += np.float32(rng.uniform(0.05, 0.2)) * csf_edge
         if modality == "t1ce":  # enhancing vessels / choroid plexus along CSF spaces
-            intensity = intensity + rng.uniform(0.1, 0.3) * csf_edge * (smooth_field(rng, _CROP_SHAPE, 5.0) > 1.2)
-        intensity *= np.exp(0.12 * smooth_field(rng, _CROP_SHAPE, 50.0))  # bias field
-        sigma = rng.uniform(*cfg.noise_range) * float(np.mean(TISSUE_TABLE[modality]))
-        values = intensity[brain]
-        real = values + sigma * rng.standard_normal(values.shape, dtype=np.float32)
-        imaginary = sigma * rng.standard_normal(values.shape, dtype=np.float32)
-        gain = rng.uniform(400.0, 1200.0)  # scanner scale: arbitrary units differ between subjects
-        stored = np.zeros(SHAPE, np.int16)
+            intensity += np.float32(rng.uniform(0.1, 0.3)) * vessels
+        intensity *= np.exp(np.float32(0.12) * smooth_field(rng, _CROP_SHAPE, 50.0)[brain])  # bias field
+        sigma = np.float32(rng.uniform(*cfg.noise_range) * np.mean(TISSUE_TABLE[modality]))
+        real = intensity + sigma * rng.standard_normal(intensity.shape, dtype=np.float32)
+        imaginary = sigma * rng.standard_normal(intensity.shape, dtype=np.float32)
+        gain = np.float32(rng.uniform(400.0, 1200.0))  # scanner scale: arbitrary units differ between subjects
         crop = np.zeros(_CROP_SHAPE, np.int16)
         crop[brain] = np.clip(np.rint(gain * np.sqrt(real * real + imaginary * imaginary)), 1, 32767)
-        stored[_CROP] = crop
-        volumes[modality] = stored
+        volumes[modality] = np.zeros(SHAPE, np.int16)
+        volumes[modality][_CROP] = crop
     seg = np.zeros(SHAPE, np.uint8)
     seg[_CROP] = crop_labels
-    return volumes, seg
+    dominant = np.where(at["wm"] >= np.maximum(at["gm"], at["csf"]), 3, np.where(at["gm"] >= at["csf"], 2, 1))
+    crop = np.zeros(_CROP_SHAPE, np.uint8)
+    crop[brain] = dominant
+    tissue = np.zeros(SHAPE, np.uint8)
+    tissue[_CROP] = crop
+    return PhantomSubject(volumes=volumes, seg=seg, tissue=tissue)
 
 
 def save_nifti_deterministic(array: np.ndarray, path: Path) -> None:
@@ -353,29 +375,51 @@ def save_nifti_deterministic(array: np.ndarray, path: Path) -> None:
         gz.write(image.to_bytes())
 
 
-def make_phantom(out: str | Path, cfg: PhantomConfig, overwrite: bool = False, verbose: bool = True) -> Path:
-    """Write the phantom dataset to ``out`` (BraTS layout + ``phantom.json`` with the parameters), atomically."""
-    import json
+def _write_subject(job: tuple[int, PhantomConfig, bool, Path]) -> str:
+    """Generate subject ``index`` into ``folder/<id>/``; returns a one-line summary."""
+    index, cfg, healthy, folder = job
+    name = subject_id(index)
+    subject = generate_subject(index, cfg, healthy=healthy)
+    (folder / name).mkdir()
+    for modality, volume in subject.volumes.items():
+        save_nifti_deterministic(volume, folder / name / f"{name}_{modality}.nii.gz")
+    save_nifti_deterministic(subject.seg, folder / name / f"{name}_seg.nii.gz")
+    return f"{name}: " + ("healthy" if healthy else f"tumour, {int((subject.seg > 0).sum())} voxels")
 
+
+def make_phantom(
+    out: str | Path, cfg: PhantomConfig, overwrite: bool = False, workers: int = 1, verbose: bool = True
+) -> Path:
+    """Write the phantom dataset to ``out`` (BraTS layout + ``phantom.json`` with the parameters), atomically.
+
+    ``workers`` > 1 generates subjects in parallel processes; the files do not depend on it.
+    """
     healthy = set(healthy_subjects(cfg))
     start = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for index in range(cfg.n_subjects):
-            name = subject_id(index)
-            volumes, seg = generate_subject(index, cfg, healthy=index in healthy)
-            folder = tmp / name
-            folder.mkdir()
-            for modality, volume in volumes.items():
-                save_nifti_deterministic(volume, folder / f"{name}_{modality}.nii.gz")
-            save_nifti_deterministic(seg, folder / f"{name}_seg.nii.gz")
-            if verbose:
-                kind = "healthy" if index in healthy else f"tumour, {int((seg > 0).sum())} voxels"
-                print(f"  {name}: {kind}  [{time.perf_counter() - start:.1f} s]", flush=True)
-        record = {
-            "generator": "tsgm_components.data.phantom",
-            "parameters": cfg.to_dict(),
-            "healthy_subjects": [subject_id(i) for i in sorted(healthy)],
-            "tissue_table": {"tissues": list(TISSUES), **{m: list(v) for m, v in TISSUE_TABLE.items()}},
-        }
-        (tmp / "phantom.json").write_text(json.dumps(record, indent=2) + "\n")
+        jobs = [(index, cfg, index in healthy, tmp) for index in range(cfg.n_subjects)]
+        _template_maps()  # loaded once; forked workers share it
+        if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+                summaries = pool.imap(_write_subject, jobs)
+                for summary in summaries:
+                    if verbose:
+                        print(f"  {summary}  [{time.perf_counter() - start:.1f} s]", flush=True)
+        else:
+            for job in jobs:
+                summary = _write_subject(job)
+                if verbose:
+                    print(f"  {summary}  [{time.perf_counter() - start:.1f} s]", flush=True)
+        (tmp / "phantom.json").write_text(json.dumps(phantom_record(cfg), indent=2) + "\n")
     return Path(out)
+
+
+def phantom_record(cfg: PhantomConfig) -> dict[str, Any]:
+    """What defines a phantom dataset: generator, parameters, healthy subjects and the tissue table."""
+    return {
+        "generator": "tsgm_components.data.phantom",
+        "parameters": cfg.to_dict(),
+        "subjects": [subject_id(i) for i in range(cfg.n_subjects)],
+        "healthy_subjects": [subject_id(i) for i in healthy_subjects(cfg)],
+        "tissue_table": {"tissues": list(TISSUES), **{m: list(v) for m, v in TISSUE_TABLE.items()}},
+    }
