@@ -87,9 +87,19 @@ def _anomaly_path(detection_dir: Path, subject: str, modality: str) -> Path:
     return detection_dir / subject / f"{subject}_anomaly_{modality}.nii.gz"
 
 
-def load_case(detection_dir: str | Path, item: Mapping[str, Any], preprocess: PreprocessConfig) -> Case:
-    """Read one subject: its four anomaly maps from ``detection_dir/<id>/``, its inputs and ``seg`` (volumes.json item)."""
-    detection_dir, subject = Path(detection_dir), str(item["subject"])
+@dataclass
+class GroundTruth:
+    """A subject's evaluation region: brain and whole-tumour masks (H, W, Z) cropped to z_min..z_max, spacing (mm)."""
+
+    shape: tuple[int, int, int]
+    brain: np.ndarray
+    target: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def load_ground_truth(item: Mapping[str, Any], preprocess: PreprocessConfig) -> GroundTruth:
+    """Brain mask (any modality non-zero) and ``seg > 0`` of a volumes.json item, validated by ``load_subject``."""
+    subject = str(item["subject"])
     if not item.get(SEG):
         raise TsgmInputError(f"{subject} (volumes.json)", "no 'seg' path: evaluation needs the ground truth")
     inputs = load_subject({key: Path(item[key]) for key in (*MODALITIES, SEG)})
@@ -99,42 +109,61 @@ def load_case(detection_dir: str | Path, item: Mapping[str, Any], preprocess: Pr
     except ValueError as error:
         raise TsgmInputError(item[MODALITIES[0]], str(error)) from error
     z = slice(preprocess.z_min, preprocess.z_max + 1)
-    brain = inputs.brain_mask[:, :, z]
+    spacing = tuple(float(v) for v in inputs.reference.header.get_zooms()[:3])
+    return GroundTruth(tuple(shape), inputs.brain_mask[:, :, z], inputs.seg[:, :, z] > 0, spacing)
+
+
+def load_case(
+    detection_dir: str | Path, item: Mapping[str, Any], preprocess: PreprocessConfig, truth: GroundTruth | None = None
+) -> Case:
+    """One subject: its four anomaly maps from ``detection_dir/<id>/`` and its ground truth (loaded unless given)."""
+    detection_dir, subject = Path(detection_dir), str(item["subject"])
+    truth = truth or load_ground_truth(item, preprocess)
+    z = slice(preprocess.z_min, preprocess.z_max + 1)
     columns = []
     for modality in MODALITIES:
         path = _anomaly_path(detection_dir, subject, modality)
         if not path.is_file():
             raise TsgmInputError(path, f"anomaly map missing: run the detection of this method for subject {subject}")
         try:
-            array = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+            image = nib.load(str(path))
+            if image.shape != truth.shape:
+                raise TsgmInputError(path, f"shape {image.shape} differs from the subject's input shape {truth.shape}")
+            array = np.asarray(image.dataobj[:, :, z], dtype=np.float32)
+        except TsgmInputError:
+            raise
         except Exception as error:  # nibabel raises many types for bad files
             raise TsgmInputError(path, f"cannot read as NIfTI ({type(error).__name__}: {error})") from error
-        if array.shape != shape:
-            raise TsgmInputError(path, f"shape {array.shape} differs from the subject's input shape {shape}")
         if not np.isfinite(array).all():
             raise TsgmInputError(path, "contains non-finite values")
-        columns.append(array[:, :, z][brain])
+        columns.append(array[truth.brain])
     record_path = detection_dir / subject / f"{subject}_detection.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    zooms = inputs.reference.header.get_zooms()[:3]
-    return Case(
-        subject=subject,
-        maps=np.stack(columns, axis=1),
-        brain=brain,
-        target=inputs.seg[:, :, z] > 0,
-        spacing=tuple(float(v) for v in zooms),
-        z_indices=preprocess.z_range,
-        record=record,
-    )
+    return Case(subject, np.stack(columns, axis=1), truth.brain, truth.target, truth.spacing, preprocess.z_range, record)
 
 
-def load_cases(detection_dir: str | Path, items: Sequence[Mapping[str, Any]], preprocess: PreprocessConfig) -> list[Case]:
-    """:func:`load_case` for every volumes.json item of a split; an empty split is an error."""
+def load_cases(
+    detection_dir: str | Path,
+    items: Sequence[Mapping[str, Any]],
+    preprocess: PreprocessConfig,
+    truths: dict[str, GroundTruth] | None = None,
+) -> list[Case]:
+    """:func:`load_case` for every volumes.json item of a split; an empty split is an error.
+
+    ``truths`` (subject -> GroundTruth) is filled and reused, so several methods read each subject's inputs once.
+    """
     if not items:
         raise TsgmInputError(detection_dir, "the split has no subjects to evaluate")
     if not Path(detection_dir).is_dir():
         raise TsgmInputError(detection_dir, "detection folder does not exist: run the method's detection on this split")
-    return [load_case(detection_dir, item, preprocess) for item in items]
+    truths = {} if truths is None else truths
+    cases = []
+    for item in items:
+        subject = str(item["subject"])
+        if subject not in truths:
+            truths[subject] = load_ground_truth(item, preprocess)
+        cases.append(load_case(detection_dir, item, preprocess, truths[subject]))
+    return cases
 
 
 def predict(case: Case, calibration: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -330,11 +359,11 @@ def run_evaluation(
     names = [str(method["name"]) for method in methods]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"methods need distinct names, got {names}")
-    results, examples, example = [], {}, None
+    results, examples, example, truths = [], {}, None, {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for method in methods:
             name, detection_dir = str(method["name"]), Path(method["detection_dir"])
-            validation = load_cases(detection_dir / "validation", volumes.get("validation", []), preprocess)
+            validation = load_cases(detection_dir / "validation", volumes.get("validation", []), preprocess, truths)
             calibration = calibrate(
                 validation, method.get("mode", mode), objective, weight_step, method.get("fixed_weights"),
                 search_bins, threshold_bins, max_voxels, seed,
@@ -344,7 +373,7 @@ def run_evaluation(
             save_json(calibration, tmp / name / "calibration.json")
             logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), calibration["weights"])
             del validation
-            test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess)
+            test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess, truths)
             results.append(evaluate_cases(name, test, calibration, min_brain_fraction))
             if example is None:
                 example = example_slice(test)

@@ -186,7 +186,7 @@ def plot_examples(examples: Mapping[str, Mapping[str, np.ndarray]], title: str, 
     """One row per method: input FLAIR | healthy FLAIR | anomaly map | mask | ground truth (2D (H, W) arrays)."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(examples), len(EXAMPLE_PANELS), figsize=(2.2 * len(EXAMPLE_PANELS), 2.3 * len(examples)), squeeze=False)
-    for row, (name, panels) in zip(axes, examples.items()):
+    for row_index, (row, (name, panels)) in enumerate(zip(axes, examples.items())):
         for ax, panel in zip(row, EXAMPLE_PANELS):
             image = panels.get(panel)
             if image is None:
@@ -198,7 +198,7 @@ def plot_examples(examples: Mapping[str, Mapping[str, np.ndarray]], title: str, 
             ax.set_yticks([])
             if ax is row[0]:
                 ax.set_ylabel(name, fontsize=8)
-            if row is axes[0]:
+            if row_index == 0:
                 ax.set_title(panel, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
