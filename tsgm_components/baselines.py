@@ -4,8 +4,8 @@
 - FLAIR intensity thresholding: healthy = 0, so the residual is the normalised intensity itself
   (:class:`ZeroReconstructor`); the evaluation fixes its ensemble weights to FLAIR = 1 and only picks the threshold
   on the validation split, like every other method.
-- Unconditional VE score model with SDEdit partial noising: ``DiffusionSamplerInferer(sampler="sdedit",
-  conditional=False)`` wrapped by :class:`tsgm_components.detection.InfererReconstructor` (config only).
+- The unconditional VE score model with SDEdit partial noising needs no code here: it is the vejp_anomaly inference
+  bundle merged with ``train_unconditional.yaml`` (``DiffusionSamplerInferer(sampler="sdedit", conditional=False)``).
 
 :func:`detect_splits` writes ``detections/<method>/<split>/<id>/...`` for the validation and test splits.
 """

@@ -129,26 +129,6 @@ def min_component_pixels(pixel_spacing_mm: Sequence[float]) -> float:
     return OTSU_MIN_COMPONENT_MM2 / area
 
 
-def apply_calibration(
-    maps: Mapping[str, np.ndarray],
-    brain_mask: np.ndarray,
-    calibration: Mapping,
-    pixel_spacing_mm: Sequence[float],
-    z_indices: range | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted anomaly and mask of one volume from a ``calibration.json`` dict (written by the evaluation bundle).
-
-    maps: modality -> (H, W, D) anomaly; brain_mask: (H, W, D) bool; pixel_spacing_mm: in-plane (sx, sy).
-    Returns (score float32 (H, W, D), mask uint8 (H, W, D) in {0, 1}).
-    """
-    score = weighted_anomaly(maps, check_weights(calibration["weights"], "calibration"))
-    if calibration["mode"] == "otsu":
-        return score, otsu_mask(score, brain_mask, min_component_pixels(pixel_spacing_mm), z_indices)
-    if calibration["mode"] == "fixed":
-        return score, fixed_mask(score, float(calibration["threshold"]), brain_mask)
-    raise ValueError(f"calibration: unknown mode {calibration['mode']!r} (expected 'fixed' or 'otsu')")
-
-
 def simplex_grid(n_modalities: int, step: float) -> np.ndarray:
     """All weight vectors whose entries are multiples of ``step`` and sum to 1.
 
