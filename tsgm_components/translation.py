@@ -1,0 +1,198 @@
+"""Applying a trained CycleGAN generator: slice batches, pseudo-pair sets and whole NIfTI volumes.
+
+All images are in [0, 1] (prepared-slice range); generators map [0, 1] -> [0, 1] (see ``networks.cyclegan``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from torch import nn
+
+from tsgm_components.data.brats import MODALITIES, load_subject, subject_files
+from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
+from tsgm_components.data.unpaired import load_slice_items, slice_transforms
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.io import atomic_dir, check_can_write, save_json, save_nifti_like
+
+__all__ = ["load_generator", "translate_slices", "write_pseudo_pairs", "translate_volume", "translate_subject"]
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("AB", "BA")
+
+
+def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str = "AB") -> nn.Module:
+    """Load ``G_<direction>`` weights from a training checkpoint into ``generator`` and return it in eval mode.
+
+    direction: ``"AB"`` (healthy -> tumour, used for pseudo-pairs) or ``"BA"`` (tumour -> healthy).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise TsgmInputError(checkpoint, "CycleGAN checkpoint not found (train the cyclegan_brats bundle first)")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    key = f"G_{direction}"
+    if key not in state:
+        raise TsgmInputError(checkpoint, f"no '{key}' entry (found {sorted(state)}): not a cyclegan_brats checkpoint")
+    try:
+        generator.load_state_dict(state[key])
+    except RuntimeError as error:
+        raise TsgmInputError(checkpoint, f"'{key}' does not fit the configured generator (ngf/n_blocks?): {error}") from error
+    return generator.eval()
+
+
+@torch.no_grad()
+def translate_slices(generator: nn.Module, slices: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Translate (S, 1, H, W) slices in [0, 1] with ``generator``; returns (S, 1, H, W) in [0, 1].
+
+    Runs in eval mode on the generator's device, ``batch_size`` slices at a time; the result is on the
+    device of ``slices``. H and W must be multiples of 4.
+    """
+    if slices.ndim != 4:
+        raise ValueError(f"expected (S, 1, H, W) slices, got shape {tuple(slices.shape)}")
+    if slices.shape[-1] % 4 or slices.shape[-2] % 4:
+        raise ValueError(f"slice size {tuple(slices.shape[-2:])} must be a multiple of 4 for the generator")
+    device = next(generator.parameters()).device
+    was_training = generator.training
+    generator.eval()
+    try:
+        out = [generator(chunk.to(device, torch.float32)).to(slices.device) for chunk in slices.split(batch_size)]
+    finally:
+        generator.train(was_training)
+    return torch.cat(out) if out else slices.new_zeros(slices.shape)
+
+
+def write_pseudo_pairs(
+    generator: nn.Module,
+    prepared_dir: str | Path,
+    output_dir: str | Path,
+    splits: Sequence[str] = ("training", "validation"),
+    image_size: int | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    overwrite: bool = False,
+) -> dict[str, int]:
+    """Write the pseudo-pair set (docs/architecture.md) for every healthy slice of ``splits``.
+
+    For each healthy slice x_A (every modality), x_B~ = G_AB(x_A) is saved as
+    ``output_dir/slices/<id>/<mod>_zZZZ.npy`` ((H, W) float32 in [0, 1]) and listed in
+    ``output_dir/pseudo_pairs.json`` with ``image`` = absolute path of x_A and ``condition`` = path of x_B~
+    relative to ``output_dir``. The folder is written atomically (complete or not at all).
+    Returns the number of pairs per split.
+    """
+    output_dir = check_can_write(output_dir, overwrite)
+    healthy = {
+        split: [dict(item, image_path=item["image"]) for item in load_slice_items(prepared_dir, split, image_size) if int(item["tumour"]) == 0]
+        for split in splits
+    }
+    if not any(healthy.values()):
+        raise TsgmInputError(Path(prepared_dir) / "datalist.json", f"no healthy slices in splits {list(splits)}")
+    pairs: dict[str, list[dict]] = {split: [] for split in splits}
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        for split, items in healthy.items():
+            loader = DataLoader(Dataset(items, slice_transforms(flip=False)), batch_size=batch_size, num_workers=num_workers)
+            for batch in loader:
+                fakes = translate_slices(generator, batch["image"], batch_size).numpy()
+                for k, fake in enumerate(fakes):
+                    subject, modality, z = batch["subject"][k], batch["modality"][k], int(batch["z"][k])
+                    condition = f"slices/{subject}/{modality}_z{z:03d}.npy"
+                    (tmp / condition).parent.mkdir(parents=True, exist_ok=True)
+                    np.save(tmp / condition, fake[0].astype(np.float32))
+                    pairs[split].append(
+                        {"image": batch["image_path"][k], "condition": condition, "subject": subject, "modality": modality, "z": z}
+                    )
+            logger.info("pseudo-pairs: %d %s slices translated", len(pairs[split]), split)
+        save_json(pairs, tmp / "pseudo_pairs.json")
+    return {split: len(p) for split, p in pairs.items()}
+
+
+def _preprocess_config(prepare_config: str | Path) -> PreprocessConfig:
+    path = Path(prepare_config)
+    if not path.is_file():
+        raise TsgmInputError(path, "prepare_config.json not found (the preprocessing the generator was trained with)")
+    return PreprocessConfig.from_dict(json.loads(path.read_text()))
+
+
+def _translate_array(generator: nn.Module, volume: np.ndarray, brain_mask: np.ndarray, cfg: PreprocessConfig, batch_size: int) -> np.ndarray:
+    """(H, W, D) raw intensities -> (H, W, D) translated, normalised [0, 1], 0 outside z_min..z_max."""
+    normalised = normalize_volume(volume, brain_mask, cfg.lower_percentile, cfg.upper_percentile)
+    slices = torch.from_numpy(volume_to_slices(normalised, cfg))[:, None]
+    translated = translate_slices(generator, slices, batch_size)[:, 0].numpy()
+    return slices_to_volume(translated, normalised.shape, cfg)
+
+
+def translate_volume(
+    generator: nn.Module,
+    image: str | Path,
+    output: str | Path,
+    prepare_config: str | Path,
+    batch_size: int = 16,
+    overwrite: bool = False,
+) -> None:
+    """Translate one single-modality NIfTI volume and save it with the input's affine and header.
+
+    The volume is normalised and sliced exactly as in training (``prepare_config.json`` of the prepared set),
+    translated slice by slice and put back in the input geometry: the output is in normalised [0, 1] intensity,
+    0 outside the processed axial range ``z_min..z_max``. The brain is the volume's non-zero voxels.
+    """
+    image = Path(image)
+    if not image.is_file():
+        raise TsgmInputError(image, "input volume not found")
+    check_can_write(output, overwrite)
+    cfg = _preprocess_config(prepare_config)
+    try:
+        reference = nib.load(str(image))
+        volume = np.asarray(reference.get_fdata(dtype=np.float32))
+    except Exception as error:
+        raise TsgmInputError(image, f"cannot read NIfTI volume ({type(error).__name__}: {error})") from error
+    try:
+        cfg.check_volume_shape(volume.shape)
+    except ValueError as error:
+        raise TsgmInputError(image, str(error)) from error
+    if not np.isfinite(volume).all():
+        raise TsgmInputError(image, "contains non-finite voxels")
+    if not volume.any():
+        raise TsgmInputError(image, "volume is all zero")
+    translated = _translate_array(generator, volume, volume != 0, cfg, batch_size)
+    save_nifti_like(translated, reference, output, overwrite=overwrite)
+
+
+def translate_subject(
+    generator: nn.Module,
+    subject_dir: str | Path,
+    output_dir: str | Path,
+    prepare_config: str | Path,
+    direction: str = "AB",
+    batch_size: int = 16,
+    overwrite: bool = False,
+) -> list[str]:
+    """Translate the four modalities of a BraTS-layout subject folder.
+
+    Writes ``output_dir/<id>_<mod>_<direction>.nii.gz`` (e.g. ``BraTS20_Training_001_flair_AB.nii.gz``) in the
+    input geometry, atomically as one folder. The brain mask is shared by all modalities, as in ``tsgm prepare``.
+    Returns the written paths.
+    """
+    subject_dir = Path(subject_dir)
+    cfg = _preprocess_config(prepare_config)
+    volumes = load_subject(subject_files(subject_dir, require_seg=False))
+    try:
+        cfg.check_volume_shape(volumes.reference.shape)
+    except ValueError as error:
+        raise TsgmInputError(subject_dir, str(error)) from error
+    written = []
+    with atomic_dir(output_dir, overwrite=overwrite) as tmp:
+        for modality in MODALITIES:
+            translated = _translate_array(generator, volumes.arrays[modality], volumes.brain_mask, cfg, batch_size)
+            name = f"{subject_dir.name}_{modality}_{direction}.nii.gz"
+            save_nifti_like(translated, volumes.reference, tmp / name)
+            written.append(str(Path(output_dir) / name))
+    return written
