@@ -59,7 +59,8 @@ class DiffusionSamplerInferer(Inferer):
     from the input.
 
     Reproducibility: slice i of an input batch draws all its noise from ``slice_generator(seed, i)``, so its result
-    depends on (seed, i) only, not on ``batch_size`` chunking. Output: the final denoised mean clamped to [0, 1]
+    depends on (seed, i) only, not on ``batch_size`` chunking (up to floating-point rounding of batched network
+    calls). Output: the final denoised mean clamped to [0, 1]
     (the authors min-max rescale each reconstruction instead, which changes intensities slice by slice).
 
     Attributes:
