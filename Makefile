@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/tsgm demo --workdir $(DEMO_DIR)
+	$(VENV)/bin/tsgm demo --work_dir $(DEMO_DIR)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -53,7 +53,17 @@ def prepare(
     )
 
 
-COMMANDS = {"phantom": phantom, "prepare": prepare}
+def demo(work_dir: str = "runs/demo", n_subjects: int = 24, seed: int = 0, image_size: int = 64) -> None:
+    """Run the whole pipeline on the embedded phantom dataset with the CPU configs, then print the results table.
+
+    Rerunning the same command continues after the last finished step.
+    """
+    from tsgm_components.pipeline import run_demo
+
+    run_demo(work_dir, n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size))
+
+
+COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> None:
