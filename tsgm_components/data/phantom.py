@@ -51,12 +51,14 @@ TISSUE_TABLE: dict[str, tuple[float, ...]] = {
 }
 
 # Crop of the output grid that holds the (deformed) brain; everything outside it is background.
-_CROP = (slice(40, 200), slice(20, 220), slice(0, 155))
+_CROP = (slice(30, 210), slice(10, 230), slice(0, 155))
 _CROP_SHAPE = tuple(s.stop - s.start for s in _CROP)
 # Brain centre in template voxels (MNI152 1 mm, RAS) and in output voxels; output i/j axes are flipped.
 _TEMPLATE_CENTRE = np.array([98.0, 117.0, 77.0])
 _OUTPUT_CENTRE = np.array([119.5, 119.5, 77.0])
 _FLIP = np.diag([-1.0, -1.0, 1.0])
+# Overlapping lesions: enhancing > necrosis > oedema > background (indexed by label value).
+_LABEL_PRIORITY = np.array([0, 2, 1, 0, 3])
 
 
 @dataclass(frozen=True)
@@ -234,8 +236,8 @@ def _draw_lesions(rng: np.random.Generator, cfg: PhantomConfig, wm: np.ndarray) 
     return lesions
 
 
-def _lesion_fields(rng: np.random.Generator, lesion: _Lesion, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Normalised distances (core, oedema) with irregular borders, and the radial distance, on ``box``."""
+def _lesion_fields(rng: np.random.Generator, lesion: _Lesion, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised distances to the centre (core, oedema) on ``box``: < 1 inside, irregular borders."""
     grid = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in box], indexing="ij")
     offsets = [g - c for g, c in zip(grid, lesion.centre)]
     distance = np.sqrt(sum(o * o for o in offsets))
@@ -243,7 +245,7 @@ def _lesion_fields(rng: np.random.Generator, lesion: _Lesion, box: tuple[slice, 
     core = distance / lesion.core_radius + 0.22 * smooth_field(rng, shape, max(2.0, lesion.core_radius / 2))
     oedema_radius = lesion.core_radius * lesion.oedema_factor
     oedema = distance / oedema_radius + 0.3 * smooth_field(rng, shape, max(3.0, oedema_radius / 2.5))
-    return core, oedema, distance
+    return core, oedema
 
 
 def _apply_mass_effect(
@@ -302,7 +304,7 @@ def generate_subject(index: int, cfg: PhantomConfig, healthy: bool) -> PhantomSu
             _apply_mass_effect(coords, linear, lesion, box)
             for key, value in _warp(template, coords[(slice(None), *box)]).items():
                 maps[key][box] = value
-            core_d, oedema_d, _ = _lesion_fields(rng, lesion, box)
+            core_d, oedema_d = _lesion_fields(rng, lesion, box)
             core = _sigmoid((1.0 - core_d) / 0.06)  # soft border: partial volume
             enhancing_part = np.zeros_like(core)
             if lesion.rim_fraction > 0:
@@ -315,7 +317,8 @@ def generate_subject(index: int, cfg: PhantomConfig, healthy: bool) -> PhantomSu
             oedema[box] = np.maximum(oedema[box], lesion.oedema_strength * spread)
             labels = np.where(spread > 0.5, 2, 0)
             labels = np.where(core > 0.5, np.where(enhancing_part > 0.5 * core, 4, 1), labels)
-            crop_labels[box] = np.maximum(crop_labels[box], labels.astype(np.uint8))  # overlapping lesions: 4 > 2 > 1 ...
+            old = crop_labels[box]  # where lesions overlap, the core of one beats the oedema of the other
+            crop_labels[box] = np.where(_LABEL_PRIORITY[labels] > _LABEL_PRIORITY[old], labels, old)
 
     brain = (maps["csf"] + maps["gm"] + maps["wm"]) > 0.5
     crop_labels[~brain] = 0
