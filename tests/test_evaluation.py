@@ -12,6 +12,8 @@ import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.metrics import DiceMetric, MeanIoU
 from scipy import ndimage
 from sklearn.metrics import average_precision_score
 
@@ -146,8 +148,17 @@ def test_overlap_metrics_match_hand_computed_and_brute_force_hd95():
     assert result["precision"][0] == pytest.approx(tp / n_pred)
     assert result["recall"][0] == pytest.approx(tp / n_true)
     assert result["hd95"][0] == pytest.approx(_brute_hd95(prediction, target, SPACING), rel=1e-5)
+    tensors = [torch.from_numpy(m[None, None].astype(np.float32)) for m in (prediction, target)]
+    assert result["dice"][0] == pytest.approx(float(DiceMetric(include_background=True)(*tensors)))
+    assert result["iou"][0] == pytest.approx(float(MeanIoU(include_background=True)(*tensors)))
     plane = overlap_metrics(prediction[None, :, :, 3], target[None, :, :, 3], SPACING[:2])
     assert plane["hd95"][0] == pytest.approx(_brute_hd95(prediction[:, :, 3], target[:, :, 3], SPACING[:2]), rel=1e-5)
+    at_border = np.zeros_like(prediction)  # masks touching the image border: the border counts as surface
+    at_border[:4, :, 0:3] = True
+    result = overlap_metrics(np.stack([at_border, prediction]), np.stack([target, at_border]), SPACING)
+    np.testing.assert_allclose(
+        result["hd95"], [_brute_hd95(at_border, target, SPACING), _brute_hd95(prediction, at_border, SPACING)], rtol=1e-5
+    )
 
 
 def test_empty_mask_conventions():
@@ -297,7 +308,6 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
 
 
 def test_baseline_bundle_writes_detection_folders(synthetic, tmp_path):
-    import torch
     from monai.bundle import run
 
     from tsgm_components.data.preprocessing import normalize_volume

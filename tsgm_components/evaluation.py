@@ -180,7 +180,7 @@ def mean_volume_dice(cases: Sequence[Case], calibration: Mapping[str, Any]) -> f
     for case in cases:
         if case.target.any():
             _, mask = predict(case, calibration)
-            values.append(float(overlap_metrics(mask[None], case.target[None], case.spacing)["dice"][0]))
+            values.append(float(overlap_metrics(mask[None], case.target[None], case.spacing, include_hd95=False)["dice"][0]))
     return float(np.mean(values)) if values else math.nan
 
 
