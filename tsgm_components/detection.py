@@ -18,6 +18,9 @@ from typing import Any, Callable, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.transforms import MapTransform
 from torch import Tensor
 
 import tsgm_components
@@ -100,25 +103,24 @@ def resolve_mask_settings(
     Returns ``{"weights", "threshold", "mask_mode" (None = no mask), "weights_source", "threshold_source"}``.
     Without calibration, threshold or Otsu mode no mask is made, and the paper's weights are used unless given.
     """
-    weights_source, threshold_source = "paper (T1 .07, T1ce .19, T2 .30, FLAIR .44)", None
-    resolved_weights: dict[str, float] = dict(PAPER_WEIGHTS)
+    resolved_weights, weights_source = dict(PAPER_WEIGHTS), "paper (T1 .07, T1ce .19, T2 .30, FLAIR .44)"
+    threshold_source = None if threshold is None else "explicit"
     if calibration_file is not None:
         cal_weights, cal_threshold, cal_mode = load_calibration(calibration_file)
-        resolved_weights, weights_source = cal_weights, f"calibration {Path(calibration_file).resolve()}"
-        threshold, mask_mode = (cal_threshold if threshold is None else threshold), (mask_mode or cal_mode)
-        threshold_source = f"calibration {Path(calibration_file).resolve()}"
+        source = f"calibration {Path(calibration_file).resolve()}"
+        resolved_weights, weights_source = cal_weights, source
+        if threshold is None and mask_mode in (None, cal_mode):
+            threshold, threshold_source = cal_threshold, source
+        mask_mode = mask_mode or ("fixed" if threshold_source == "explicit" else cal_mode)
     if weights is not None:
         resolved_weights, weights_source = check_weights(dict(weights), source="explicit weights"), "explicit"
     if mask_mode is None and threshold is not None:
         mask_mode = "fixed"
-    if mask_mode is not None and mask_mode not in MASK_MODES:
+    if mask_mode not in (None, *MASK_MODES):
         raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
-    if mask_mode == "fixed":
-        if threshold is None:
-            raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
-        if calibration_file is None or threshold_source is None:
-            threshold_source = "explicit"
-    elif mask_mode == "otsu":
+    if mask_mode == "fixed" and threshold is None:
+        raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
+    if mask_mode == "otsu":
         threshold, threshold_source = None, f"per-slice Otsu + components > {OTSU_MIN_COMPONENT_MM2:g} mm²"
     return {
         "weights": resolved_weights,
@@ -136,6 +138,25 @@ def _subject_id(files: Mapping[str, Path]) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name[: -len(f"_{MODALITIES[0]}")] if name.endswith(f"_{MODALITIES[0]}") else name
+
+
+def preprocess_volume(volume: np.ndarray, brain_mask: np.ndarray, preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Training preprocessing of one modality: (normalised (H, W, D) in [0, 1], slices (S, s, s) float32)."""
+    normalised = normalize_volume(volume, brain_mask, preprocess.lower_percentile, preprocess.upper_percentile)
+    return normalised, volume_to_slices(normalised, preprocess)
+
+
+def anomaly_support(brain_mask: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    """(H, W, D) bool: brain voxels of the processed slices ``z_min..z_max``, where anomaly maps may be non-zero."""
+    support = np.zeros(brain_mask.shape, dtype=bool)
+    support[:, :, preprocess.z_min : preprocess.z_max + 1] = brain_mask[:, :, preprocess.z_min : preprocess.z_max + 1]
+    return support
+
+
+def residual_volume(slices: np.ndarray, healthy: np.ndarray, support: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    """|input − healthy| of (S, s, s) slice stacks at the model's resolution, mapped to the (H, W, D) input
+    geometry and zeroed outside ``support`` (identical to a voxel-wise residual when image_size == pad_to)."""
+    return slices_to_volume(np.abs(slices - healthy), support.shape, preprocess) * support
 
 
 def _reconstruct_modality(
@@ -228,20 +249,14 @@ def detect_subject(
     except ValueError as error:
         raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
 
-    in_range = np.zeros(volumes.reference.shape, dtype=bool)
-    in_range[:, :, preprocess.z_min : preprocess.z_max + 1] = True
-    support = in_range & volumes.brain_mask
+    support = anomaly_support(volumes.brain_mask, preprocess)
     normalised, healthy, anomaly = {}, {}, {}
     reconstruction_started = time.perf_counter()
     for modality in MODALITIES:
-        normalised[modality] = normalize_volume(
-            volumes.arrays[modality], volumes.brain_mask, preprocess.lower_percentile, preprocess.upper_percentile
-        )
-        slices = volume_to_slices(normalised[modality], preprocess)
+        normalised[modality], slices = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
         healthy_slices = _reconstruct_modality(reconstruct, slices, modality, files[modality])
-        shape = volumes.reference.shape
-        healthy[modality] = slices_to_volume(healthy_slices, shape, preprocess)
-        anomaly[modality] = slices_to_volume(np.abs(slices - healthy_slices), shape, preprocess) * support
+        healthy[modality] = slices_to_volume(healthy_slices, volumes.reference.shape, preprocess)
+        anomaly[modality] = residual_volume(slices, healthy_slices, support, preprocess)
         logger.info("%s %s: reconstructed %d slices", subject, modality, slices.shape[0])
     reconstruction_seconds = time.perf_counter() - reconstruction_started
     weighted = weighted_anomaly(anomaly, weights)
@@ -360,10 +375,8 @@ def run_detection(
     files: Mapping[str, str | Path | None] | None = None,
     datalist: str | Path | None = None,
     split: str | None = "test",
-    calibration_file: str | Path | None = None,
-    weights: Mapping[str, float] | None = None,
-    threshold: float | None = None,
-    mask_mode: str | None = None,
+    subject: str | None = None,
+    mask_settings: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     skip_existing: bool = False,
@@ -372,14 +385,14 @@ def run_detection(
 ) -> list[Path]:
     """Bundle entry point: detect one subject folder, four explicit files, or one split of ``volumes.json``.
 
-    Exactly one input form must be given (``files`` counts when any of its paths is set). Weights and mask rule
-    come from :func:`resolve_mask_settings`. Returns the written subject folders.
+    Exactly one input form must be given (``files`` counts when any of its paths is set). ``mask_settings`` comes
+    from :func:`resolve_mask_settings` (None: paper weights, no mask). Returns the written subject folders.
     """
     files = {k: v for k, v in (files or {}).items() if v is not None}
     given = [name for name, value in (("subject_dir", subject_dir), ("t1/t1ce/t2/flair", files), ("datalist", datalist)) if value]
     if len(given) != 1:
         raise ValueError(f"give exactly one input: subject_dir, the four paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
-    settings = resolve_mask_settings(calibration_file, weights, threshold, mask_mode)
+    settings = dict(mask_settings or resolve_mask_settings())
     kwargs = dict(
         reconstruct=reconstruct, preprocess=preprocess, weights=settings["weights"], threshold=settings["threshold"],
         method=method, overwrite=overwrite, provenance=provenance, mask_mode=settings["mask_mode"],
@@ -393,4 +406,97 @@ def run_detection(
         missing = [m for m in MODALITIES if m not in files]
         if missing:
             raise TsgmInputError(next(iter(files.values())), f"missing modalities {missing}: give all of t1, t1ce, t2, flair")
-    return [detect_subject(files, out_dir, **kwargs)]
+    return [detect_subject(files, out_dir, subject=subject, **kwargs)]
+
+
+# ---------------------------------------------------------------- dict pipeline (MONAI Label's BundleInferTask)
+# BundleInferTask runs: preprocessing(dict with "image") -> inferer(image[None], network) -> [0] -> "pred" ->
+# postprocessing(dict). "image" is one multi-channel NIfTI (channels = ``channel_modalities``).
+
+
+class SliceStackInferer(Inferer):
+    """Applies a slice inferer ((N, 1, s, s) -> (N, 1, s, s)) to every (s, s) plane of a tensor (..., s, s)."""
+
+    def __init__(self, slice_inferer: Callable[[Tensor, torch.nn.Module], Tensor]):
+        self.slice_inferer = slice_inferer
+
+    @property
+    def nfe_per_slice(self) -> int | None:
+        return getattr(self.slice_inferer, "nfe_per_slice", None)
+
+    def __call__(self, inputs: Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+        planes = torch.as_tensor(inputs).reshape(-1, 1, *inputs.shape[-2:])
+        return self.slice_inferer(planes, network).reshape(inputs.shape)
+
+
+class MultiModalSlicesd(MapTransform):
+    """(M, H, W, D) multi-modal volume -> (M, S, s, s) preprocessed slices in [0, 1] (same as training).
+
+    Also stores ``<key>_brain`` ((H, W, D) bool) for :class:`AnomalyFromHealthyd`; the output keeps the
+    input's metadata (affine), so the restored prediction overlays the input.
+    """
+
+    def __init__(self, keys: str, preprocess: PreprocessConfig, channel_modalities: Sequence[str] = MODALITIES):
+        super().__init__(keys)
+        if sorted(channel_modalities) != sorted(MODALITIES):
+            raise ValueError(f"channel_modalities must order {list(MODALITIES)}, got {list(channel_modalities)}")
+        self.preprocess = preprocess
+        self.channel_modalities = tuple(channel_modalities)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        for key in self.key_iterator(data):
+            image = data[key]
+            volume = np.asarray(image.detach().cpu() if isinstance(image, Tensor) else image, dtype=np.float32)
+            source = getattr(image, "meta", {}).get("filename_or_obj", key)
+            if volume.ndim != 4 or volume.shape[0] != len(self.channel_modalities):
+                raise TsgmInputError(source, f"expected a ({len(self.channel_modalities)}, H, W, D) volume (channels {self.channel_modalities}), got shape {volume.shape}")
+            if not np.isfinite(volume).all():
+                raise TsgmInputError(source, "contains non-finite voxels")
+            brain = volume.any(axis=0)
+            slices = np.stack([preprocess_volume(channel, brain, self.preprocess)[1] for channel in volume])
+            data[key] = MetaTensor(torch.from_numpy(slices), meta=getattr(image, "meta", None))
+            data[f"{key}_brain"] = brain
+        return data
+
+
+class AnomalyFromHealthyd(MapTransform):
+    """``pred`` (M, S, s, s) healthy slices -> (1, H, W, D) weighted anomaly map, or the uint8 mask when a mask
+    rule is given (``mask_settings`` from :func:`resolve_mask_settings`), in the input geometry."""
+
+    def __init__(
+        self,
+        keys: str,
+        image_key: str,
+        preprocess: PreprocessConfig,
+        mask_settings: Mapping[str, Any],
+        channel_modalities: Sequence[str] = MODALITIES,
+    ):
+        super().__init__(keys)
+        self.image_key = image_key
+        self.preprocess = preprocess
+        self.mask_settings = dict(mask_settings)
+        self.channel_modalities = tuple(channel_modalities)
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        data = dict(data)
+        image = data[self.image_key]
+        slices = np.asarray(torch.as_tensor(image).detach().cpu(), dtype=np.float32)
+        support = anomaly_support(data[f"{self.image_key}_brain"], self.preprocess)
+        for key in self.key_iterator(data):
+            healthy = np.asarray(torch.as_tensor(data[key]).detach().cpu(), dtype=np.float32)
+            maps = {
+                m: residual_volume(slices[i], np.clip(healthy[i], 0, 1), support, self.preprocess)
+                for i, m in enumerate(self.channel_modalities)
+            }
+            weighted = weighted_anomaly(maps, self.mask_settings["weights"])
+            mode = self.mask_settings.get("mask_mode")
+            if mode == "fixed":
+                out = fixed_mask(weighted, self.mask_settings["threshold"], support)
+            elif mode == "otsu":
+                pixdim = getattr(image, "meta", {}).get("pixdim", (1.0, 1.0, 1.0))  # NIfTI pixdim[1:3]: in-plane mm
+                out = otsu_mask(weighted, support, min_component_pixels(tuple(pixdim)[1:3]), self.preprocess.z_range)
+            else:
+                out = weighted
+            data[key] = MetaTensor(torch.from_numpy(out[None]), meta=getattr(image, "meta", None))
+        return data

@@ -1,0 +1,309 @@
+"""VE-JP bundle: configs, training/resume, inference outputs in input geometry, calibration, bad inputs.
+
+Everything runs in one process through ``monai.bundle.run`` on tiny synthetic data (32² slices, 4 axial slices,
+a 20×24×8 subject), except one subprocess that checks the command-line exit status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, run
+
+import tsgm_components
+from tsgm_components.data.brats import MODALITIES
+from tsgm_components.ensembling import PAPER_WEIGHTS
+from tsgm_components.errors import TsgmInputError
+
+CONFIGS = Path(tsgm_components.bundle_dir("vejp_anomaly")) / "configs"
+TRAIN, CPU, INFER = CONFIGS / "train.yaml", CONFIGS / "cpu.yaml", CONFIGS / "inference.yaml"
+UNCONDITIONAL, MULTI_GPU = CONFIGS / "train_unconditional.yaml", CONFIGS / "multi_gpu_train.yaml"
+
+SHAPE = (20, 24, 8)
+AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0, 1]])
+PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, lower_percentile=1.0, upper_percentile=99.0)
+N_PAIRS, BATCH = 8, 4
+TINY_TRAIN = dict(image_size=32, max_epochs=1, batch_size=BATCH, warmup_steps=2, log_interval=1)
+TINY_SAMPLER = dict(image_size=32, sampler="heun", n_steps=3, sample_batch_size=16)
+
+
+def run_bundle(run_id: str, configs: list[Path], **overrides) -> None:
+    run(run_id, config_file=[str(c) for c in configs], logging_file=False, **overrides)
+
+
+def input_error(excinfo: pytest.ExceptionInfo) -> TsgmInputError:
+    """The TsgmInputError behind an exception raised through MONAI's config evaluation (which wraps errors)."""
+    error: BaseException | None = excinfo.value
+    while error is not None and not isinstance(error, TsgmInputError):
+        error = error.__cause__ or error.__context__
+    assert error is not None, f"no TsgmInputError behind {excinfo.value!r}"
+    return error
+
+
+def write_subject(folder: Path, shape=SHAPE, affine=AFFINE) -> Path:
+    """A BraTS-layout subject: an ellipsoid brain with a bright blob (the 'tumour') in T2/FLAIR."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    brain = (grid**2).sum(0) < 0.9
+    blob = ((grid - np.array([0.3, 0.2, 0.0])[:, None, None, None]) ** 2).sum(0) < 0.08
+    for i, modality in enumerate(MODALITIES):
+        data = brain * (100 + 10 * i + 5 * rng.standard_normal(shape)) + blob * 60 * (modality in ("t2", "flair"))
+        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(folder / f"{folder.name}_{modality}.nii.gz"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory) -> Path:
+    """A work dir with prepared/ (config + datalist) and pseudo_pairs/ as the earlier pipeline steps leave them."""
+    work = tmp_path_factory.mktemp("vejp") / "work"
+    prepared, pairs = work / "prepared", work / "pseudo_pairs"
+    (prepared / "slices" / "S0").mkdir(parents=True)
+    (pairs / "slices" / "S0").mkdir(parents=True)
+    (prepared / "prepare_config.json").write_text(json.dumps(dict(PREPROCESS, seed=0)))
+    rng = np.random.default_rng(0)
+    pair_items, slice_items = [], []
+    for i in range(N_PAIRS):
+        healthy = rng.random((32, 32)).astype(np.float32)
+        name = f"slices/S0/t1_z{i:03d}.npy"
+        np.save(prepared / name, healthy)
+        np.save(pairs / name, np.clip(healthy + 0.5 * (rng.random((32, 32)) > 0.9), 0, 1).astype(np.float32))
+        pair_items.append({"image": str(prepared / name), "condition": name, "subject": "S0", "modality": "t1", "z": i})
+        slice_items.append({"image": name, "subject": "S0", "modality": "t1", "z": i, "tumour": int(i % 2)})
+    (pairs / "pseudo_pairs.json").write_text(json.dumps({"training": pair_items, "validation": pair_items[:2]}))
+    (prepared / "datalist.json").write_text(json.dumps({"training": slice_items, "validation": [], "test": []}))
+    return work
+
+
+@pytest.fixture(scope="module")
+def trained(work_dir) -> Path:
+    run_bundle("training", [TRAIN, CPU], work_dir=str(work_dir), **TINY_TRAIN)
+    return work_dir
+
+
+def infer(work: Path, *extra_configs: Path, **overrides) -> Path:
+    """Run the inference bundle (CPU sampler, 5 NFE per slice) and return its detection folder."""
+    out = work / "detections" / overrides.pop("name", "run")
+    run_bundle("inference", [INFER, CPU, *extra_configs], work_dir=str(work), detection_dir=str(out), **{**TINY_SAMPLER, **overrides})
+    return out
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_paper_and_cpu_configs_build_their_networks():
+    paper = ConfigParser()
+    paper.read_config([str(TRAIN)])
+    network = paper.get_parsed_content("network_def")
+    assert network.condition_channels == 1 and paper["image_size"] == 256 and paper["sigma_min"] == 0.01
+    assert 60e6 < sum(p.numel() for p in network.parameters()) < 70e6  # the paper-scale UNet, not run here
+    cpu = ConfigParser()
+    cpu.read_config([str(TRAIN), str(CPU)])
+    small = cpu.get_parsed_content("network_def")
+    assert sum(p.numel() for p in small.parameters()) < 2e6
+    x = torch.rand(2, 1, 64, 64)
+    assert small(x, torch.tensor([0.1, 10.0]), x).shape == (2, 1, 64, 64)
+
+
+@pytest.mark.parametrize("overrides", [[], [CPU], [CPU, UNCONDITIONAL]])
+def test_training_and_inference_configs_describe_the_same_model(overrides):
+    parsed = []
+    for base in (TRAIN, INFER):
+        parser = ConfigParser()
+        parser.read_config([str(base), *map(str, overrides)])
+        parsed.append({k: parser.get_parsed_content(k) for k in ("image_size", "network_args", "sigma_min", "sigma_max", "n_scales", "vejp_dir")})
+    assert parsed[0] == parsed[1]
+    assert parsed[0]["network_args"]["condition_channels"] == (0 if UNCONDITIONAL in overrides else 1)
+
+
+def test_multi_gpu_config_merges():
+    parser = ConfigParser()
+    parser.read_config([str(TRAIN), str(CPU), str(MULTI_GPU)])
+    assert parser["train_sampler"]["_target_"] == "DistributedSampler"
+    assert any("init_process_group" in step for step in parser["initialize"])
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_writes_checkpoints_and_resume_continues(trained):
+    final = trained / "vejp" / "checkpoints" / "checkpoint_final.pt"
+    state = torch.load(final, weights_only=True)
+    assert state["trainer"]["iteration"] == N_PAIRS // BATCH
+    assert state["model_spec"]["preprocess"] == PREPROCESS
+    assert {"network", "network_ema", "optimizer", "lr_scheduler", "rng"} <= set(state)
+    model = torch.load(trained / "vejp" / "model.pt", weights_only=True)
+    assert set(model) == {"model", "model_spec"}
+    assert torch.equal(model["model"]["unet.conv_in.conv.weight"], state["network_ema"]["unet.conv_in.conv.weight"])
+
+    with pytest.raises(Exception) as excinfo:  # a fresh run would mix with the earlier run's checkpoints
+        run_bundle("training", [TRAIN, CPU], work_dir=str(trained), **TINY_TRAIN)
+    assert "--resume true" in str(input_error(excinfo))
+
+    run_bundle("training", [TRAIN, CPU], work_dir=str(trained), resume=True, **dict(TINY_TRAIN, max_epochs=2))
+    resumed = torch.load(final, weights_only=True)
+    assert resumed["trainer"]["iteration"] == 2 * N_PAIRS // BATCH
+    assert not torch.equal(resumed["network"]["unet.conv_in.conv.weight"], state["network"]["unet.conv_in.conv.weight"])
+
+
+def test_unconditional_training_uses_healthy_slices_only(work_dir):
+    run_bundle("training", [TRAIN, CPU, UNCONDITIONAL], work_dir=str(work_dir), **dict(TINY_TRAIN, batch_size=2))
+    state = torch.load(work_dir / "vejp_unconditional" / "model.pt", weights_only=True)
+    assert state["model_spec"]["network"]["condition_channels"] == 0
+    final = torch.load(work_dir / "vejp_unconditional" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == (N_PAIRS // 2) // 2  # 4 healthy slices, batch 2
+
+
+# ---------------------------------------------------------------- inference
+
+
+@pytest.fixture(scope="module")
+def subject(trained) -> Path:
+    return write_subject(trained / "data" / "S001")
+
+
+def test_inference_writes_maps_in_input_geometry_without_mask(trained, subject, caplog):
+    before = digest(subject)
+    with caplog.at_level(logging.WARNING, logger="tsgm_components.detection"):
+        out = infer(trained, subject_dir=str(subject), name="plain") / "S001"
+    assert "NO binary mask" in caplog.text
+    assert digest(subject) == before  # inputs untouched
+    expected = {f"S001_{kind}_{m}.nii.gz" for kind in ("healthy", "anomaly") for m in MODALITIES}
+    expected |= {"S001_anomaly.nii.gz", "S001_overlay.png", "S001_detection.json"}
+    assert {p.name for p in out.iterdir()} == expected
+    reference = nib.load(str(subject / "S001_t1.nii.gz"))
+    maps = {}
+    for name in sorted(expected - {"S001_overlay.png", "S001_detection.json"}):
+        image = nib.load(str(out / name))
+        assert image.shape == SHAPE and np.array_equal(image.affine, reference.affine)
+        assert np.array_equal(image.header.get_zooms(), reference.header.get_zooms())
+        for field in ("qform_code", "sform_code", "xyzt_units", "dim_info"):
+            assert image.header[field] == reference.header[field]
+        maps[name] = image.get_fdata(dtype=np.float32)
+    brain = reference.get_fdata() != 0
+    for m in MODALITIES:
+        anomaly = maps[f"S001_anomaly_{m}.nii.gz"]
+        assert 0 <= anomaly.min() and anomaly.max() <= 1 and anomaly.max() > 0
+        assert not anomaly[:, :, [0, 1, 6, 7]].any() and not anomaly[~brain].any()  # outside z 2..5 and the brain
+        healthy = maps[f"S001_healthy_{m}.nii.gz"]
+        assert healthy.min() >= 0 and healthy.max() <= 1
+    weighted = sum(PAPER_WEIGHTS[m] * maps[f"S001_anomaly_{m}.nii.gz"] for m in MODALITIES)
+    np.testing.assert_allclose(maps["S001_anomaly.nii.gz"], weighted, atol=1e-6)
+    record = json.loads((out / "S001_detection.json").read_text())
+    assert record["method"] == "vejp" and record["mask"] is None and record["weights"] == PAPER_WEIGHTS
+    assert record["reconstruction"]["sampler"] == "heun" and record["reconstruction"]["nfe_per_slice"] == 5
+    assert record["preprocess"] == PREPROCESS and record["seconds"]["total"] > 0
+
+    with pytest.raises(Exception) as excinfo:  # existing results are never replaced silently
+        infer(trained, subject_dir=str(subject), name="plain")
+    assert "already exists" in str(excinfo.value.__cause__ or excinfo.value)
+
+
+def test_inference_with_calibration_writes_mask(trained, subject, tmp_path):
+    calibration = tmp_path / "calibration.json"
+    weights = {"t1": 0.1, "t1ce": 0.1, "t2": 0.4, "flair": 0.4}
+    calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed", "chosen_on": "validation"}))
+    files = {m: str(subject / f"S001_{m}.nii.gz") for m in MODALITIES}
+    out = infer(trained, calibration_file=str(calibration), name="calibrated", **files) / "S001"
+    mask = nib.load(str(out / "S001_mask.nii.gz"))
+    anomaly = nib.load(str(out / "S001_anomaly.nii.gz")).get_fdata(dtype=np.float32)
+    brain = nib.load(files["t1"]).get_fdata() != 0
+    assert mask.get_data_dtype() == np.uint8 and np.array_equal(mask.affine, nib.load(files["t1"]).affine)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), (anomaly > 0.05) & brain)
+    record = json.loads((out / "S001_detection.json").read_text())
+    assert record["weights"] == weights and record["mask"]["threshold"] == 0.05
+    assert str(calibration) in record["mask"]["threshold_source"]
+
+
+def test_monai_label_style_pipeline(trained, subject, tmp_path):
+    """What MONAI Label's BundleInferTask does: preprocessing -> inferer(image[None], network)[0] -> postprocessing."""
+    stacked = np.stack([nib.load(str(subject / f"S001_{m}.nii.gz")).get_fdata(dtype=np.float32) for m in MODALITIES], -1)
+    path = tmp_path / "S001_4ch.nii.gz"
+    nib.save(nib.Nifti1Image(stacked, AFFINE), str(path))
+    parser = ConfigParser()
+    parser.read_config([str(INFER), str(CPU)])
+    parser.update({"work_dir": str(trained), **TINY_SAMPLER})
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(parser.get_parsed_content("checkpoint"), weights_only=True)["model"])
+    data = parser.get_parsed_content("preprocessing")({"image": str(path)})
+    assert data["image"].shape == (4, 4, 32, 32)
+    data["pred"] = parser.get_parsed_content("inferer")(data["image"][None], network.eval())[0]
+    data = parser.get_parsed_content("postprocessing")(data)
+    pred = data["pred"]
+    assert pred.shape == (1, *SHAPE) and np.allclose(pred.affine.numpy(), AFFINE)
+    assert torch.isfinite(pred).all() and pred.max() > 0 and not pred[0, :, :, :2].any()
+
+
+# ---------------------------------------------------------------- bad input: clear error, nothing written
+
+
+def damage(folder: Path, case: str) -> str:
+    """Break one file of a valid subject; return the name the error must mention."""
+    path = lambda m: folder / f"{folder.name}_{m}.nii.gz"  # noqa: E731
+    valid = nib.load(str(path("t1"))).get_fdata(dtype=np.float32)
+    if case == "missing":
+        path("flair").unlink()
+    elif case == "shape":
+        nib.save(nib.Nifti1Image(np.ones((20, 24, 9), np.float32), AFFINE), str(path("t2")))
+    elif case == "affine":
+        nib.save(nib.Nifti1Image(valid, AFFINE + np.diag([0, 0, 0.5, 0])), str(path("t1ce")))
+    elif case == "nan":
+        valid[5, 5, 3] = np.nan
+        nib.save(nib.Nifti1Image(valid, AFFINE), str(path("flair")))
+    elif case == "2d":
+        nib.save(nib.Nifti1Image(valid[:, :, 0], AFFINE), str(path("t1")))
+    elif case == "unreadable":
+        path("t2").write_bytes(b"not a nifti file")
+    return {"missing": "flair", "shape": "t2", "affine": "t1ce", "nan": "flair", "2d": "t1", "unreadable": "t2"}[case]
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "affine", "nan", "2d", "unreadable"])
+def test_bad_subject_gives_clear_error_and_no_output(trained, case, tmp_path):
+    folder = write_subject(tmp_path / "BAD")
+    modality = damage(folder, case)
+    with pytest.raises(Exception) as excinfo:
+        infer(trained, subject_dir=str(folder), name=f"bad_{case}")
+    assert f"BAD_{modality}.nii.gz" in str(input_error(excinfo))
+    out = trained / "detections" / f"bad_{case}"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_checkpoint_of_another_model_is_named(trained, subject):
+    checkpoint = trained / "vejp" / "model.pt"
+    with pytest.raises(Exception) as excinfo:
+        infer(trained, subject_dir=str(subject), name="bad_arch", **{"network_args#channels": [32, 32, 64]})
+    error = input_error(excinfo)
+    assert error.path == str(checkpoint) and "network.channels" in error.problem
+    with pytest.raises(Exception) as excinfo:
+        infer(trained, subject_dir=str(subject), name="bad_size", image_size=64)
+    assert input_error(excinfo).path == str(checkpoint) and "image_size=32" in str(excinfo.value.__cause__ or excinfo.value)
+    assert not (trained / "detections" / "bad_arch").exists() and not (trained / "detections" / "bad_size").exists()
+
+
+def test_command_line_exits_non_zero_on_bad_input(trained, tmp_path):
+    folder = write_subject(tmp_path / "CLI")
+    damage(folder, "missing")
+    out = tmp_path / "out"
+    configs = str([str(INFER), str(CPU)])
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", configs, "--work_dir", str(trained),
+         "--subject_dir", str(folder), "--detection_dir", str(out), "--image_size", "32"],
+        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert result.returncode != 0
+    assert "CLI_flair.nii.gz: missing flair file" in result.stderr
+    assert not out.exists() or not any(out.iterdir())

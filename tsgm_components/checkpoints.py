@@ -1,0 +1,162 @@
+"""Score-model checkpoints that know what they were made for, and loading them with clear errors.
+
+Every VE-JP checkpoint carries a ``model_spec`` entry (:class:`ModelSpec`: preprocessing incl. image size, network
+arguments, σ range). Loading weights into a network built from a config that disagrees raises
+:class:`TsgmInputError` naming the checkpoint and every differing setting, instead of a shape-mismatch traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from tsgm_components.data.preprocessing import PreprocessConfig
+from tsgm_components.errors import TsgmInputError
+
+SPEC_KEY = "model_spec"
+#: Weight entries tried in order: the exported EMA model (``model.pt``), a full training checkpoint's EMA, raw weights.
+WEIGHT_KEYS = ("model", "network_ema", "network")
+
+
+def _plain(value: Any) -> Any:
+    """JSON-normal form (tuples -> lists, numpy/torch scalars -> Python) so specs compare equal after a round trip."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else list(v)))
+
+
+class ModelSpec:
+    """What a score model is built for: ``preprocess`` (PreprocessConfig dict), ``network`` (ScoreUNet kwargs),
+    ``sde`` (``sigma_min``, ``sigma_max``).
+
+    Has ``state_dict``/``load_state_dict`` so MONAI's ``CheckpointSaver`` stores it next to the weights and
+    ``CheckpointLoader`` checks it on resume (``load_state_dict`` raises on any difference).
+    """
+
+    def __init__(self, preprocess: PreprocessConfig | Mapping[str, Any], network: Mapping[str, Any], sde: Mapping[str, Any]):
+        preprocess = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
+        self.spec = _plain({"preprocess": preprocess.to_dict(), "network": dict(network), "sde": dict(sde)})
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.spec["preprocess"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.spec))
+
+    def differences(self, other: Mapping[str, Any]) -> list[str]:
+        """``"section.key: checkpoint X, config Y"`` for every setting where ``other`` (a saved spec) differs."""
+        other = _plain(dict(other))
+        found = []
+        for section in ("preprocess", "network", "sde"):
+            mine, theirs = self.spec.get(section, {}), other.get(section, {})
+            for key in sorted(set(mine) | set(theirs)):
+                if mine.get(key) != theirs.get(key):
+                    found.append(f"{section}.{key}: checkpoint {theirs.get(key)!r}, config {mine.get(key)!r}")
+        return found
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        found = self.differences(state)
+        if found:
+            raise ValueError("checkpoint was made for another model: " + "; ".join(found))
+
+    def check(self, state: Mapping[str, Any] | None, checkpoint: str | Path) -> None:
+        """Raise TsgmInputError naming ``checkpoint`` if its spec (``state``) is missing or differs from this one."""
+        if state is None:
+            raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
+        found = self.differences(state)
+        if found:
+            raise TsgmInputError(
+                checkpoint,
+                "made for a different model than this config: " + "; ".join(found)
+                + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
+            )
+
+
+def _load(checkpoint: str | Path) -> dict[str, Any]:
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise TsgmInputError(checkpoint, "checkpoint not found (train the bundle first or pass --checkpoint <file>)")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle/zip errors of truncated or foreign files
+        raise TsgmInputError(checkpoint, f"cannot read checkpoint ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict):
+        raise TsgmInputError(checkpoint, "not a checkpoint dictionary")
+    return state
+
+
+def check_checkpoint(checkpoint: str | Path | None, spec: ModelSpec) -> str | None:
+    """Check a checkpoint's spec against ``spec`` before a resume; returns the path (None passes through)."""
+    if checkpoint is None:
+        return None
+    spec.check(_load(checkpoint).get(SPEC_KEY), checkpoint)
+    return str(checkpoint)
+
+
+def load_score_weights(network: nn.Module, checkpoint: str | Path, spec: ModelSpec) -> nn.Module:
+    """Load a checkpoint's EMA weights (``model`` or ``network_ema``; else ``network``) into ``network``.
+
+    The checkpoint's ``model_spec`` must equal ``spec`` (the config's); otherwise TsgmInputError names the file
+    and the differing settings. Returns ``network`` in eval mode.
+    """
+    state = _load(checkpoint)
+    spec.check(state.get(SPEC_KEY), checkpoint)
+    key = next((k for k in WEIGHT_KEYS if k in state), None)
+    if key is None:
+        raise TsgmInputError(checkpoint, f"no network weights (expected one of {WEIGHT_KEYS}, found {sorted(state)})")
+    try:
+        network.load_state_dict(state[key])
+    except RuntimeError as error:
+        raise TsgmInputError(checkpoint, f"weights '{key}' do not fit the network: {error}") from error
+    return network.eval()
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """Most recently written ``*.pt`` in ``checkpoint_dir`` (None if there is none): the resume point."""
+    files = sorted(Path(checkpoint_dir).glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    return str(files[-1]) if files else None
+
+
+def resume_point(checkpoint_dir: str | Path, resume: bool) -> str | None:
+    """The checkpoint to resume from; refuses to start afresh over existing checkpoints (they would be mixed)."""
+    latest = latest_checkpoint(checkpoint_dir)
+    if resume and latest is None:
+        raise TsgmInputError(checkpoint_dir, "resume requested but there is no checkpoint (*.pt) here")
+    if not resume and latest is not None:
+        raise TsgmInputError(
+            checkpoint_dir,
+            "holds checkpoints of an earlier run: pass --resume true to continue it, or use another --work_dir",
+        )
+    return latest if resume else None
+
+
+def training_preprocess(prepared_dir: str | Path, image_size: int) -> PreprocessConfig:
+    """The preprocessing of a prepared dataset (``prepare_config.json``); its image size must be ``image_size``."""
+    path = Path(prepared_dir) / "prepare_config.json"
+    try:
+        preprocess = PreprocessConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise TsgmInputError(path, f"cannot read the prepared dataset's preprocessing ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
+    if preprocess.image_size != int(image_size):
+        raise TsgmInputError(
+            path, f"slices were prepared at image_size={preprocess.image_size} but the config has image_size={image_size}"
+        )
+    return preprocess
+
+
+def checkpoint_preprocess(checkpoint: str | Path, image_size: int) -> PreprocessConfig:
+    """The preprocessing a checkpoint was trained with (inference applies exactly it); checks ``image_size``."""
+    spec = _load(checkpoint).get(SPEC_KEY)
+    if spec is None or "preprocess" not in spec:
+        raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
+    preprocess = PreprocessConfig.from_dict(spec["preprocess"])
+    if preprocess.image_size != int(image_size):
+        raise TsgmInputError(
+            checkpoint,
+            f"made for image_size={preprocess.image_size} but the config has image_size={image_size} "
+            "(use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
+        )
+    return preprocess
