@@ -19,6 +19,7 @@ from sklearn.metrics import average_precision_score
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES
+from tsgm_components.detection import load_calibration
 from tsgm_components.ensembling import (
     BrainVoxels,
     fixed_mask,
@@ -283,6 +284,10 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     calibration = json.loads((out / "good" / "calibration.json").read_text())
     assert calibration["weights"]["t2"] == 1.0 and calibration["mode"] == "fixed" and calibration["n_validation_subjects"] == 3
     assert json.loads((out / "weak" / "calibration.json").read_text())["mode"] == "otsu"
+    # the contract with VE-JP inference: detection reads these files back
+    weights, threshold, mode = load_calibration(out / "good" / "calibration.json")
+    assert weights == calibration["weights"] and threshold == calibration["threshold"] and mode == "fixed"
+    assert load_calibration(out / "weak" / "calibration.json")[1:] == (None, "otsu")
     assert json.loads((out / "t1_only" / "calibration.json").read_text())["weights"]["t1"] == 1.0
 
     summary = json.loads((out / "summary.json").read_text())
@@ -301,7 +306,7 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     assert kinds == {"tumour", "healthy"}
     markdown = (out / "results.md").read_text()
     assert "| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-slice FPR | NFE | s / volume |" in markdown
-    assert "Oracle (upper bound, NOT a result)" in markdown and "| good |" in markdown
+    assert "oracle (upper bound, NOT a result" in markdown and "| good |" in markdown
     for figure in ("boxplots.png", "examples.png"):
         image = matplotlib.image.imread(out / "figures" / figure)
         assert image.ndim == 3 and min(image.shape[:2]) > 100

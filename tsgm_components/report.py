@@ -102,15 +102,20 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Oracle (upper bound, NOT a result): threshold chosen on the test split itself",
+        "## Calibration (validation split) and oracle (upper bound, NOT a result: threshold chosen on the test split)",
         "",
-        "| method | oracle volume DSC (best global threshold on test) | oracle threshold | mask rule used above |",
-        "|---|---|---|---|",
+        "| method | oracle volume DSC (best global threshold on test) | oracle threshold | mask rule used above "
+        "| its validation volume DSC | weights (T1, T1ce, T2, FLAIR) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, summary in summaries.items():
         oracle, calibration = summary["oracle_test_threshold"], summary["calibration"]
-        rule = "per-slice Otsu" if calibration["mode"] == "otsu" else f"score > {calibration['threshold']:.4g} (validation)"
-        lines.append(f"| {name} | {oracle['volume_dice']:.3f} | {oracle['threshold']:.4g} | {rule} |")
+        rule = "per-slice Otsu" if calibration["mode"] == "otsu" else f"score > {calibration['threshold']:.4g}"
+        weights = ", ".join(f"{w:.2f}" for w in calibration["weights"].values())
+        lines.append(
+            f"| {name} | {oracle['volume_dice']:.3f} | {oracle['threshold']:.4g} | {rule} | "
+            f"{_number(calibration['validation_dice'], 3)} | {weights} |"
+        )
     lines += [
         "",
         "Conventions: an empty prediction on a tumour case scores Dice = IoU = precision = recall = 0 and HD95 = the "
