@@ -413,3 +413,14 @@ def test_cli_errors_exit_2_without_traceback(tmp_path):
     with pytest.raises(SystemExit) as info:
         main([*args, "--overwrite", "False"])
     assert info.value.code == 2
+
+
+def test_phantom_flair_threshold_informative_but_not_trivial(prepared_dir):
+    """Best single FLAIR threshold (pooled Dice over all prepared slices): tumour is visible, but confounders
+    (periventricular caps, WM hyperintensities, CSF edges, faint oedema, subject variation) keep it far from 1."""
+    datalist = json.loads((prepared_dir / "datalist.json").read_text())
+    items = [it for its in datalist.values() for it in its if it["modality"] == "flair"]
+    flair = np.stack([np.load(prepared_dir / it["image"]) for it in items])
+    truth = np.stack([np.load(prepared_dir / it["label"]) for it in items]).astype(bool)
+    dice = [2 * (truth & (flair > t)).sum() / (truth.sum() + (flair > t).sum()) for t in np.linspace(0.3, 0.99, 70)]
+    assert 0.4 < max(dice) < 0.85
