@@ -332,6 +332,11 @@ def test_shipped_manifests_are_reproducible():
     assert brats["counts"] == {"train": 295, "val": 37, "test": 37}
     ids = [s for n in ("train", "val", "test") for s in brats["split"][n]]
     assert len(set(ids)) == 369 and min(ids) == "BraTS20_Training_001" and max(ids) == "BraTS20_Training_369"
+    from tsgm_components.data.prepare import BRATS2020_SPLIT, _shipped_manifest_applies
+
+    assert _shipped_manifest_applies(BRATS2020_SPLIT, sorted(ids), 0, 0.1, 0.1)
+    assert not _shipped_manifest_applies(BRATS2020_SPLIT, sorted(ids), 1, 0.1, 0.1)  # another seed: seeded split
+    assert not _shipped_manifest_applies(BRATS2020_SPLIT, sorted(ids)[:-1], 0, 0.1, 0.1)
 
 
 # ---------------------------------------------------------------- prepare on bad input, CLI

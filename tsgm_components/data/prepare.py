@@ -132,7 +132,10 @@ def prepare(
         raise TsgmInputError(out, f"output must be outside the input dataset {dataset_dir} (inputs are never modified)")
     check_can_write(out, overwrite)
     subjects = find_subjects(dataset_dir)
-    if split_file is None and BRATS2020_SPLIT.exists() and set(subjects) == set(_manifest_subjects(BRATS2020_SPLIT)):
+    skipped = sorted(d.name for d in dataset_dir.iterdir() if d.is_dir() and d.name not in subjects)
+    if skipped and verbose:
+        print(f"prepare: skipping {len(skipped)} folders without <name>_<modality>.nii[.gz] files: {skipped[:5]}")
+    if split_file is None and _shipped_manifest_applies(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction):
         split_file = BRATS2020_SPLIT
     if split_file is not None:
         split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
@@ -202,9 +205,14 @@ def prepare(
     return counts
 
 
-def _manifest_subjects(path: Path) -> list[str]:
-    split = json.loads(path.read_text())["split"]
-    return [s for name in SPLITS for s in split[name]]
+def _shipped_manifest_applies(path: Path, subjects: list[str], seed: int, val_fraction: float, test_fraction: float) -> bool:
+    """A shipped manifest is used for exactly its subjects and split settings (it is that seeded split, recorded)."""
+    if not path.exists():
+        return False
+    record = json.loads(path.read_text())
+    listed = sorted(s for name in SPLITS for s in record["split"][name])
+    settings = (record["seed"], record["val_fraction"], record["test_fraction"])
+    return listed == sorted(subjects) and settings == (seed, val_fraction, test_fraction)
 
 
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
