@@ -90,12 +90,17 @@ def subject_files(subject_dir: str | Path, require_seg: bool) -> dict[str, Path]
     return files
 
 
+def _describe(error: Exception) -> str:
+    """One-line description of a reader error (nibabel messages can span lines)."""
+    return f"{type(error).__name__}: " + " ".join(str(error).split())
+
+
 def _open(path: Path) -> nib.Nifti1Image:
     """Open a NIfTI file (header only; data is read lazily) and check it is a 3D volume."""
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises many types for bad files (ImageFileError, OSError, ...)
-        raise TsgmInputError(path, f"cannot read as NIfTI ({type(error).__name__}: {error})") from error
+        raise TsgmInputError(path, f"cannot read as NIfTI ({_describe(error)})") from error
     if len(image.shape) != 3:
         raise TsgmInputError(path, f"expected a 3D volume, got a {len(image.shape)}D image of shape {image.shape}")
     return image
@@ -106,7 +111,7 @@ def _read_data(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     try:
         array = np.asarray(image.get_fdata(dtype=np.float32))
     except Exception as error:  # truncated or corrupt data block (EOFError, zlib.error, ValueError, ...)
-        raise TsgmInputError(path, f"cannot read voxel data, file truncated or corrupt ({type(error).__name__}: {error})") from error
+        raise TsgmInputError(path, f"cannot read voxel data, file truncated or corrupt ({_describe(error)})") from error
     if not np.isfinite(array).all():
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         raise TsgmInputError(path, f"contains non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
