@@ -212,14 +212,13 @@ def calibrate(
         raise TsgmInputError(
             ", ".join(c.subject for c in cases), "no tumour voxel in the validation split's evaluated slices: cannot calibrate"
         )
-    calibration: dict[str, Any] = {}
     if fixed_weights is not None:
         weights = check_weights(fixed_weights, source="fixed_weights")
-        calibration["weights_search"] = "fixed (not searched)"
+        search_record: Any = "fixed (not searched)"
     else:
         search = search_weights(voxels, weight_step, objective, search_bins, max_voxels, seed)
         weights = {m: round(float(w), 6) for m, w in zip(MODALITIES, search.weights)}
-        calibration["weights_search"] = {
+        search_record = {
             "grid_step": weight_step,
             "grid_points": len(search.grid),
             "objective": objective,
@@ -228,17 +227,17 @@ def calibrate(
             "threshold_levels": search_bins,
         }
     threshold, _ = select_threshold(voxels, np.asarray([weights[m] for m in MODALITIES]), threshold_bins)
-    calibration = {
+    calibration: dict[str, Any] = {
         "weights": weights,
         "threshold": float(threshold) if mode == "fixed" else None,
         "mode": mode,
         "chosen_on": "validation",
         "objective": objective if fixed_weights is None else "dice (threshold only)",
-        "validation_dice": None,
+        "validation_dice": math.nan,  # set below, once the rule is complete
         "n_validation_subjects": len(cases),
         "validation_subjects": [case.subject for case in cases],
         "fixed_threshold_on_validation": float(threshold),
-        **calibration,
+        "weights_search": search_record,
     }
     if mode == "otsu":
         calibration["min_component_mm2"] = OTSU_MIN_COMPONENT_MM2
