@@ -290,7 +290,7 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     assert load_calibration(out / "weak" / "calibration.json")[1:] == (None, "otsu")
     assert json.loads((out / "t1_only" / "calibration.json").read_text())["weights"]["t1"] == 1.0
 
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert list(summary) == ["good", "weak", "t1_only"]
     good = summary["good"]
     assert good["volume"]["dice"]["mean"] > 0.8 and good["volume"]["dice"]["n"] == 2

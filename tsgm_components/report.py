@@ -212,13 +212,24 @@ def plot_examples(examples: Mapping[str, Mapping[str, np.ndarray]], title: str, 
     plt.close(fig)
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (an undefined statistic, e.g. no healthy slice) -> null, so summary.json is strict JSON."""
+    if isinstance(value, Mapping):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_report(
     results: Sequence[MethodResult], out_dir: str | Path, examples: Mapping[str, Mapping[str, np.ndarray]] | None = None, example_title: str = ""
 ) -> str:
     """Write every report file into ``out_dir`` (see module docstring); return the markdown text."""
     out_dir = Path(out_dir)
     summaries = {result.name: summarise(result) for result in results}
-    save_json(summaries, out_dir / "summary.json")
+    save_json(_json_safe(summaries), out_dir / "summary.json")
     _write_csv([row for result in results for row in case_rows(result)], CASE_COLUMNS, out_dir / "per_case.csv")
     slice_rows = [
         {"method": r.name, "kind": "tumour", **row} for r in results for row in r.slice_rows
