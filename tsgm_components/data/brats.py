@@ -21,6 +21,7 @@ MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 SEG = "seg"
 SEG_LABELS: tuple[int, ...] = (0, 1, 2, 4)
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+GZIP_MAGIC = b"\x1f\x8b"
 #: Two affines whose entries differ by less than this (mm) are the same geometry.
 AFFINE_ATOL = 1e-3
 
@@ -83,9 +84,11 @@ def subject_files(subject_dir: str | Path, require_seg: bool) -> dict[str, Path]
         if path is not None:
             files[key] = path
         elif key != SEG or require_seg:
+            others = sorted(p.name for p in subject_dir.glob(f"{subject_dir.name}_{key}.*"))
+            hint = f"; found {', '.join(others)}: convert it to NIfTI" if others else ""
             raise TsgmInputError(
                 subject_dir / f"{subject_dir.name}_{key}.nii.gz",
-                f"missing {key} file for subject {subject_dir.name} (looked for .nii.gz and .nii)",
+                f"missing {key} file for subject {subject_dir.name} (looked for .nii.gz and .nii{hint})",
             )
     return files
 
@@ -95,8 +98,25 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: " + " ".join(str(error).split())
 
 
+def _extension_problem(path: Path) -> str | None:
+    """Why the name's extension does not fit the content (gzip magic bytes), or None."""
+    with open(path, "rb") as handle:
+        compressed = handle.read(2) == GZIP_MAGIC
+    name = path.name
+    if name.endswith(".nii.gz") and not compressed:
+        return f"not gzip-compressed although named .nii.gz: rename it to {name[: -len('.gz')]}"
+    if name.endswith(".nii") and compressed:
+        return f"gzip-compressed although named .nii: rename it to {name}.gz"
+    return None
+
+
 def _open(path: Path) -> nib.Nifti1Image:
     """Open a NIfTI file (header only; data is read lazily) and check it is a 3D volume."""
+    if not path.is_file():
+        raise TsgmInputError(path, "file not found" if not path.exists() else "not a file")
+    problem = _extension_problem(path)
+    if problem:
+        raise TsgmInputError(path, problem)
     try:
         image = nib.load(str(path))
     except Exception as error:  # nibabel raises many types for bad files (ImageFileError, OSError, ...)
@@ -116,6 +136,16 @@ def _read_data(path: Path, image: nib.Nifti1Image) -> np.ndarray:
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         raise TsgmInputError(path, f"contains non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
     return array
+
+
+def load_volume(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """One validated single-modality volume: ``(image, (H, W, D) float32 data)``, finite and not all zero."""
+    path = Path(path)
+    image = _open(path)
+    array = _read_data(path, image)
+    if not array.any():
+        raise TsgmInputError(path, "volume is all zero")
+    return image, array
 
 
 def open_subject(files: dict[str, Path]) -> dict[str, nib.Nifti1Image]:
