@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+from monai.bundle import run as bundle_run
+from monai.bundle import verify_metadata
+
+from tsgm_components import REPO_ROOT
+from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
+from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool
+from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
+from tsgm_components.translation import load_generator, translate_slices, translate_volume
 
 MODS = ("t1", "t1ce", "t2", "flair")
 
@@ -43,26 +61,6 @@ def make_prepared(root: str | Path, size: int = 32, n_subjects: int = 3, n_z: in
     return root
 
 
-import os
-import subprocess
-import sys
-
-import nibabel as nib
-import pytest
-import torch
-from ignite.engine import Events
-from monai.bundle import ConfigParser
-from monai.bundle import run as bundle_run
-from monai.bundle import verify_metadata
-
-from tsgm_components import REPO_ROOT
-from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
-from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
-from tsgm_components.errors import TsgmInputError
-from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool
-from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
-from tsgm_components.translation import load_generator, translate_slices, translate_volume
-
 BUNDLE = REPO_ROOT / "bundles" / "cyclegan_brats"
 CONFIGS = BUNDLE / "configs"
 SCHEMA = REPO_ROOT / "bundles" / "meta_schema_20240725.json"
@@ -72,6 +70,16 @@ TINY = {"image_size": 32, "ngf": 4, "n_blocks": 1, "ndf": 4, "num_workers": 0, "
 
 def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny networks gain nothing from intra-op threads, and on a shared 2-core machine OpenMP oversubscription
+    slows them 10-20x; restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -117,21 +125,25 @@ def test_linear_decay_schedule_and_image_pool():
     assert all(torch.equal(restored.query(torch.full((4, 1, 1, 1), 10.0 + i)), later[i]) for i in range(5))
 
 
-def test_unpaired_dataset_domains(tiny_prepared):
+def test_unpaired_dataset_domains(tiny_prepared, tmp_path):
     dataset = UnpairedSliceDataset(tiny_prepared, image_size=32, seed=0)
     items = load_slice_items(tiny_prepared, "training")
     n_a, n_b = sum(i["tumour"] == 0 for i in items), sum(i["tumour"] == 1 for i in items)
-    assert len(dataset) == max(n_a, n_b) == 16
+    assert len(dataset) == max(n_a, n_b) == 16  # 2 subjects x 4 slices x 4 modalities, half healthy
+    assert {i["tumour"] for i in dataset.domain_a.data} == {0} and {i["tumour"] for i in dataset.domain_b.data} == {1}
+    assert len(dataset.domain_a.data) == n_a and len(dataset.domain_b.data) == n_b
     sample = dataset[3]
     assert sample["A"].shape == sample["B"].shape == (1, 32, 32) and sample["A"].dtype == torch.float32
-    healthy = {i["image"] for i in items if i["tumour"] == 0}
-    assert all(0 <= s.min() and s.max() <= 1 for s in (sample["A"], sample["B"]))
-    # B is drawn at random, reproducibly for a seed
-    draws = [UnpairedSliceDataset(tiny_prepared, seed=7)[0]["B"] for _ in range(2)]
-    assert torch.equal(draws[0], draws[1])
-    assert len(healthy) == n_a
+    assert type(sample["A"]) is torch.Tensor  # no MetaTensor: checkpoints of the image pools load with weights_only
+    torch.testing.assert_close(sample["A"][0], torch.from_numpy(np.load(dataset.domain_a.data[3]["image"])))
+    # B is drawn at random, reproducibly for a seed, and differs between seeds
+    draws = [torch.stack([UnpairedSliceDataset(tiny_prepared, seed=seed)[i]["B"] for i in range(8)]) for seed in (7, 7, 8)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     with pytest.raises(TsgmInputError, match="image_size=32 but the config expects image_size=64"):
         UnpairedSliceDataset(tiny_prepared, image_size=64)
+    healthy_only = make_prepared(tmp_path / "healthy", size=32, n_subjects=2, n_z=1)  # z=80 only: healthy
+    with pytest.raises(TsgmInputError, match="no tumour"):
+        UnpairedSliceDataset(healthy_only)
 
 
 def test_one_iteration_updates_all_four_networks(tiny_prepared):
@@ -142,10 +154,11 @@ def test_one_iteration_updates_all_four_networks(tiny_prepared):
     for name, net in networks.items():
         assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), f"{name} not updated"
         assert all(p.requires_grad for p in net.parameters())
-    expected = {"loss_gan_AB", "loss_gan_BA", "loss_cycle_A", "loss_cycle_B", "loss_idt_AB", "loss_idt_BA", "loss_G", "loss_D_A", "loss_D_B"}
+    expected = {"loss_gan_AB", "loss_gan_BA", "loss_cycle_A", "loss_cycle_B", "loss_idt_AB", "loss_idt_BA", "loss_G", "loss_D_A", "loss_D_B", "lr"}
     output = trainer.state.output
     assert set(output) == expected and all(isinstance(v, float) and np.isfinite(v) for v in output.values())
-    parts = sum(v for k, v in output.items() if k not in ("loss_G", "loss_D_A", "loss_D_B"))
+    assert output["lr"] == 2e-3
+    parts = sum(v for k, v in output.items() if k not in ("loss_G", "loss_D_A", "loss_D_B", "lr"))
     assert output["loss_G"] == pytest.approx(parts, rel=1e-5)
 
 

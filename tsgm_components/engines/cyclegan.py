@@ -8,6 +8,7 @@ real images and on fakes drawn from the image pools. All images are in [0, 1] (s
 from __future__ import annotations
 
 import re
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
+from ignite.metrics import Average
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 from PIL import Image
@@ -25,7 +27,7 @@ from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
 
-__all__ = ["CycleGANTrainer", "LinearDecayLR", "LossProgressBar", "TranslationSnapshots", "latest_checkpoint"]
+__all__ = ["CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "latest_checkpoint"]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -43,8 +45,9 @@ class CycleGANTrainer(Trainer):
 
     Batches are ``{"A": (B, 1, H, W), "B": (B, 1, H, W)}`` in [0, 1] (see ``data.unpaired``).
     ``engine.state.output`` is a dict of floats: ``loss_gan_AB``, ``loss_gan_BA``, ``loss_cycle_A``,
-    ``loss_cycle_B``, ``loss_idt_AB``, ``loss_idt_BA`` (when identity > 0), ``loss_G``, ``loss_D_A``, ``loss_D_B``,
-    so StatsHandler, TensorBoardStatsHandler and :class:`LossProgressBar` show every term.
+    ``loss_cycle_B``, ``loss_idt_AB``, ``loss_idt_BA`` (when identity > 0), ``loss_G``, ``loss_D_A``, ``loss_D_B``
+    and the generators' learning rate ``lr``, so StatsHandler, TensorBoardStatsHandler and :class:`LossProgressBar`
+    show every term.
 
     Args:
         device: where the networks live and the batches go.
@@ -134,7 +137,9 @@ class CycleGANTrainer(Trainer):
         losses["loss_D_B"] = discriminator_loss(engine.d_b(real_b), engine.d_b(engine.pool_b.query(fake_b)))
         (losses["loss_D_A"] + losses["loss_D_B"]).backward()
         engine.d_optimizer.step()
-        return {name: float(value.detach()) for name, value in losses.items()}
+        output = {name: float(value.detach()) for name, value in losses.items()}
+        output["lr"] = float(engine.g_optimizer.param_groups[0]["lr"])
+        return output
 
 
 class LinearDecayLR:
@@ -153,6 +158,20 @@ class LinearDecayLR:
 
     def __call__(self, completed_epochs: int) -> float:
         return 1.0 - max(0, completed_epochs + 1 - self.n_epochs) / float(self.n_epochs_decay + 1)
+
+
+class EpochLossMeans:
+    """Epoch means of the trainer's loss terms as ``engine.state.metrics["mean_<key>"]`` (ignite ``Average``).
+
+    Attach it before StatsHandler/TensorBoardStatsHandler so their epoch-level logs include the means.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("loss_G", "loss_cycle_A", "loss_cycle_B", "loss_gan_AB", "loss_gan_BA", "loss_D_A", "loss_D_B")):
+        self.keys = tuple(keys)
+
+    def attach(self, engine: Engine) -> None:
+        for key in self.keys:
+            Average(output_transform=itemgetter(key)).attach(engine, f"mean_{key}")
 
 
 class LossProgressBar(ProgressBar):
