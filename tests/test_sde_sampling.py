@@ -278,6 +278,12 @@ def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog)
     assert "pc sampling slices 1-1 of 1: step 4/4" in caplog.text
 
 
+def test_inferer_amp_needs_cuda_inputs():
+    inferer = DiffusionSamplerInferer(VESDE(), n_steps=2, amp=True)
+    with pytest.raises(ValueError, match="amp=True needs CUDA inputs"):
+        inferer(torch.rand(1, 1, 4, 4), ConditionalGaussianScore())
+
+
 def test_sampler_progress_callback_sees_every_step():
     steps = []
     grid = geometric_sigmas(5, 0.01, 1.0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Optional
 
@@ -62,6 +61,10 @@ class DiffusionSamplerInferer(Inferer):
     depends on (seed, i) only, not on ``batch_size`` chunking (up to floating-point rounding of batched network
     calls). Output: the final denoised mean clamped to [0, 1]
     (the authors min-max rescale each reconstruction instead, which changes intensities slice by slice).
+
+    Mixed precision: ``amp=True`` runs the network calls under CUDA float16 autocast (the sampler's state and
+    updates stay float32, scores are cast back to float32); it needs CUDA inputs and raises ValueError otherwise
+    (CPU autocast would mean bfloat16, slower and less precise on most CPUs).
 
     Attributes:
         nfe_per_slice: score evaluations per slice of the configured sampler.
@@ -127,8 +130,7 @@ class DiffusionSamplerInferer(Inferer):
 
     def _score_fn(self, network: nn.Module, condition: Optional[Tensor]) -> ScoreFn:
         def score_fn(x: Tensor, sigma: Tensor) -> Tensor:
-            autocast = torch.autocast(device_type=x.device.type) if self.amp else contextlib.nullcontext()
-            with autocast:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                 return network(x, sigma, condition).float()
 
         return score_fn
@@ -167,6 +169,8 @@ class DiffusionSamplerInferer(Inferer):
         low, high = inputs.min().item(), inputs.max().item()
         if low < -INPUT_RANGE_TOLERANCE or high > 1 + INPUT_RANGE_TOLERANCE:
             raise ValueError(f"inputs must be normalised slices in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+        if self.amp and inputs.device.type != "cuda":
+            raise ValueError(f"amp=True needs CUDA inputs (float16 autocast), got inputs on {inputs.device}")
         expected = 1 if self.conditional else 0
         got = getattr(network, "condition_channels", None)
         if got != expected:

@@ -1,0 +1,544 @@
+"""Fast samplers against the paper's 2000-NFE PC sampler: NFE, wall time and detection quality on the same slices.
+
+    python benchmarks/sampling.py --work_dir runs/demo [--subjects 2 --slices_per_subject 3 --repeats 3 ...]
+
+Reads what ``tsgm demo`` (or the bundles) wrote into WORK_DIR: the VE-JP model (``vejp/model.pt``, EMA weights,
+loaded by the vejp_anomaly inference config exactly as the bundle loads it), the prepared dataset
+(``prepared/volumes.json``) and, when present, the TSGM calibration (``evaluation/tsgm/calibration.json``).
+
+Slices: the first ``--subjects`` test subjects; per subject ``--slices_per_subject`` tumour-bearing axial slices of
+the processed range, evenly spaced through the tumour (0 = all of them); all four modalities of each. Every sampler
+reconstructs this same stack in ONE batched inferer call (slices × modalities, chunked by the inferer's
+``batch_size``), in the same process. The reference (the paper's PC sampler over the SDE's N discrete scales with one
+Langevin corrector step, NFE = 2N = 2000) runs first, then the fast samplers ``--repeats`` times round-robin; the
+median wall time is reported and the repeats must reproduce the first run exactly (same seed → same output).
+
+Detection quality uses the evaluation code unchanged (``tsgm_components.evaluation.predict`` and
+``metrics.evaluate_case``): residuals mapped to the input geometry, weighted ensemble, mask, Dice per tumour slice,
+AUPRC of the continuous map over the brain voxels of the evaluated slices. Weights and threshold, in order of
+preference: ``--calibration`` or ``evaluation/tsgm/calibration.json``; else chosen on the validation split by
+``evaluation.calibrate`` (the evaluation bundle's code and settings) from ``detections/vejp/validation``; else from
+reconstructions of the validation subjects' processed slices (all, or ``--validation_slices_per_subject``) by the
+bundle's configured sampler, with the same code. Never on the test split.
+
+Writes ``benchmarks/results/sampling_<device>.{md,json}`` (``--out_dir``) and prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from tsgm_components import REPO_ROOT
+from tsgm_components.data.brats import MODALITIES, SEG, load_subject
+from tsgm_components.data.preprocessing import PreprocessConfig
+from tsgm_components.detection import anomaly_support, load_calibration, preprocess_volume, residual_volume
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
+from tsgm_components.inferers import DiffusionSamplerInferer
+from tsgm_components.io import atomic_path, save_json
+from tsgm_components.metrics import average_precision, evaluate_case
+
+logger = logging.getLogger("benchmarks.sampling")
+
+VEJP_CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
+EVALUATION_CONFIGS = REPO_ROOT / "bundles" / "tsgm_evaluation" / "configs"
+#: The demo's configs: paper-scale inference.yaml with the small cpu.yaml merged on top.
+DEFAULT_CONFIGS = [str(VEJP_CONFIGS / "inference.yaml"), str(VEJP_CONFIGS / "cpu.yaml")]
+DEFAULT_EVALUATION_CONFIGS = [str(EVALUATION_CONFIGS / "evaluate.yaml"), str(EVALUATION_CONFIGS / "cpu.yaml")]
+#: The paper's sampler: PC over all N discrete scales, reverse diffusion + 1 Langevin step at snr 0.075.
+REFERENCE_SPEC = "pc:n_corrector_steps=1,snr=0.075"
+#: Fast samplers compared by default (NFE with the SDE's defaults in brackets).
+DEFAULT_SAMPLERS = (
+    "pc:n_steps=25",  # PC on 25 geometric levels [50]
+    "pc:n_steps=50,n_corrector_steps=0",  # reverse diffusion only, 50 levels [50]
+    "heun:n_steps=18",  # probability-flow ODE, Karras grid [35]
+    "heun:n_steps=10",  # [19]
+    "sdedit:sdedit_sigma_start=1.0,n_steps=25",  # input + N(0, 1²), PC down to σ_min [50]
+    "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0",  # [10]
+    "sdedit:sdedit_sigma_start=0.5,n_steps=10,n_corrector_steps=0",  # [10]
+)
+#: DiffusionSamplerInferer settings a spec may set (``t0`` sets sdedit_sigma_start = σ(t0)).
+SPEC_KEYS = {"n_steps": int, "snr": float, "n_corrector_steps": int, "sdedit_sigma_start": float, "t0": float}
+#: Speed target of team issue 6: NFE at least this many times below the reference, Dice within DICE_TOLERANCE.
+NFE_TARGET, DICE_TOLERANCE = 40.0, 0.01
+
+
+@dataclass
+class SamplerSpec:
+    """A sampler name and the inferer settings it overrides, parsed from ``"name:key=value,key=value"``."""
+
+    text: str
+    sampler: str
+    overrides: dict[str, Any]
+
+    @classmethod
+    def parse(cls, text: str) -> "SamplerSpec":
+        name, _, rest = text.partition(":")
+        overrides: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or key not in SPEC_KEYS:
+                raise ValueError(f"sampler spec {text!r}: expected key=value with keys {sorted(SPEC_KEYS)}, got {part!r}")
+            overrides[key] = None if value in ("None", "null") else SPEC_KEYS[key](value)
+        return cls(text, name.strip(), overrides)
+
+
+@dataclass
+class Subject:
+    """One subject's evaluated slices: modality stacks at model resolution and what scoring needs."""
+
+    subject: str
+    slices: dict[str, np.ndarray]  # modality -> (S, s, s) all processed slices z_min..z_max, [0, 1]
+    chosen: list[int]  # indices into the S processed slices
+    brain: np.ndarray  # (H, W, D) bool
+    seg: np.ndarray | None  # (H, W, D) uint8 or None
+    spacing: tuple[float, float, float]
+
+    def z(self, preprocess: PreprocessConfig) -> list[int]:
+        return [preprocess.z_min + k for k in self.chosen]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", required=True, help="folder with prepared/ and vejp/model.pt (e.g. runs/demo)")
+    parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS,
+                        help="vejp_anomaly inference configs, merged in order (default: inference.yaml cpu.yaml)")
+    parser.add_argument("--evaluation_config", nargs="+", default=DEFAULT_EVALUATION_CONFIGS,
+                        help="tsgm_evaluation configs whose calibration settings are used when calibrating here")
+    parser.add_argument("--subjects", type=int, default=2, help="first N test subjects of volumes.json")
+    parser.add_argument("--slices_per_subject", type=int, default=3,
+                        help="tumour-bearing slices per subject, evenly spaced through the tumour; 0 = all")
+    parser.add_argument("--validation_slices_per_subject", type=int, default=0,
+                        help="when calibrating here: slices per validation subject, evenly spaced over the processed "
+                        "range, tumour or not; 0 = all (the whole evaluated volume, as the evaluation bundle does)")
+    parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS),
+                        help='fast samplers "name:key=value,...", name in pc|sdedit|heun, keys ' + ", ".join(SPEC_KEYS))
+    parser.add_argument("--reference", default=REFERENCE_SPEC, help="the reference sampler (default: the paper's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each fast sampler (round-robin)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's sample_seed)")
+    parser.add_argument("--batch_size", type=int, default=None, help="inferer chunk size (default: the config's)")
+    parser.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
+    parser.add_argument("--amp", action="store_true", help="float16 autocast of the network calls (CUDA only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
+    parser.add_argument("--calibration", default=None, help="calibration.json (default: WORK_DIR/evaluation/tsgm/...)")
+    parser.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if args.subjects < 1 or min(args.slices_per_subject, args.validation_slices_per_subject) < 0 or args.repeats < 1:
+        parser.error("need --subjects >= 1, --slices_per_subject >= 0, --validation_slices_per_subject >= 0, --repeats >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ model and data
+
+
+def load_bundle(config_files: Sequence[str], work_dir: Path, device: str | None) -> ConfigParser:
+    """The vejp_anomaly inference config with ``work_dir`` (and ``device``) overridden, as the bundle parses it."""
+    parser = ConfigParser()
+    parser.read_config([str(Path(f)) for f in config_files])
+    parser["work_dir"] = str(work_dir)
+    if device is not None:
+        parser["device"] = f"$torch.device({device!r})"
+    parser.parse()
+    return parser
+
+
+def candidate_slices(
+    seg: np.ndarray | None, brain: np.ndarray, preprocess: PreprocessConfig, min_brain_fraction: float, tumour_only: bool
+) -> list[int]:
+    """Indices (into the processed slices) of the slices with at least ``min_brain_fraction`` brain (the slices
+    ``tsgm prepare`` keeps) and, if ``tumour_only``, tumour."""
+    indices = []
+    for k, z in enumerate(preprocess.z_range):
+        has_tumour = seg is not None and bool((seg[:, :, z] > 0).any())
+        if brain[:, :, z].mean() >= min_brain_fraction and (has_tumour or not tumour_only):
+            indices.append(k)
+    return indices
+
+
+def evenly_spaced(indices: list[int], count: int) -> list[int]:
+    """``count`` entries of ``indices`` spread evenly from first to last (all of them when count is 0 or more)."""
+    if count == 0 or count >= len(indices):
+        return list(indices)
+    return [indices[i] for i in sorted(set(np.linspace(0, len(indices) - 1, count).round().astype(int).tolist()))]
+
+
+def load_subjects(
+    items: Sequence[dict[str, Any]], preprocess: PreprocessConfig, per_subject: int, min_brain_fraction: float,
+    tumour_only: bool = True,
+) -> list[Subject]:
+    """Subjects with ``per_subject`` of their (tumour-bearing) slices chosen; subjects without any are skipped."""
+    subjects = []
+    for item in items:
+        files = {key: Path(item[key]) for key in (*MODALITIES, SEG) if item.get(key)}
+        volumes = load_subject(files)
+        candidates = candidate_slices(volumes.seg, volumes.brain_mask, preprocess, min_brain_fraction, tumour_only)
+        chosen = evenly_spaced(candidates, per_subject)
+        if not chosen:
+            logger.info("%s: no slice to evaluate in z %d-%d, skipped", item["subject"], preprocess.z_min, preprocess.z_max)
+            continue
+        slices = {m: preprocess_volume(volumes.arrays[m], volumes.brain_mask, preprocess)[1] for m in MODALITIES}
+        spacing = tuple(float(v) for v in volumes.reference.header.get_zooms()[:3])
+        subjects.append(Subject(str(item["subject"]), slices, chosen, volumes.brain_mask, volumes.seg, spacing))
+    return subjects
+
+
+def stack(subjects: Sequence[Subject]) -> torch.Tensor:
+    """(B, 1, s, s) float32: subject-major, then modality, then chosen slice — one batch for every sampler."""
+    planes = [s.slices[m][s.chosen] for s in subjects for m in MODALITIES]
+    return torch.from_numpy(np.concatenate(planes)[:, None].astype(np.float32))
+
+
+def unstack(healthy: torch.Tensor, subjects: Sequence[Subject]) -> list[dict[str, np.ndarray]]:
+    """Inverse of :func:`stack`: per subject, modality -> (len(chosen), s, s) reconstructions."""
+    out, first = [], 0
+    array = healthy[:, 0].numpy()
+    for subject in subjects:
+        per_modality = {}
+        for m in MODALITIES:
+            per_modality[m] = array[first : first + len(subject.chosen)]
+            first += len(subject.chosen)
+        out.append(per_modality)
+    return out
+
+
+def make_cases(subjects: Sequence[Subject], healthy: torch.Tensor, preprocess: PreprocessConfig) -> list[Case]:
+    """Evaluation cases (brain voxels of the chosen slices, input geometry) from a sampler's reconstructions.
+
+    Residuals go through ``detection.residual_volume``, the detection code's own mapping to the input geometry.
+    """
+    cases = []
+    for subject, reconstructed in zip(subjects, unstack(healthy, subjects)):
+        z = subject.z(preprocess)
+        support = anomaly_support(subject.brain, preprocess)
+        brain = subject.brain[:, :, z]
+        columns = []
+        for m in MODALITIES:
+            full = subject.slices[m].copy()  # residual 0 on the slices that are not evaluated
+            full[subject.chosen] = reconstructed[m]
+            columns.append(residual_volume(subject.slices[m], full, support, preprocess)[:, :, z][brain])
+        target = subject.seg[:, :, z] > 0 if subject.seg is not None else np.zeros(brain.shape, dtype=bool)
+        cases.append(Case(subject.subject, np.stack(columns, axis=1), brain, target, subject.spacing, z))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def evaluation_settings(config_files: Sequence[str]) -> dict[str, Any]:
+    """The evaluation bundle's calibration settings (mode, objective, weight grid, bins, sample size, seed)."""
+    parser = ConfigParser()
+    parser.read_config([str(Path(f)) for f in config_files])
+    keys = ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed")
+    return {key: parser.get_parsed_content(key) for key in keys}
+
+
+def get_calibration(
+    args: argparse.Namespace, work_dir: Path, bundle: ConfigParser, network: torch.nn.Module,
+    volumes: dict[str, Any], preprocess: PreprocessConfig, min_brain_fraction: float, device: torch.device,
+) -> tuple[dict[str, Any], str, list[str] | None]:
+    """(calibration {"weights", "threshold", "mode"}, where it came from, the subjects it was chosen on if known).
+
+    Never chosen on the test split."""
+    path = Path(args.calibration) if args.calibration else work_dir / "evaluation" / "tsgm" / "calibration.json"
+    if args.calibration or path.is_file():
+        weights, threshold, mode = load_calibration(path)
+        chosen_on = json.loads(path.read_text()).get("validation_subjects")
+        return {"weights": weights, "threshold": threshold, "mode": mode}, f"file {path}", chosen_on
+    settings = evaluation_settings(args.evaluation_config)
+    validation_items = volumes.get("validation", [])
+    detections = work_dir / "detections" / bundle.get_parsed_content("method") / "validation"
+    if detections.is_dir():
+        cases = load_cases(detections, validation_items, preprocess)
+        source = f"evaluation.calibrate on {detections} (validation detections, {settings})"
+    else:
+        subjects = load_subjects(
+            validation_items, preprocess, args.validation_slices_per_subject, min_brain_fraction, tumour_only=False
+        )
+        if not subjects:
+            raise TsgmInputError(work_dir / "prepared" / "volumes.json", "no validation subject to calibrate on")
+        inferer = bundle.get_parsed_content("slice_inferer")
+        inputs = stack(subjects).to(device)
+        healthy = inferer(inputs, network).float().cpu()
+        cases = make_cases(subjects, healthy, preprocess)
+        source = (
+            f"evaluation.calibrate on {sum(len(s.chosen) for s in subjects)} validation slices of {len(subjects)} "
+            f"subjects reconstructed by the config's sampler ({bundle.get_parsed_content('sampler')}, "
+            f"{inferer.nfe_per_slice} NFE) ({settings})"
+        )
+    calibration = calibrate(
+        cases, settings["mode"], settings["objective"], settings["weight_step"], None,
+        settings["search_bins"], settings["threshold_bins"], settings["max_voxels"], settings["seed"],
+    )
+    return {k: calibration[k] for k in ("weights", "threshold", "mode")}, source, [case.subject for case in cases]
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+def build_inferer(spec: SamplerSpec, base: dict[str, Any]) -> DiffusionSamplerInferer:
+    """A ``DiffusionSamplerInferer`` with the bundle's settings, ``spec``'s sampler and overrides."""
+    kwargs = {**base, "sampler": spec.sampler, **spec.overrides}
+    if "t0" in kwargs:
+        sde = base["sde"]
+        kwargs["sdedit_sigma_start"] = float(sde.sigma(torch.tensor(kwargs.pop("t0"), dtype=torch.float64)))
+    if kwargs["sampler"] != "sdedit":
+        kwargs["sdedit_sigma_start"] = None
+    return DiffusionSamplerInferer(**kwargs)
+
+
+def quality(cases: Sequence[Case], calibration: dict[str, Any]) -> dict[str, Any]:
+    """Slice Dice (per tumour slice), subset Dice per subject, pooled AUPRC, with ``evaluation.predict``."""
+    slice_rows, volume_dice, scores, targets = [], [], [], []
+    for case in cases:
+        score, mask = predict(case, calibration)
+        volume, rows, _ = evaluate_case(score, mask, case.target, case.brain, case.spacing, case.z_indices)
+        slice_rows += [{"subject": case.subject, "z": r["z"], "dice": r["dice"], "auprc": r["auprc"]} for r in rows]
+        if volume is not None:
+            volume_dice.append(volume["dice"])
+        scores.append(score[case.brain])
+        targets.append(case.target[case.brain])
+    return {
+        "slice_dice": float(np.mean([r["dice"] for r in slice_rows])),
+        "subset_dice": float(np.mean(volume_dice)),
+        "auprc": average_precision(np.concatenate(scores), np.concatenate(targets)),
+        "slices": slice_rows,
+    }
+
+
+def timed(inferer: DiffusionSamplerInferer, inputs: torch.Tensor, network: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = inferer(inputs, network)
+    if inputs.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out.float().cpu(), time.perf_counter() - start
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    import monai
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def markdown(report: dict[str, Any]) -> str:
+    ref = report["reference"]
+    lines = [
+        f"# Sampler benchmark ({report['machine']['device']})",
+        "",
+        f"`{report['command']}`  ",
+        f"{report['created']}; machine: {report['machine']}",
+        "",
+        f"Model: {report['checkpoint']} ({report['network_parameters']:,} parameters, image size "
+        f"{report['image_size']}); σ ∈ [{report['sde']['sigma_min']}, {report['sde']['sigma_max']}], N = {report['sde']['n_scales']}.",
+        f"Slices: {report['n_slices']} tumour-bearing axial slices × 4 modalities = {report['n_modality_slices']} "
+        f"network inputs per sampler call, {report['subset']}.",
+        f"Calibration: {report['calibration_source']}; weights {report['calibration']['weights']}, "
+        f"threshold {report['calibration']['threshold']}, mode {report['calibration']['mode']}.",
+        f"Timing: one batched call per run (batch size {report['batch_size']}), reference once, fast samplers "
+        f"median of {report['repeats']} round-robin runs; s/slice = wall time / {report['n_modality_slices']} modality slices.",
+        "",
+        "| sampler | NFE/slice | NFE × fewer | s/slice | speed-up | slice Dice | Δ Dice | worst slice Δ | "
+        "subset Dice | AUPRC | MAE vs ref | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for row in [ref, *report["samplers"]]:
+        cells = [
+            row["spec"] + (" (reference)" if row is ref else ""),
+            str(row["nfe"]),
+            f"{row['nfe_ratio']:.0f}×",
+            f"{row['seconds_per_slice']:.3g}",
+            f"{row['speedup']:.1f}×",
+        ]
+        if row.get("diverged"):
+            cells += ["diverged"] + [""] * 5 + ["no"]
+        else:
+            cells += [f"{row['slice_dice']:.3f}"]
+            cells += ["", ""] if row is ref else [f"{row['dice_delta']:+.3f}", f"{-row['worst_slice_drop']:+.3f}"]
+            cells += [f"{row['subset_dice']:.3f}", f"{row['auprc']:.3f}"]
+            cells += ["", ""] if row is ref else [f"{row['healthy_mae']:.4f}", "yes" if row["meets_target"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Target: NFE ≥ {NFE_TARGET:.0f}× fewer than the reference and slice Dice ≥ reference − {DICE_TOLERANCE}. "
+        "Δ Dice = sampler − reference (mean over slices); worst slice Δ = the largest per-slice Dice drop; "
+        "MAE vs ref = mean absolute difference of the reconstructions from the reference's, brain pixels of "
+        "the model-resolution slices. Noise: the reference is itself one stochastic draw; differences of a few "
+        "0.01 on this many slices are within sampling noise.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work_dir = Path(args.work_dir).resolve()
+    bundle = load_bundle(args.config_file, work_dir, args.device)
+    device = bundle.get_parsed_content("device")
+    network = bundle.get_parsed_content("network").eval()
+    sde = bundle.get_parsed_content("sde")
+    volumes, _, min_brain_fraction = read_prepared(work_dir / "prepared")
+    preprocess = bundle.get_parsed_content("preprocess")  # the checkpoint's own preprocessing
+    calibration, calibration_source, calibration_subjects = get_calibration(
+        args, work_dir, bundle, network, volumes, preprocess, min_brain_fraction, device
+    )
+    logger.info("calibration: %s (%s)", calibration, calibration_source)
+
+    test_items = volumes.get("test", [])[: args.subjects]
+    subjects = load_subjects(test_items, preprocess, args.slices_per_subject, min_brain_fraction)
+    if not subjects:
+        raise TsgmInputError(work_dir / "prepared" / "volumes.json", f"none of the test subjects {[i['subject'] for i in test_items]} has tumour slices")
+    inputs = stack(subjects).to(device)
+    subset = "; ".join(f"{s.subject} z={s.z(preprocess)}" for s in subjects)
+    logger.info("%d modality slices: %s", inputs.shape[0], subset)
+
+    base = {
+        "sde": sde,
+        "snr": bundle.get_parsed_content("snr"),
+        "n_corrector_steps": bundle.get_parsed_content("n_corrector_steps"),
+        "n_steps": None,
+        "conditional": network.condition_channels > 0,
+        "seed": args.seed if args.seed is not None else bundle.get_parsed_content("sample_seed"),
+        "batch_size": args.batch_size or bundle.get_parsed_content("sample_batch_size"),
+        "amp": args.amp,
+    }
+    reference_spec = SamplerSpec.parse(args.reference)
+    reference = build_inferer(reference_spec, {**base, "progress": True})
+    specs = [SamplerSpec.parse(text) for text in args.samplers]
+    inferers = [build_inferer(spec, base) for spec in specs]
+
+    logger.info("reference %s: %d NFE per slice", reference_spec.text, reference.nfe_per_slice)
+    ref_healthy, ref_seconds = timed(reference, inputs, network)
+    logger.info("reference: %.1f s", ref_seconds)
+    outputs: list[torch.Tensor | None] = [None] * len(specs)
+    seconds: list[list[float]] = [[] for _ in specs]
+    reproducible = [True] * len(specs)
+    for repeat in range(args.repeats):
+        for i, inferer in enumerate(inferers):
+            healthy, elapsed = timed(inferer, inputs, network)
+            seconds[i].append(elapsed)
+            if outputs[i] is None:
+                outputs[i] = healthy
+            else:
+                reproducible[i] &= torch.equal(outputs[i], healthy)
+            logger.info("run %d/%d %s: %.2f s", repeat + 1, args.repeats, specs[i].text, elapsed)
+
+    n = inputs.shape[0]
+    brain_pixels = (inputs > 0).cpu()
+    if not torch.isfinite(ref_healthy).all():
+        raise RuntimeError(f"the reference sampler {reference_spec.text} produced non-finite reconstructions")
+    ref_quality = quality(make_cases(subjects, ref_healthy, preprocess), calibration)
+    ref_row = {
+        "spec": reference_spec.text, "nfe": reference.nfe_per_slice, "nfe_ratio": 1.0, "seconds": ref_seconds,
+        "seconds_per_slice": ref_seconds / n, "speedup": 1.0, **ref_quality,
+    }
+    rows = []
+    ref_dice = {(r["subject"], r["z"]): r["dice"] for r in ref_quality["slices"]}
+    for spec, inferer, healthy, times, same in zip(specs, inferers, outputs, seconds, reproducible):
+        median = statistics.median(times)
+        row = {
+            "spec": spec.text,
+            "nfe": inferer.nfe_per_slice,
+            "nfe_ratio": reference.nfe_per_slice / inferer.nfe_per_slice,
+            "seconds": median,
+            "seconds_all_runs": times,
+            "seconds_per_slice": median / n,
+            "speedup": ref_seconds / median,
+            "repeats_identical": same,
+            "diverged": not bool(torch.isfinite(healthy).all()),
+            "meets_target": False,
+        }
+        if not row["diverged"]:  # a diverged sampler gets no quality figures (detection would refuse its output)
+            q = quality(make_cases(subjects, healthy, preprocess), calibration)
+            row.update(q)
+            row["dice_delta"] = q["slice_dice"] - ref_quality["slice_dice"]
+            row["worst_slice_drop"] = max(ref_dice[(r["subject"], r["z"])] - r["dice"] for r in q["slices"])
+            row["healthy_mae"] = float((healthy - ref_healthy).abs()[brain_pixels].mean())
+            row["meets_target"] = row["nfe_ratio"] >= NFE_TARGET and row["dice_delta"] >= -DICE_TOLERANCE
+        rows.append(row)
+
+    machine = machine_info(device)
+    if hasattr(os, "getloadavg"):
+        machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    return {
+        "command": "python " + shlex.join(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "work_dir": str(work_dir),
+        "config_files": [str(Path(f).resolve()) for f in args.config_file],
+        "checkpoint": str(bundle.get_parsed_content("checkpoint")),
+        "network_parameters": sum(p.numel() for p in network.parameters()),
+        "image_size": preprocess.image_size,
+        "sde": {"sigma_min": sde.sigma_min, "sigma_max": sde.sigma_max, "n_scales": sde.n_scales},
+        "seed": base["seed"],
+        "batch_size": base["batch_size"],
+        "amp": args.amp,
+        "repeats": args.repeats,
+        "subset": subset,
+        "n_slices": sum(len(s.chosen) for s in subjects),
+        "n_modality_slices": n,
+        "calibration": calibration,
+        "calibration_source": calibration_source,
+        "calibration_subjects": calibration_subjects,
+        "reference": ref_row,
+        "samplers": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (TsgmInputError, RuntimeError) as error:
+        cause = error  # MONAI's config parser wraps the TsgmInputError of a config expression in RuntimeErrors
+        while cause is not None and not isinstance(cause, TsgmInputError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"benchmarks/sampling.py: {cause}", file=sys.stderr)
+        return 2
+    table = markdown(report)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"sampling_{torch.device(report['machine']['device']).type}"
+    with atomic_path(out_dir / f"{name}.md", overwrite=True) as tmp:
+        tmp.write_text(table)
+    save_json(report, out_dir / f"{name}.json")
+    print(table)
+    print(f"wrote {out_dir / name}.md and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""benchmarks/sampling.py and benchmarks/gpu_volume_time.py end to end with a tiny random-weight VE-JP model."""
+
+import json
+import sys
+
+import numpy as np
+import nibabel as nib
+import pytest
+import torch
+
+from tsgm_components import REPO_ROOT
+from tsgm_components.checkpoints import ModelSpec, training_preprocess
+from tsgm_components.networks.score import ScoreUNet
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import gpu_volume_time  # noqa: E402
+import sampling as sampling_benchmark  # noqa: E402
+
+CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
+TINY = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
+            num_head_channels=8, norm_num_groups=8)
+TINY_YAML = """image_size: 32
+network_args: {condition_channels: 1, channels: [8, 16], attention_levels: [false, false], num_res_blocks: 1,
+               num_head_channels: 8, norm_num_groups: 8}
+device: "$torch.device('cpu')"
+"""
+# predictor-only reference: Langevin steps with a random network diverge
+FAST = ["--reference", "pc:n_steps=4,n_corrector_steps=0", "--samplers", "heun:n_steps=2", "sdedit:t0=0.2,n_steps=2,n_corrector_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def bench(prepared_dir, tmp_path_factory):
+    """A work dir like the demo's (prepared/ + vejp/model.pt with its model_spec) and the config list for it."""
+    work = tmp_path_factory.mktemp("bench")
+    (work / "prepared").symlink_to(prepared_dir)
+    (work / "tiny.yaml").write_text(TINY_YAML)
+    torch.manual_seed(0)
+    spec = ModelSpec(training_preprocess(prepared_dir, 32), TINY, {"sigma_min": 0.01, "sigma_max": 348.0})
+    (work / "vejp").mkdir()
+    torch.save({"model": ScoreUNet(**TINY).state_dict(), "model_spec": spec.state_dict()}, work / "vejp" / "model.pt")
+    configs = [str(CONFIGS / "inference.yaml"), str(CONFIGS / "cpu.yaml"), str(work / "tiny.yaml")]
+    return work, configs
+
+
+def run_benchmark(work, configs, out, *extra):
+    argv = ["--work_dir", str(work), "--config_file", *configs, "--subjects", "1", "--slices_per_subject", "2",
+            "--validation_slices_per_subject", "3", "--repeats", "2", "--out_dir", str(out), *FAST, *extra]
+    return sampling_benchmark.main(argv)
+
+
+def test_sampling_benchmark_compares_samplers_on_tumour_slices_and_calibrates_on_validation(bench, tmp_path):
+    work, configs = bench
+    assert run_benchmark(work, configs, tmp_path) == 0
+    report = json.loads((tmp_path / "sampling_cpu.json").read_text())
+    assert "| heun:n_steps=2 | 3 | 1× |" in (tmp_path / "sampling_cpu.md").read_text()
+
+    volumes = json.loads((work / "prepared" / "volumes.json").read_text())
+    test_subject, validation = volumes["test"][0], volumes["validation"]
+    seg = np.asarray(nib.load(test_subject["seg"]).dataobj)
+    rows = report["reference"]["slices"]
+    assert len(rows) == report["n_slices"] == 2 and report["n_modality_slices"] == 8
+    assert all(r["subject"] == test_subject["subject"] and (seg[:, :, r["z"]] > 0).any() for r in rows)
+    # no calibration file and no validation detections: chosen here, on the validation subjects only
+    assert "validation" in report["calibration_source"] and report["calibration"]["mode"] == "fixed"
+    assert report["calibration_subjects"] == [v["subject"] for v in validation]
+    assert test_subject["subject"] not in report["calibration_subjects"]
+
+    assert report["reference"]["nfe"] == 4
+    heun, sdedit = report["samplers"]
+    assert (heun["nfe"], sdedit["nfe"]) == (3, 2)
+    assert heun["nfe_ratio"] == pytest.approx(4 / 3) and sdedit["nfe_ratio"] == pytest.approx(2)
+    for row in (heun, sdedit):
+        assert row["repeats_identical"] and not row["diverged"] and len(row["seconds_all_runs"]) == 2
+        assert row["dice_delta"] == pytest.approx(row["slice_dice"] - report["reference"]["slice_dice"])
+        assert row["speedup"] == pytest.approx(report["reference"]["seconds"] / row["seconds"])
+        assert 0 <= row["slice_dice"] <= 1 and 0 <= row["auprc"] <= 1 and row["healthy_mae"] > 0
+        assert not row["meets_target"]  # 2× fewer NFE is far from the 40× target
+
+
+def test_sampling_benchmark_applies_the_calibration_file(bench, tmp_path):
+    work, configs = bench
+    calibration = tmp_path / "calibration.json"
+    weights = {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}
+    calibration.write_text(json.dumps({"weights": weights, "threshold": 1e6, "mode": "fixed"}))
+    assert run_benchmark(work, configs, tmp_path, "--calibration", str(calibration)) == 0
+    report = json.loads((tmp_path / "sampling_cpu.json").read_text())
+    assert report["calibration_source"] == f"file {calibration}"
+    assert report["calibration"] == {"weights": weights, "threshold": 1e6, "mode": "fixed"}
+    # nothing exceeds the threshold: every Dice is 0, the threshold-free AUPRC is not
+    assert all(row["slice_dice"] == 0 for row in [report["reference"], *report["samplers"]])
+    assert report["reference"]["auprc"] > 0
+
+
+def test_sampling_benchmark_bad_inputs(bench, tmp_path, capsys):
+    work, configs = bench
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "prepared").symlink_to(work / "prepared")
+    assert run_benchmark(empty, configs, tmp_path) == 2
+    assert "model.pt: checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected key=value"):
+        sampling_benchmark.SamplerSpec.parse("heun:steps=3")
+    assert not (tmp_path / "sampling_cpu.json").exists()
+
+
+def test_gpu_volume_time_runs_on_cpu_and_extrapolates_the_reference(bench, tmp_path):
+    _, configs = bench
+    argv = ["--device", "cpu", "--config_file", *configs, "--slices", "2", "--reference_probe_nfe", "2",
+            "--samplers", "heun:n_steps=2", "--out_dir", str(tmp_path)]
+    assert gpu_volume_time.main(argv) == 0
+    info = json.loads((tmp_path / "gpu_volume_time_cpu.json").read_text())
+    reference, heun = info["rows"]
+    assert reference["nfe"] == 2000 and reference["timing"] == "extrapolated from 2 passes"
+    assert heun["nfe"] == 3 and heun["timing"] == "measured" and info["inputs_per_volume"] == 2
+    assert info["weights"].startswith("random")
+    with pytest.raises(SystemExit):
+        gpu_volume_time.parse_args(["--device", "cpu", "--amp", "on"])
