@@ -24,7 +24,7 @@ from monai.transforms import MapTransform
 from torch import Tensor
 
 import tsgm_components
-from tsgm_components.data.brats import MODALITIES, SubjectVolumes, load_subject, subject_files
+from tsgm_components.data.brats import MODALITIES, SubjectVolumes, load_subject, open_subject, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.ensembling import (
     OTSU_MIN_COMPONENT_MM2,
@@ -36,7 +36,7 @@ from tsgm_components.ensembling import (
     weighted_anomaly,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.io import atomic_dir, check_can_write, save_json, save_nifti_like
+from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def detect_subject(
         raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
     volumes = load_subject(files)
     subject = subject or _subject_id(files)
-    target = check_can_write(Path(out_dir) / subject, overwrite)
+    target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.values()), overwrite)
     try:
         preprocess.check_volume_shape(volumes.reference.shape)
     except ValueError as error:
@@ -348,15 +348,22 @@ def detect_datalist(
     """:func:`detect_subject` for every subject of a split; subject i is done by rank ``i % world_size``.
 
     ``skip_existing`` resumes an interrupted run: subjects whose folder already exists are logged and skipped
-    (folders are written atomically, so an existing one is complete). Returns the folders this rank wrote.
+    (folders are written atomically, so an existing one is complete). Before the first subject is processed, every
+    remaining subject's files are checked (present, readable headers, 3D, same shape and affine) and no output
+    folder may exist (unless ``overwrite``), so a bad datalist fails at once. Returns the folders this rank wrote.
     """
     items = read_volumes_split(volumes, split)
-    written = []
+    todo = []
     for item in items[rank::world_size]:
         target = Path(out_dir) / item["subject"]
         if skip_existing and target.exists() and not overwrite:
             logger.info("%s exists, skipped", target)
             continue
+        check_can_write(target, overwrite)
+        open_subject({m: Path(item[m]) for m in MODALITIES})  # headers of every subject before the first is processed
+        todo.append(item)
+    written = []
+    for item in todo:
         written.append(
             detect_subject(
                 {m: item[m] for m in MODALITIES}, out_dir, reconstruct, preprocess, weights, threshold, method,

@@ -32,7 +32,7 @@ from tsgm_components.ensembling import (
     select_threshold,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.io import atomic_dir, save_json
+from tsgm_components.io import atomic_dir, check_not_over_inputs, save_json
 from tsgm_components.metrics import evaluate_case, overlap_metrics
 from tsgm_components.report import write_report
 
@@ -358,6 +358,7 @@ def run_evaluation(
     names = [str(method["name"]) for method in methods]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"methods need distinct names, got {names}")
+    check_not_over_inputs(out_dir, [prepared_dir, *(method["detection_dir"] for method in methods)])
     results, examples, example, truths = [], {}, None, {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for method in methods:

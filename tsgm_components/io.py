@@ -8,10 +8,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import nibabel as nib
 import numpy as np
+
+from tsgm_components.errors import TsgmInputError
 
 
 def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -20,6 +22,26 @@ def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: output already exists (pass overwrite=True to replace it)")
     return path
+
+
+def check_not_over_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> Path:
+    """Return ``output`` as a Path; raise TsgmInputError if writing it could replace or delete an input.
+
+    An output that is an input, or a folder holding one, would be replaced as a whole with ``overwrite=True``
+    (:func:`atomic_dir` swaps whole folders); one inside an input folder would change what the user gave.
+    Paths are compared after resolving symlinks; ``None`` inputs are ignored.
+    """
+    output = Path(output)
+    resolved = output.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if resolved == source or resolved in source.parents:
+            raise TsgmInputError(output, f"output would replace the input {item}: choose another output path (inputs are never modified)")
+        if source.is_dir() and source in resolved.parents:
+            raise TsgmInputError(output, f"output is inside the input folder {item}: choose a path outside it (inputs are never modified)")
+    return output
 
 
 @contextlib.contextmanager
