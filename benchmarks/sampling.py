@@ -27,6 +27,7 @@ Writes ``benchmarks/results/sampling_<device>.{md,json}`` (``--out_dir``) and pr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -130,6 +131,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS),
                         help='fast samplers "name:key=value,...", name in pc|sdedit|heun, keys ' + ", ".join(SPEC_KEYS))
     parser.add_argument("--reference", default=REFERENCE_SPEC, help="the reference sampler (default: the paper's)")
+    parser.add_argument("--reference_cache", default=None,
+                        help="file keeping the reference's reconstructions and time: reused when the reference, seed, "
+                        "checkpoint and slices are unchanged (to try more fast samplers without rerunning PC-2000; "
+                        "its time then comes from the earlier run, which the report says)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each fast sampler (round-robin)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's sample_seed)")
     parser.add_argument("--batch_size", type=int, default=None, help="inferer chunk size (default: the config's)")
@@ -331,6 +336,34 @@ def timed(inferer: DiffusionSamplerInferer, inputs: torch.Tensor, network: torch
     return out.float().cpu(), time.perf_counter() - start
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_reference(path: str, key: dict[str, Any], inputs: torch.Tensor) -> dict[str, Any] | None:
+    """The cached reference run at ``path`` if it was made for the same key (sampler, seed, checkpoint) and the
+    same input stack, else None (with a log line saying why)."""
+    if not Path(path).is_file():
+        return None
+    cached = torch.load(path, map_location="cpu", weights_only=True)
+    if cached.get("key") != key or not torch.equal(cached["inputs"], inputs.cpu()):
+        logger.info("reference cache %s was made for other settings or slices: recomputing", path)
+        return None
+    return cached
+
+
+def save_reference(path: str, key: dict[str, Any], inputs: torch.Tensor, healthy: torch.Tensor, seconds: float) -> None:
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    record = {"key": key, "inputs": inputs.cpu(), "healthy": healthy, "seconds": seconds, "load": load,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(record, tmp)
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     import monai
 
@@ -365,13 +398,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"network inputs per sampler call, {report['subset']}.",
         f"Calibration: {report['calibration_source']}; weights {report['calibration']['weights']}, "
         f"threshold {report['calibration']['threshold']}, mode {report['calibration']['mode']}.",
-        f"Timing: one batched call per run (batch size {report['batch_size']}), reference once, fast samplers "
-        f"median of {report['repeats']} round-robin runs; s/slice = wall time / {report['n_modality_slices']} modality slices.",
+        f"Timing: one batched call per run (batch size {report['batch_size']}), reference once "
+        f"({ref['timing']}), fast samplers median of {report['repeats']} round-robin runs; s/slice = wall time / "
+        f"{report['n_modality_slices']} modality slices.",
         "",
         "| sampler | NFE/slice | NFE × fewer | s/slice | speed-up | slice Dice | Δ Dice | worst slice Δ | "
         "subset Dice | AUPRC | MAE vs ref | target |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
+    def number(row: dict[str, Any], key: str, spec: str, sign: float = 1.0) -> str:
+        return "" if row.get(key) is None else format(sign * row[key], spec)
+
     for row in [ref, *report["samplers"]]:
         cells = [
             row["spec"] + (" (reference)" if row is ref else ""),
@@ -379,14 +416,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['nfe_ratio']:.0f}×",
             f"{row['seconds_per_slice']:.3g}",
             f"{row['speedup']:.1f}×",
+            "diverged" if row["diverged"] else number(row, "slice_dice", ".3f"),
+            number(row, "dice_delta", "+.3f"),
+            number(row, "worst_slice_drop", "+.3f", -1.0),
+            number(row, "subset_dice", ".3f"),
+            number(row, "auprc", ".3f"),
+            number(row, "healthy_mae", ".4f"),
+            "" if row is ref else ("yes" if row["meets_target"] else "no"),
         ]
-        if row.get("diverged"):
-            cells += ["diverged"] + [""] * 5 + ["no"]
-        else:
-            cells += [f"{row['slice_dice']:.3f}"]
-            cells += ["", ""] if row is ref else [f"{row['dice_delta']:+.3f}", f"{-row['worst_slice_drop']:+.3f}"]
-            cells += [f"{row['subset_dice']:.3f}", f"{row['auprc']:.3f}"]
-            cells += ["", ""] if row is ref else [f"{row['healthy_mae']:.4f}", "yes" if row["meets_target"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -438,8 +475,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     inferers = [build_inferer(spec, base) for spec in specs]
 
     logger.info("reference %s: %d NFE per slice", reference_spec.text, reference.nfe_per_slice)
-    ref_healthy, ref_seconds = timed(reference, inputs, network)
-    logger.info("reference: %.1f s", ref_seconds)
+    checkpoint = Path(bundle.get_parsed_content("checkpoint"))
+    key = {"spec": reference_spec.text, "seed": base["seed"], "checkpoint_sha256": file_sha256(checkpoint),
+           "nfe": reference.nfe_per_slice}
+    cached = load_reference(args.reference_cache, key, inputs) if args.reference_cache else None
+    if cached is None:
+        ref_healthy, ref_seconds = timed(reference, inputs, network)
+        reference_timing = "timed in this run"
+        if args.reference_cache:
+            save_reference(args.reference_cache, key, inputs, ref_healthy, ref_seconds)
+    else:
+        ref_healthy, ref_seconds = cached["healthy"], cached["seconds"]
+        reference_timing = f"from the cache {args.reference_cache} (timed {cached['created']}, load {cached['load']})"
+    logger.info("reference: %.1f s (%s)", ref_seconds, reference_timing)
     outputs: list[torch.Tensor | None] = [None] * len(specs)
     seconds: list[list[float]] = [[] for _ in specs]
     reproducible = [True] * len(specs)
@@ -455,15 +503,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     n = inputs.shape[0]
     brain_pixels = (inputs > 0).cpu()
-    if not torch.isfinite(ref_healthy).all():
-        raise RuntimeError(f"the reference sampler {reference_spec.text} produced non-finite reconstructions")
-    ref_quality = quality(make_cases(subjects, ref_healthy, preprocess), calibration)
+    # a diverged (non-finite) output gets no quality figures: detection would refuse it
     ref_row = {
         "spec": reference_spec.text, "nfe": reference.nfe_per_slice, "nfe_ratio": 1.0, "seconds": ref_seconds,
-        "seconds_per_slice": ref_seconds / n, "speedup": 1.0, **ref_quality,
+        "seconds_per_slice": ref_seconds / n, "speedup": 1.0, "timing": reference_timing,
+        "diverged": not bool(torch.isfinite(ref_healthy).all()),
     }
+    if ref_row["diverged"]:
+        logger.warning("the reference sampler diverged (non-finite reconstructions): no Dice comparison possible")
+    else:
+        ref_row.update(quality(make_cases(subjects, ref_healthy, preprocess), calibration))
+        ref_dice = {(r["subject"], r["z"]): r["dice"] for r in ref_row["slices"]}
     rows = []
-    ref_dice = {(r["subject"], r["z"]): r["dice"] for r in ref_quality["slices"]}
     for spec, inferer, healthy, times, same in zip(specs, inferers, outputs, seconds, reproducible):
         median = statistics.median(times)
         row = {
@@ -478,11 +529,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "diverged": not bool(torch.isfinite(healthy).all()),
             "meets_target": False,
         }
-        if not row["diverged"]:  # a diverged sampler gets no quality figures (detection would refuse its output)
-            q = quality(make_cases(subjects, healthy, preprocess), calibration)
-            row.update(q)
-            row["dice_delta"] = q["slice_dice"] - ref_quality["slice_dice"]
-            row["worst_slice_drop"] = max(ref_dice[(r["subject"], r["z"])] - r["dice"] for r in q["slices"])
+        if not row["diverged"]:
+            row.update(quality(make_cases(subjects, healthy, preprocess), calibration))
+        if not row["diverged"] and not ref_row["diverged"]:
+            row["dice_delta"] = row["slice_dice"] - ref_row["slice_dice"]
+            row["worst_slice_drop"] = max(ref_dice[(r["subject"], r["z"])] - r["dice"] for r in row["slices"])
             row["healthy_mae"] = float((healthy - ref_healthy).abs()[brain_pixels].mean())
             row["meets_target"] = row["nfe_ratio"] >= NFE_TARGET and row["dice_delta"] >= -DICE_TOLERANCE
         rows.append(row)

@@ -91,6 +91,24 @@ def test_sampling_benchmark_applies_the_calibration_file(bench, tmp_path):
     assert report["reference"]["auprc"] > 0
 
 
+def test_sampling_benchmark_reports_a_diverged_reference_instead_of_failing(bench, tmp_path, monkeypatch):
+    work, configs = bench
+    timed = sampling_benchmark.timed
+
+    def nan_for_pc(inferer, inputs, network):
+        healthy, seconds = timed(inferer, inputs, network)
+        return (torch.full_like(healthy, float("nan")) if inferer.sampler == "pc" else healthy), seconds
+
+    monkeypatch.setattr(sampling_benchmark, "timed", nan_for_pc)
+    assert run_benchmark(work, configs, tmp_path) == 0
+    report = json.loads((tmp_path / "sampling_cpu.json").read_text())
+    assert report["reference"]["diverged"] and "slice_dice" not in report["reference"]
+    for row in report["samplers"]:
+        assert not row["diverged"] and 0 <= row["slice_dice"] <= 1 and "dice_delta" not in row
+        assert not row["meets_target"]
+    assert "| diverged |" in (tmp_path / "sampling_cpu.md").read_text()
+
+
 def test_sampling_benchmark_bad_inputs(bench, tmp_path, capsys):
     work, configs = bench
     empty = tmp_path / "empty"
