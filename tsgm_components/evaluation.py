@@ -138,7 +138,10 @@ def load_case(
             raise TsgmInputError(path, "contains non-finite values")
         columns.append(array[truth.brain])
     record_path = detection_dir / subject / f"{subject}_detection.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise TsgmInputError(record_path, f"cannot read the detection record ({type(error).__name__}: {error})") from error
     return Case(subject, np.stack(columns, axis=1), truth.brain, truth.target, truth.spacing, preprocess.z_range, record)
 
 
