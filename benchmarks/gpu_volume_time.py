@@ -34,13 +34,12 @@ from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.inferers import DiffusionSamplerInferer
 from tsgm_components.io import atomic_path, save_json
 
-from sampling import SamplerSpec, build_inferer  # benchmarks/sampling.py (this script's folder is sys.path[0])
+from sampling import REFERENCE_SPEC as REFERENCE, SamplerSpec, build_inferer  # benchmarks/sampling.py (this script's folder is sys.path[0])
 
 logger = logging.getLogger("benchmarks.gpu_volume_time")
 
 DEFAULT_CONFIGS = [str(REPO_ROOT / "bundles" / "vejp_anomaly" / "configs" / "inference.yaml")]
 DEFAULT_SAMPLERS = ("heun:n_steps=18", "heun:n_steps=10", "pc:n_steps=25", "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0")
-REFERENCE = "pc:n_corrector_steps=1,snr=0.075"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

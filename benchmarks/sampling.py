@@ -51,7 +51,7 @@ from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.detection import anomaly_support, load_calibration, preprocess_volume, residual_volume
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
-from tsgm_components.inferers import DiffusionSamplerInferer
+from tsgm_components.inferers import SAMPLERS, DiffusionSamplerInferer
 from tsgm_components.io import atomic_path, save_json
 from tsgm_components.metrics import average_precision, evaluate_case
 
@@ -97,6 +97,8 @@ class SamplerSpec:
             if not sep or key not in SPEC_KEYS:
                 raise ValueError(f"sampler spec {text!r}: expected key=value with keys {sorted(SPEC_KEYS)}, got {part!r}")
             overrides[key] = None if value in ("None", "null") else SPEC_KEYS[key](value)
+        if name.strip() not in SAMPLERS:
+            raise ValueError(f"sampler spec {text!r}: the sampler must be one of {SAMPLERS}")
         return cls(text, name.strip(), overrides)
 
 
@@ -146,6 +148,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.subjects < 1 or min(args.slices_per_subject, args.validation_slices_per_subject) < 0 or args.repeats < 1:
         parser.error("need --subjects >= 1, --slices_per_subject >= 0, --validation_slices_per_subject >= 0, --repeats >= 1")
+    try:
+        args.reference_spec = SamplerSpec.parse(args.reference)
+        args.sampler_specs = [SamplerSpec.parse(text) for text in args.samplers]
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -469,9 +476,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size or bundle.get_parsed_content("sample_batch_size"),
         "amp": args.amp,
     }
-    reference_spec = SamplerSpec.parse(args.reference)
+    reference_spec, specs = args.reference_spec, args.sampler_specs
     reference = build_inferer(reference_spec, {**base, "progress": True})
-    specs = [SamplerSpec.parse(text) for text in args.samplers]
     inferers = [build_inferer(spec, base) for spec in specs]
 
     logger.info("reference %s: %d NFE per slice", reference_spec.text, reference.nfe_per_slice)

@@ -118,6 +118,9 @@ def test_sampling_benchmark_bad_inputs(bench, tmp_path, capsys):
     assert "model.pt: checkpoint not found" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected key=value"):
         sampling_benchmark.SamplerSpec.parse("heun:steps=3")
+    with pytest.raises(SystemExit):  # checked before anything is loaded
+        sampling_benchmark.parse_args(["--work_dir", str(work), "--samplers", "ddim:n_steps=3"])
+    assert "the sampler must be one of" in capsys.readouterr().err
     assert not (tmp_path / "sampling_cpu.json").exists()
 
 
