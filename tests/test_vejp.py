@@ -33,7 +33,7 @@ SHAPE = (20, 24, 8)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0, 1]])
 PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, lower_percentile=1.0, upper_percentile=99.0)
 N_PAIRS, BATCH = 8, 4
-TINY_TRAIN = dict(image_size=32, max_epochs=1, batch_size=BATCH, warmup_steps=2, log_interval=1)
+TINY_TRAIN = dict(image_size=32, max_epochs=1, epoch_length="$None", batch_size=BATCH, warmup_steps=2, log_interval=1)
 TINY_SAMPLER = dict(image_size=32, sampler="heun", n_steps=3, sample_batch_size=16)
 
 
@@ -307,3 +307,15 @@ def test_command_line_exits_non_zero_on_bad_input(trained, tmp_path):
     assert result.returncode != 0
     assert "CLI_flair.nii.gz: missing flair file" in result.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_multi_gpu_config_trains_with_one_gloo_process(work_dir, tmp_path, monkeypatch):
+    """The DDP config end to end at world size 1 (gloo on CPU): DistributedSampler, rank-0 saving, plain EMA keys."""
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29571", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    run_bundle("training", [TRAIN, CPU, MULTI_GPU], work_dir=str(work_dir), vejp_dir=str(tmp_path / "ddp"), **dict(TINY_TRAIN, epoch_length=1))
+    assert not torch.distributed.is_initialized()
+    model = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["model"]
+    assert "unet.conv_in.conv.weight" in model
+    final = torch.load(tmp_path / "ddp" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 1

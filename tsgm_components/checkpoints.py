@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.errors import TsgmInputError
@@ -107,8 +108,10 @@ def load_score_weights(network: nn.Module, checkpoint: str | Path, spec: ModelSp
     key = next((k for k in WEIGHT_KEYS if k in state), None)
     if key is None:
         raise TsgmInputError(checkpoint, f"no network weights (expected one of {WEIGHT_KEYS}, found {sorted(state)})")
+    weights = dict(state[key])
+    consume_prefix_in_state_dict_if_present(weights, "module.")  # saved from a DistributedDataParallel wrapper
     try:
-        network.load_state_dict(state[key])
+        network.load_state_dict(weights)
     except RuntimeError as error:
         raise TsgmInputError(checkpoint, f"weights '{key}' do not fit the network: {error}") from error
     return network.eval()
