@@ -23,7 +23,7 @@ from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool
 from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
-from tsgm_components.translation import load_generator, translate_slices, translate_volume
+from tsgm_components.translation import load_generator, translate_slices, translate_subject, translate_volume
 
 MODS = ("t1", "t1ce", "t2", "flair")
 
@@ -313,3 +313,9 @@ def test_translate_volume_keeps_geometry(phantom_dir, prepared_dir, tiny_checkpo
     assert not data[:, :, :80].any() and not data[:, :, 129:].any()  # outside z_min..z_max
     with pytest.raises(FileExistsError):
         translate_volume(generator, source, output, prepared_dir / "prepare_config.json")
+    with pytest.raises(TsgmInputError, match="input volume not found"):
+        translate_volume(generator, tmp_path / "missing.nii.gz", tmp_path / "x.nii.gz", prepared_dir / "prepare_config.json")
+    # a whole subject: the four modalities, each in the input geometry
+    written = translate_subject(generator, source.parent, tmp_path / "subject", prepared_dir / "prepare_config.json", "AB")
+    assert sorted(Path(p).name for p in written) == sorted(f"{source.parent.name}_{m}_AB.nii.gz" for m in MODS)
+    assert all(nib.load(p).shape == reference.shape for p in written)
