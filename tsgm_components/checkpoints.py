@@ -76,7 +76,8 @@ class ModelSpec:
             )
 
 
-def _load(checkpoint: str | Path) -> dict[str, Any]:
+def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint file as a dict (``weights_only``: data, never code); TsgmInputError if missing or unreadable."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise TsgmInputError(checkpoint, "checkpoint not found (train the bundle first or pass --checkpoint <file>)")
@@ -93,7 +94,7 @@ def check_checkpoint(checkpoint: str | Path | None, spec: ModelSpec) -> str | No
     """Check a checkpoint's spec against ``spec`` before a resume; returns the path (None passes through)."""
     if checkpoint is None:
         return None
-    spec.check(_load(checkpoint).get(SPEC_KEY), checkpoint)
+    spec.check(read_checkpoint(checkpoint).get(SPEC_KEY), checkpoint)
     return str(checkpoint)
 
 
@@ -103,7 +104,7 @@ def load_score_weights(network: nn.Module, checkpoint: str | Path, spec: ModelSp
     The checkpoint's ``model_spec`` must equal ``spec`` (the config's); otherwise TsgmInputError names the file
     and the differing settings. Returns ``network`` in eval mode.
     """
-    state = _load(checkpoint)
+    state = read_checkpoint(checkpoint)
     spec.check(state.get(SPEC_KEY), checkpoint)
     key = next((k for k in WEIGHT_KEYS if k in state), None)
     if key is None:
@@ -152,7 +153,7 @@ def training_preprocess(prepared_dir: str | Path, image_size: int) -> Preprocess
 
 def checkpoint_preprocess(checkpoint: str | Path, image_size: int) -> PreprocessConfig:
     """The preprocessing a checkpoint was trained with (inference applies exactly it); checks ``image_size``."""
-    spec = _load(checkpoint).get(SPEC_KEY)
+    spec = read_checkpoint(checkpoint).get(SPEC_KEY)
     if spec is None or "preprocess" not in spec:
         raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
     preprocess = PreprocessConfig.from_dict(spec["preprocess"])

@@ -16,9 +16,11 @@ import torch
 from monai.data import DataLoader, Dataset
 from torch import nn
 
+from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.data.unpaired import load_slice_items, slice_transforms
+from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, save_json, save_nifti_like
 
@@ -29,20 +31,24 @@ logger = logging.getLogger(__name__)
 DIRECTIONS = ("AB", "BA")
 
 
-def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str = "AB") -> nn.Module:
+def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str = "AB", image_size: int | None = None) -> nn.Module:
     """Load ``G_<direction>`` weights from a training checkpoint into ``generator`` and return it in eval mode.
 
     direction: ``"AB"`` (healthy -> tumour, used for pseudo-pairs) or ``"BA"`` (tumour -> healthy).
+    image_size: the config's slice size. A checkpoint of the training bundle stores its ``model_spec``
+    (``CycleGANSpec``); a generator built with other arguments (``generator.config``) or another image size is
+    refused with a TsgmInputError naming the checkpoint and every differing key. Checkpoints without a spec are
+    loaded if the weights fit.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise TsgmInputError(checkpoint, "CycleGAN checkpoint not found (train the cyclegan_brats bundle first)")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = read_checkpoint(checkpoint)
     key = f"G_{direction}"
     if key not in state:
         raise TsgmInputError(checkpoint, f"no '{key}' entry (found {sorted(state)}): not a cyclegan_brats checkpoint")
+    saved_spec = state.get(SPEC_KEY)
+    if saved_spec is not None and hasattr(generator, "config"):
+        CycleGANSpec(image_size, generator.config).check(saved_spec, checkpoint)
     try:
         generator.load_state_dict(state[key])
     except RuntimeError as error:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +23,16 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tsgm_components.checkpoints import read_checkpoint
+from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
 
-__all__ = ["CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "latest_checkpoint"]
+__all__ = [
+    "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "CycleGANSpec",
+    "latest_checkpoint",
+]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -47,7 +52,8 @@ class CycleGANTrainer(Trainer):
     ``engine.state.output`` is a dict of floats: ``loss_gan_AB``, ``loss_gan_BA``, ``loss_cycle_A``,
     ``loss_cycle_B``, ``loss_idt_AB``, ``loss_idt_BA`` (when identity > 0), ``loss_G``, ``loss_D_A``, ``loss_D_B``
     and the generators' learning rate ``lr``, so StatsHandler, TensorBoardStatsHandler and :class:`LossProgressBar`
-    show every term.
+    show every term. A NaN/Inf loss raises ``NonFiniteLossError`` (iteration and loss named) before it updates
+    any weights.
 
     Args:
         device: where the networks live and the batches go.
@@ -127,6 +133,7 @@ class CycleGANTrainer(Trainer):
             d_b_fake_b=_unwrap(engine.d_b)(fake_b),
             d_a_fake_a=_unwrap(engine.d_a)(fake_a),
         )
+        check_finite_losses(engine, losses)
         losses["loss_G"].backward()
         engine.g_optimizer.step()
 
@@ -135,6 +142,7 @@ class CycleGANTrainer(Trainer):
         engine.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         losses["loss_D_A"] = discriminator_loss(engine.d_a(real_a), engine.d_a(engine.pool_a.query(fake_a)))
         losses["loss_D_B"] = discriminator_loss(engine.d_b(real_b), engine.d_b(engine.pool_b.query(fake_b)))
+        check_finite_losses(engine, {key: losses[key] for key in ("loss_D_A", "loss_D_B")})
         (losses["loss_D_A"] + losses["loss_D_B"]).backward()
         engine.d_optimizer.step()
         output = {name: float(value.detach()) for name, value in losses.items()}
@@ -237,13 +245,78 @@ class TranslationSnapshots:
             self.summary_writer.flush()
 
 
+#: checkpoint entry holding :class:`CycleGANSpec` (same key as the VE-JP checkpoints' ``ModelSpec``)
+SPEC_KEY = "model_spec"
+
+
+class CycleGANSpec:
+    """What a CycleGAN checkpoint was made for: ``image_size`` and the ``config`` (constructor arguments) of the
+    generators and, for training checkpoints, the discriminators.
+
+    Every checkpoint of the cyclegan_brats bundle stores it as ``model_spec``. ``state_dict``/``load_state_dict``
+    let MONAI's checkpoint handlers save it and refuse a resume into other networks; :meth:`check` is what
+    ``latest_checkpoint`` and ``translation.load_generator`` use to name the checkpoint and every differing key.
+
+    Args:
+        image_size: slice size the networks were trained on; None: not checked (loading without a config size).
+        generator: ``ResnetGenerator.config``.
+        discriminator: ``PatchDiscriminator.config``; None: not checked (inference has no discriminators).
+    """
+
+    def __init__(self, image_size: int | None, generator: Mapping[str, int], discriminator: Mapping[str, int] | None = None):
+        self.spec: dict[str, Any] = {"generator": dict(generator)}
+        if image_size is not None:
+            self.spec["image_size"] = int(image_size)
+        if discriminator is not None:
+            self.spec["discriminator"] = dict(discriminator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: dict(value) if isinstance(value, dict) else value for key, value in self.spec.items()}
+
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``"key: checkpoint X, config Y"`` for every setting of this spec that ``saved`` (a stored spec) differs in."""
+        found = []
+        for section, mine in self.spec.items():
+            theirs = saved.get(section)
+            if isinstance(mine, dict):
+                theirs = theirs if isinstance(theirs, Mapping) else {}
+                found += [
+                    f"{section}.{key}: checkpoint {theirs.get(key)!r}, config {mine.get(key)!r}"
+                    for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)
+                ]
+            elif mine != theirs:
+                found.append(f"{section}: checkpoint {theirs!r}, config {mine!r}")
+        return found
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        found = self.differences(state)
+        if found:
+            raise ValueError("checkpoint was made for other networks: " + "; ".join(found))
+
+    def check(self, saved: Mapping[str, Any] | None, checkpoint: str | Path) -> None:
+        """Raise TsgmInputError naming ``checkpoint`` if its stored spec is missing or differs from this one."""
+        if saved is None:
+            raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a training checkpoint of the cyclegan_brats bundle")
+        found = self.differences(saved)
+        if found:
+            raise TsgmInputError(
+                checkpoint,
+                "made for different networks than this config: " + "; ".join(found)
+                + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
+            )
+
+
 _EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> str:
-    """Path of the ``checkpoint_epoch=N.pt`` with the largest N in ``checkpoint_dir`` (to resume training)."""
+def latest_checkpoint(checkpoint_dir: str | Path, spec: CycleGANSpec | None = None) -> str:
+    """Path of the ``checkpoint_epoch=N.pt`` with the largest N in ``checkpoint_dir`` (to resume training); with
+    ``spec``, that checkpoint must have been made for the same networks and image size."""
     checkpoint_dir = Path(checkpoint_dir)
     found = [(int(m.group(1)), p) for p in checkpoint_dir.glob("checkpoint_epoch=*.pt") if (m := _EPOCH_CHECKPOINT.search(p.name))]
     if not found:
         raise TsgmInputError(checkpoint_dir, "no checkpoint_epoch=N.pt to resume from (train without --resume first)")
-    return str(max(found)[1])
+    latest = max(found)[1]
+    if spec is not None:
+        spec.check(read_checkpoint(latest).get(SPEC_KEY), latest)
+    return str(latest)

@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LinearLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.losses.score_matching import dsm_loss
 from tsgm_components.sde import VESDE
 
@@ -60,7 +61,8 @@ class ScoreMatchingTrainer(Trainer):
 
     One iteration: t ~ U(eps, 1), z ~ N(0, I) from the trainer's seeded generator; loss on the batch;
     backward; gradient-norm clip; optimiser step; ``lr_scheduler`` step (per iteration, e.g. ``linear_warmup``);
-    EMA update ``ema = decay·ema + (1 − decay)·weights``. ``state.output = {"loss": detached scalar}``.
+    EMA update ``ema = decay·ema + (1 − decay)·weights``. ``state.output = {"loss": detached scalar}``. A NaN/Inf
+    loss raises ``NonFiniteLossError`` (iteration named) before it updates the weights or the EMA.
 
     The EMA weights (``ema_network``, an ``AveragedModel``; its ``.module`` is a plain ``ScoreUNet``) are the ones
     to sample with; the authors keep an EMA but sample with the raw weights. ``checkpoint_objects`` lists
@@ -153,6 +155,7 @@ class ScoreMatchingTrainer(Trainer):
         if engine.amp and engine.scaler is not None:
             with torch.autocast("cuda", **engine.amp_kwargs):
                 loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator)
+            check_finite_losses(engine, {CommonKeys.LOSS: loss})
             engine.scaler.scale(loss).backward()
             engine.scaler.unscale_(engine.optimizer)
             engine._clip_gradients()
@@ -160,6 +163,7 @@ class ScoreMatchingTrainer(Trainer):
             engine.scaler.update()
         else:
             loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator)
+            check_finite_losses(engine, {CommonKeys.LOSS: loss})
             loss.backward()
             engine._clip_gradients()
             engine.optimizer.step()

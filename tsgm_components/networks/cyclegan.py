@@ -50,11 +50,13 @@ class ResnetGenerator(nn.Module):
     """Image-to-image generator: (B, in_channels, H, W) in [0, 1] -> (B, out_channels, H, W) in [0, 1].
 
     H and W must be multiples of 4 (two stride-2 downsamplings). ``n_blocks=9, ngf=64`` is the reference
-    ``resnet_9blocks`` (11,365,633 parameters for 1 channel in and out).
+    ``resnet_9blocks`` (11,365,633 parameters for 1 channel in and out). ``config``: the constructor arguments
+    (stored in checkpoints, see ``engines.cyclegan.CycleGANSpec``).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64, n_blocks: int = 9):
         super().__init__()
+        self.config = {"in_channels": in_channels, "out_channels": out_channels, "ngf": ngf, "n_blocks": n_blocks}
         if n_blocks < 0:
             raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
         layers: list[nn.Module] = [
@@ -91,10 +93,12 @@ class PatchDiscriminator(nn.Module):
 
     ``n_layers=3, ndf=64`` is the reference 70×70 PatchGAN (2,762,689 parameters for 1 input channel);
     a 256×256 input gives a 30×30 score map. H and W must be at least 2**n_layers * 4 or so for a non-empty map.
+    ``config``: the constructor arguments (stored in checkpoints).
     """
 
     def __init__(self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3):
         super().__init__()
+        self.config = {"in_channels": in_channels, "ndf": ndf, "n_layers": n_layers}
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
