@@ -15,7 +15,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
