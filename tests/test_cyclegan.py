@@ -223,7 +223,7 @@ def test_bundle_training_checkpoint_and_resume(tiny_prepared, tmp_path):
     run_bundle("training", "train.yaml", n_epochs=1, **common)
     out = tmp_path / "cyclegan"
     first = torch.load(out / "checkpoint_epoch=1.pt", weights_only=True)
-    assert set(first) == {"G_AB", "G_BA", "D_A", "D_B", "g_optimizer", "d_optimizer", "g_scheduler", "d_scheduler", "pool_a", "pool_b", "trainer", "model_spec"}
+    assert set(first) == {"G_AB", "G_BA", "D_A", "D_B", "g_optimizer", "d_optimizer", "g_scheduler", "d_scheduler", "pool_a", "pool_b", "trainer", "rng", "model_spec"}
     assert (first["trainer"]["iteration"], first["trainer"]["epoch_length"]) == (3, 3)  # epoch = iteration // epoch_length
     assert (out / "model.pt").is_file() and (out / "snapshots" / "epoch_0001.png").is_file() and list((out / "logs").glob("events.*"))
 

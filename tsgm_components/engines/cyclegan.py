@@ -19,6 +19,7 @@ from ignite.handlers import ProgressBar
 from ignite.metrics import Average
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
+from monai.transforms import Randomizable
 from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +31,8 @@ from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
 
 __all__ = [
-    "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "CycleGANSpec",
+    "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "CycleGANRNGState",
+    "CycleGANSpec",
     "latest_checkpoint",
 ]
 
@@ -148,6 +150,36 @@ class CycleGANTrainer(Trainer):
         output = {name: float(value.detach()) for name, value in losses.items()}
         output["lr"] = float(engine.g_optimizer.param_groups[0]["lr"])
         return output
+
+
+class CycleGANRNGState:
+    """Checkpointable random state of a CycleGAN run, so a resumed run draws what the uninterrupted one would have:
+    torch's global CPU RNG (shuffling; it also seeds DataLoader workers) and the NumPy ``RandomState`` of every MONAI
+    ``Randomizable`` in ``dataset`` (``UnpairedSliceDataset``: B draws, flips). Restored at the start of a resumed
+    run by ``CheckpointLoader``; the image pools checkpoint their own generators."""
+
+    def __init__(self, dataset: Any = None):
+        self.randomizables: list[Randomizable] = []
+        if isinstance(dataset, Randomizable):
+            self.randomizables.append(dataset)
+        for domain in (getattr(dataset, "domain_a", None), getattr(dataset, "domain_b", None)):
+            transforms = getattr(getattr(domain, "transform", None), "transforms", ())
+            self.randomizables += [t for t in transforms if isinstance(t, Randomizable)]
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_states = []
+        for randomizable in self.randomizables:
+            _, keys, pos, has_gauss, cached = randomizable.R.get_state()
+            numpy_states.append({"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)})
+        return {"torch_cpu": torch.get_rng_state(), "numpy": numpy_states}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["numpy"]) != len(self.randomizables):
+            raise ValueError(f"checkpoint has {len(state['numpy'])} dataset random states, this dataset has {len(self.randomizables)} (flip setting changed?)")
+        torch.set_rng_state(state["torch_cpu"].cpu())
+        for randomizable, saved in zip(self.randomizables, state["numpy"]):
+            keys = saved["keys"].cpu().numpy().astype(np.uint32)
+            randomizable.R.set_state(("MT19937", keys, saved["pos"], saved["has_gauss"], saved["cached"]))
 
 
 class LinearDecayLR:
