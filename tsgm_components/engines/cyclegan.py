@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from ignite.metrics import Average
@@ -177,9 +178,12 @@ class CycleGANRNGState:
         if len(state["numpy"]) != len(self.randomizables):
             raise ValueError(f"checkpoint has {len(state['numpy'])} dataset random states, this dataset has {len(self.randomizables)} (flip setting changed?)")
         torch.set_rng_state(state["torch_cpu"].cpu())
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         for randomizable, saved in zip(self.randomizables, state["numpy"]):
             keys = saved["keys"].cpu().numpy().astype(np.uint32)
             randomizable.R.set_state(("MT19937", keys, saved["pos"], saved["has_gauss"], saved["cached"]))
+            if rank:  # the checkpoint holds rank 0's streams: other ranks get their own (still seeded) B draws/flips
+                randomizable.R.seed([rank, *keys[:4].tolist()])
 
 
 class LinearDecayLR:
