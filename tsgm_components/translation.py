@@ -10,19 +10,18 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from torch import nn
 
 from tsgm_components.checkpoints import read_checkpoint
-from tsgm_components.data.brats import MODALITIES, load_subject, subject_files
+from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.data.unpaired import load_slice_items, slice_transforms
 from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.io import atomic_dir, check_can_write, save_json, save_nifti_like
+from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
 
 __all__ = ["load_generator", "translate_slices", "write_pseudo_pairs", "translate_volume", "translate_subject"]
 
@@ -95,13 +94,16 @@ def write_pseudo_pairs(
     relative to ``output_dir``. The folder is written atomically (complete or not at all).
     Returns the number of pairs per split.
     """
-    output_dir = check_can_write(output_dir, overwrite)
+    output_dir = check_can_write(check_not_over_inputs(output_dir, [prepared_dir]), overwrite)
     healthy = {
         split: [dict(item, image_path=item["image"]) for item in load_slice_items(prepared_dir, split, image_size) if int(item["tumour"]) == 0]
         for split in splits
     }
     if not any(healthy.values()):
         raise TsgmInputError(Path(prepared_dir) / "datalist.json", f"no healthy slices in splits {list(splits)}")
+    for item in (item for items in healthy.values() for item in items):  # all present before the first is written
+        if not Path(item["image"]).is_file():
+            raise TsgmInputError(item["image"], f"slice file not found (listed in {Path(prepared_dir) / 'datalist.json'})")
     pairs: dict[str, list[dict]] = {split: [] for split in splits}
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         for split, items in healthy.items():
@@ -125,7 +127,10 @@ def _preprocess_config(prepare_config: str | Path) -> PreprocessConfig:
     path = Path(prepare_config)
     if not path.is_file():
         raise TsgmInputError(path, "prepare_config.json not found (the preprocessing the generator was trained with)")
-    return PreprocessConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return PreprocessConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as error:
+        raise TsgmInputError(path, f"cannot read the preprocessing settings ({type(error).__name__}: {error})") from error
 
 
 def _translate_array(generator: nn.Module, volume: np.ndarray, brain_mask: np.ndarray, cfg: PreprocessConfig, batch_size: int) -> np.ndarray:
@@ -150,24 +155,18 @@ def translate_volume(
     translated slice by slice and put back in the input geometry: the output is in normalised [0, 1] intensity,
     0 outside the processed axial range ``z_min..z_max``. The brain is the volume's non-zero voxels.
     """
+    if image is None or output is None:
+        raise TsgmInputError("translate_volume", "give --input_image <NIfTI volume> and --output_image <NIfTI path>")
     image = Path(image)
     if not image.is_file():
         raise TsgmInputError(image, "input volume not found")
-    check_can_write(output, overwrite)
+    check_can_write(check_not_over_inputs(output, [image, prepare_config]), overwrite)
     cfg = _preprocess_config(prepare_config)
-    try:
-        reference = nib.load(str(image))
-        volume = np.asarray(reference.get_fdata(dtype=np.float32))
-    except Exception as error:
-        raise TsgmInputError(image, f"cannot read NIfTI volume ({type(error).__name__}: {error})") from error
+    reference, volume = load_volume(image)
     try:
         cfg.check_volume_shape(volume.shape)
     except ValueError as error:
         raise TsgmInputError(image, str(error)) from error
-    if not np.isfinite(volume).all():
-        raise TsgmInputError(image, "contains non-finite voxels")
-    if not volume.any():
-        raise TsgmInputError(image, "volume is all zero")
     translated = _translate_array(generator, volume, volume != 0, cfg, batch_size)
     save_nifti_like(translated, reference, output, overwrite=overwrite)
 
@@ -187,13 +186,17 @@ def translate_subject(
     input geometry, atomically as one folder. The brain mask is shared by all modalities, as in ``tsgm prepare``.
     Returns the written paths.
     """
+    if subject_dir is None or output_dir is None:
+        raise TsgmInputError("translate_subject", "give --input_subject <BraTS subject folder> and --output_dir <folder>")
     subject_dir = Path(subject_dir)
+    check_can_write(check_not_over_inputs(output_dir, [subject_dir, prepare_config]), overwrite)
     cfg = _preprocess_config(prepare_config)
-    volumes = load_subject(subject_files(subject_dir, require_seg=False))
+    files = subject_files(subject_dir, require_seg=False)
+    volumes = load_subject(files)
     try:
         cfg.check_volume_shape(volumes.reference.shape)
     except ValueError as error:
-        raise TsgmInputError(subject_dir, str(error)) from error
+        raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
     written = []
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         for modality in MODALITIES:
