@@ -303,6 +303,11 @@ def _vejp_files(assets, tmp_path, **replace) -> dict[str, str]:
     return {m: str(replace.get(m, path_of(subject, m))) for m in MODALITIES if replace.get(m, "") is not None}
 
 
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def _absent_datalist_file(assets, tmp_path):
     """volumes.json whose second subject names a FLAIR file that does not exist."""
     items = [{"subject": s, **{m: str(path_of(assets["dataset"] / s, m)) for m in MODALITIES}} for s in ("S001", "S003")]
@@ -314,6 +319,17 @@ def _absent_datalist_file(assets, tmp_path):
 INPUT_CASES: dict[str, Callable] = {
     # name: (assets, tmp_path) -> (VE-JP inference overrides, path the error must name, problem regex)
     "subject_dir_missing": lambda a, t: (dict(subject_dir=str(t / "nope")), str(t / "nope"), "subject directory does not exist"),
+    "subject_dir_is_a_file": lambda a, t: (
+        dict(subject_dir=str(path_of(a["dataset"] / "S001", "t1"))), str(path_of(a["dataset"] / "S001", "t1")), "is a file, not a subject directory",
+    ),
+    "calibration_file_missing": lambda a, t: (
+        dict(subject_dir=str(a["dataset"] / "S001"), calibration_file=str(t / "calibration.json")), str(t / "calibration.json"),
+        "cannot read calibration JSON",
+    ),
+    "calibration_file_damaged": lambda a, t: (
+        dict(subject_dir=str(a["dataset"] / "S001"), calibration_file=str(_write(t / "calibration.json", '{"weights": {"t1": 1.0}'))),
+        str(t / "calibration.json"), "cannot read calibration JSON",
+    ),
     "explicit_file_missing": lambda a, t: (_vejp_files(a, t, t2=t / "S001_t2.nii.gz"), str(t / "S001_t2.nii.gz"), "file not found"),
     "explicit_wrong_extension": lambda a, t: (
         _vejp_files(a, t, flair=shutil.copy(path_of(a["dataset"] / "S001", "flair"), t / "S001_flair.png")),

@@ -77,7 +77,8 @@ def subject_files(subject_dir: str | Path, require_seg: bool) -> dict[str, Path]
     """
     subject_dir = Path(subject_dir)
     if not subject_dir.is_dir():
-        raise TsgmInputError(subject_dir, "subject directory does not exist")
+        problem = "is a file, not a subject directory" if subject_dir.exists() else "subject directory does not exist"
+        raise TsgmInputError(subject_dir, f"{problem} (expected <subject>/<subject>_{{t1,t1ce,t2,flair}}.nii[.gz])")
     files: dict[str, Path] = {}
     for key in (*MODALITIES, SEG):
         path = _nifti_file(subject_dir, key)
