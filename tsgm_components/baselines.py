@@ -29,7 +29,7 @@ FLAIR_ONLY: dict[str, float] = {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}
 
 
 class GeneratorReconstructor:
-    """CycleGAN-only healthy reconstruction: ``G_B→A`` applied to (S, 1, s, s) slices in [0, 1] (one pass each)."""
+    """CycleGAN-only healthy reconstruction: ``G_B→A`` applied to (N, 1, s, s) slices in [0, 1] (one pass each)."""
 
     nfe_per_slice = 1
 
@@ -37,7 +37,7 @@ class GeneratorReconstructor:
         self.generator = generator.eval()
         self.batch_size = batch_size
 
-    def __call__(self, slices: Tensor, modality: str) -> Tensor:
+    def __call__(self, slices: Tensor) -> Tensor:
         return translate_slices(self.generator, slices, self.batch_size)
 
 
@@ -46,7 +46,7 @@ class ZeroReconstructor:
 
     nfe_per_slice = 0
 
-    def __call__(self, slices: Tensor, modality: str) -> Tensor:
+    def __call__(self, slices: Tensor) -> Tensor:
         return torch.zeros_like(slices)
 
 

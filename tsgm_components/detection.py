@@ -1,8 +1,8 @@
 """Volume in -> NIfTI anomaly maps out: the detection step shared by VE-JP inference and every baseline.
 
-A method is a ``reconstruct(slices, modality) -> healthy`` callable over (S, 1, s, s) slice stacks in [0, 1].
-:func:`detect_subject` loads and validates one subject, applies the training preprocessing, reconstructs each
-modality, and writes the detection output of ``docs/architecture.md`` in the input's exact geometry, atomically.
+A method is a ``reconstruct(slices) -> healthy`` callable over (N, 1, s, s) slice stacks in [0, 1].
+:func:`detect_subject` loads and validates one subject, applies the training preprocessing, reconstructs all
+slices of all four modalities in one call, and writes the detection output of ``docs/architecture.md`` in the input's exact geometry, atomically.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from tsgm_components.io import atomic_dir, check_can_write, check_not_over_input
 
 logger = logging.getLogger(__name__)
 
-#: reconstruct(slices (S, 1, s, s) float32 in [0, 1], modality) -> healthy slices (S, 1, s, s) in [0, 1].
-Reconstructor = Callable[[Tensor, str], Tensor]
+#: reconstruct(slices (N, 1, s, s) float32 in [0, 1]) -> healthy slices (N, 1, s, s) in [0, 1]. The N slices mix
+#: modalities (one single-channel model serves all four contrasts): a volume is one call, i.e. one batched sampler run.
+Reconstructor = Callable[[Tensor], Tensor]
 MASK_MODES = ("fixed", "otsu")
 #: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
 SPLIT_KEYS = {"train": "training", "training": "training", "val": "validation", "validation": "validation", "test": "test"}
@@ -48,10 +49,7 @@ OVERLAY_SLICES = 6
 
 
 class InfererReconstructor:
-    """Adapts a MONAI inferer + network to :data:`Reconstructor`: ``inferer(slices, network)`` on ``device``.
-
-    The modality is not used: one single-channel model serves all four contrasts (as trained).
-    """
+    """Adapts a MONAI inferer + network to :data:`Reconstructor`: ``inferer(slices, network)`` on ``device``."""
 
     def __init__(self, inferer: Callable[[Tensor, torch.nn.Module], Tensor], network: torch.nn.Module, device: str | torch.device = "cpu"):
         self.inferer = inferer
@@ -59,7 +57,7 @@ class InfererReconstructor:
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def __call__(self, slices: Tensor, modality: str) -> Tensor:
+    def __call__(self, slices: Tensor) -> Tensor:
         return self.inferer(slices.to(self.device), self.network).float().cpu()
 
 
@@ -158,17 +156,24 @@ def residual_volume(slices: np.ndarray, healthy: np.ndarray, support: np.ndarray
     return slices_to_volume(np.abs(slices - healthy), support.shape, preprocess) * support
 
 
-def _reconstruct_modality(
-    reconstruct: Reconstructor, slices: np.ndarray, modality: str, source: Path
-) -> np.ndarray:
-    """Run ``reconstruct`` on (S, s, s) slices; check its output; return (S, s, s) float32 clipped to [0, 1]."""
-    healthy = reconstruct(torch.from_numpy(slices[:, None]), modality)
-    healthy = healthy.detach().float().cpu().numpy()
-    if healthy.shape != (slices.shape[0], 1, *slices.shape[1:]):
-        raise RuntimeError(f"reconstruction of {source} returned shape {healthy.shape}, expected {(slices.shape[0], 1, *slices.shape[1:])}")
-    if not np.isfinite(healthy).all():
-        raise RuntimeError(f"reconstruction of {source} contains non-finite values (diverged sampler?)")
-    return np.clip(healthy[:, 0], 0.0, 1.0)
+def _reconstruct_volume(
+    reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: Mapping[str, Path]
+) -> dict[str, np.ndarray]:
+    """Run ``reconstruct`` once on the (S, s, s) slices of all modalities, stacked in ``MODALITIES`` order (one
+    batched sampler run per volume; with the inferer's per-slice seeds each modality slice also draws its own
+    noise); check the output; return modality -> (S, s, s) float32 clipped to [0, 1]."""
+    stacked = np.concatenate([slices[m] for m in MODALITIES])[:, None]
+    healthy = reconstruct(torch.from_numpy(stacked)).detach().float().cpu().numpy()
+    if healthy.shape != stacked.shape:
+        raise RuntimeError(f"reconstruction of {files[MODALITIES[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}")
+    out, first = {}, 0
+    for modality in MODALITIES:
+        part = healthy[first : first + len(slices[modality]), 0]
+        first += len(slices[modality])
+        if not np.isfinite(part).all():
+            raise RuntimeError(f"reconstruction of {files[modality]} contains non-finite values (diverged sampler?)")
+        out[modality] = np.clip(part, 0.0, 1.0)
+    return out
 
 
 def _mask(weighted: np.ndarray, subject: SubjectVolumes, preprocess: PreprocessConfig, mode: str | None, threshold: float | None) -> np.ndarray | None:
@@ -227,7 +232,7 @@ def detect_subject(
     """Detect anomalies in one subject; write ``out_dir/<subject>/`` (see docs/architecture.md); return that folder.
 
     files: modality -> NIfTI path for the four modalities (extra keys such as ``seg`` are ignored).
-    Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s), ``reconstruct``, residual
+    Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s); ``reconstruct`` all 4·S slices in one call; residual
     |input − healthy| at the model's resolution, mapped back to the input geometry and zeroed outside the brain
     and the slice range. The weighted map Σ w_m·anomaly_m is thresholded when ``mask_mode`` is "fixed" (needs
     ``threshold``; ``threshold=None`` means no mask) or "otsu"; ``mask_mode=None`` writes no mask.
@@ -249,14 +254,15 @@ def detect_subject(
         raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
 
     support = anomaly_support(volumes.brain_mask, preprocess)
-    normalised, healthy, anomaly = {}, {}, {}
+    normalised, slices, healthy, anomaly = {}, {}, {}, {}
     reconstruction_started = time.perf_counter()
     for modality in MODALITIES:
-        normalised[modality], slices = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
-        healthy_slices = _reconstruct_modality(reconstruct, slices, modality, files[modality])
-        healthy[modality] = slices_to_volume(healthy_slices, volumes.reference.shape, preprocess)
-        anomaly[modality] = residual_volume(slices, healthy_slices, support, preprocess)
-        logger.info("%s %s: reconstructed %d slices", subject, modality, slices.shape[0])
+        normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
+    healthy_slices = _reconstruct_volume(reconstruct, slices, files)
+    for modality in MODALITIES:
+        healthy[modality] = slices_to_volume(healthy_slices[modality], volumes.reference.shape, preprocess)
+        anomaly[modality] = residual_volume(slices[modality], healthy_slices[modality], support, preprocess)
+    logger.info("%s: reconstructed %d slices × %d modalities", subject, len(slices[MODALITIES[0]]), len(MODALITIES))
     reconstruction_seconds = time.perf_counter() - reconstruction_started
     weighted = weighted_anomaly(anomaly, weights)
     mask = _mask(weighted, volumes, preprocess, mask_mode, threshold)

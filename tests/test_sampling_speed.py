@@ -1,4 +1,5 @@
-"""benchmarks/sampling.py and benchmarks/gpu_volume_time.py end to end with a tiny random-weight VE-JP model."""
+"""Sampling speed: whole-volume detection is one batched reconstruction call; benchmarks/sampling.py and
+benchmarks/gpu_volume_time.py end to end with a tiny random-weight VE-JP model."""
 
 import json
 import sys
@@ -10,6 +11,10 @@ import torch
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import ModelSpec, training_preprocess
+from tsgm_components.data.brats import MODALITIES, subject_files
+from tsgm_components.data.preprocessing import PreprocessConfig
+from tsgm_components.detection import detect_subject
+from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.networks.score import ScoreUNet
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -26,6 +31,32 @@ device: "$torch.device('cpu')"
 """
 # predictor-only reference: Langevin steps with a random network diverge
 FAST = ["--reference", "pc:n_steps=4,n_corrector_steps=0", "--samplers", "heun:n_steps=2", "sdedit:t0=0.2,n_steps=2,n_corrector_steps=0"]
+
+
+class BlockReconstructor:
+    """Records each call's input shape; the "healthy" slice of stack position i is the constant (i // per_block) / 10."""
+
+    def __init__(self, per_block: int):
+        self.per_block, self.shapes = per_block, []
+
+    def __call__(self, slices):
+        self.shapes.append(tuple(slices.shape))
+        block = torch.arange(len(slices), dtype=torch.float32) // self.per_block
+        return (block / 10)[:, None, None, None].expand_as(slices).clone()
+
+
+def test_detection_reconstructs_all_modalities_of_a_volume_in_one_call(phantom_dir, tmp_path):
+    preprocess = PreprocessConfig(image_size=32)
+    n_slices = preprocess.z_max - preprocess.z_min + 1
+    reconstruct = BlockReconstructor(n_slices)
+    files = subject_files(phantom_dir / "BraTS20_Training_001", require_seg=False)
+    out = detect_subject(files, tmp_path, reconstruct, preprocess, PAPER_WEIGHTS, None, "blocks")
+    assert reconstruct.shapes == [(4 * n_slices, 1, 32, 32)]
+    brain = np.asarray(nib.load(str(files["t1"])).dataobj) != 0  # any modality: t1 covers the phantom brain
+    for index, modality in enumerate(MODALITIES):  # the stack is split back in MODALITIES order
+        healthy = np.asarray(nib.load(str(out / f"{out.name}_healthy_{modality}.nii.gz")).dataobj)
+        inside = healthy[:, :, preprocess.z_min : preprocess.z_max + 1][brain[:, :, preprocess.z_min : preprocess.z_max + 1]]
+        np.testing.assert_allclose(np.median(inside), index / 10, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
