@@ -1,6 +1,6 @@
 """Training faults on multi-day runs, for both trainers (CycleGAN bundle, VE-JP bundle):
 
-* SIGKILL mid-epoch, and SIGKILL while a checkpoint is being written, then ``--resume true``: the resumed run ends
+* SIGKILL mid-epoch, and SIGKILL while a checkpoint is being written, then ``--resume True``: the resumed run ends
   bit-identical to an uninterrupted one (weights, EMA, optimisers, schedulers, image pools, random states, step);
 * a NaN loss stops training naming the iteration and the loss, keeps the last good checkpoint, writes no final model;
 * checkpoints carry the networks/image size they were made for and refuse others, naming the differing keys;

@@ -152,7 +152,7 @@ def test_training_writes_checkpoints_and_resume_continues(trained):
 
     with pytest.raises(Exception) as excinfo:  # a fresh run would mix with the earlier run's checkpoints
         run_bundle("training", [TRAIN, CPU], work_dir=str(trained), **TINY_TRAIN)
-    assert "--resume true" in str(input_error(excinfo))
+    assert "--resume True" in str(input_error(excinfo))
 
     run_bundle("training", [TRAIN, CPU], work_dir=str(trained), resume=True, **dict(TINY_TRAIN, max_epochs=2))
     resumed = torch.load(final, weights_only=True)

@@ -132,7 +132,7 @@ def resume_point(checkpoint_dir: str | Path, resume: bool) -> str | None:
     if not resume and latest is not None:
         raise TsgmInputError(
             checkpoint_dir,
-            "holds checkpoints of an earlier run: pass --resume true to continue it, or use another --work_dir",
+            "holds checkpoints of an earlier run: pass --resume True to continue it, or use another --work_dir",
         )
     return latest if resume else None
 

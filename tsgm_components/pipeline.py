@@ -21,11 +21,15 @@ BUNDLES = REPO_ROOT / "bundles"
 
 @dataclass(frozen=True)
 class Step:
-    """One pipeline command and the file or folder whose existence means it has already run."""
+    """One pipeline command and the file whose existence means it has already run.
+
+    ``output`` None: the step always runs and skips finished work itself (detection over a split with
+    ``--skip_existing True``: each subject's folder appears atomically, so a killed split resumes per subject).
+    """
 
     name: str
     command: list[str]
-    output: Path
+    output: Path | None
 
 
 def bundle_command(run_id: str, bundle: str, configs: list[str], work_dir: Path, **overrides: object) -> list[str]:
@@ -59,28 +63,36 @@ def demo_steps(work_dir: Path, n_subjects: int = 24, seed: int = 0, image_size: 
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
         Step("train VE-JP score model (stage 2)",
              bundle_command("training", "vejp_anomaly", vejp_train, work_dir), work_dir / "vejp" / "model.pt"),
+    ]
+    splits = ("validation", "test")
+    steps += [
+        Step(f"TSGM detection, {split}",
+             bundle_command("inference", "vejp_anomaly", vejp_infer, work_dir,
+                            datalist=prepared / "volumes.json", split=split, skip_existing=True),
+             None)
+        for split in splits
+    ]
+    steps += [
+        Step("FLAIR-threshold baseline detection",
+             bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir,
+                            skip_existing=True),
+             None),
+        Step("CycleGAN-only baseline detection",
+             bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir,
+                            skip_existing=True),
+             None),
         Step("train unconditional score model (SDEdit baseline)",
              bundle_command("training", "vejp_anomaly", vejp_train + unconditional, work_dir),
              work_dir / "vejp_unconditional" / "model.pt"),
     ]
-    for split in ("validation", "test"):
-        steps += [
-            Step(f"TSGM detection, {split}",
-                 bundle_command("inference", "vejp_anomaly", vejp_infer, work_dir,
-                                datalist=prepared / "volumes.json", split=split),
-                 detections / "vejp" / split),
-            Step(f"SDEdit baseline detection, {split}",
-                 bundle_command("inference", "vejp_anomaly", vejp_infer + unconditional, work_dir,
-                                datalist=prepared / "volumes.json", split=split),
-                 detections / "unconditional_sdedit" / split),
-        ]
     steps += [
-        Step("FLAIR-threshold baseline detection",
-             bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir),
-             detections / "flair_threshold" / "test"),
-        Step("CycleGAN-only baseline detection",
-             bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir),
-             detections / "cyclegan" / "test"),
+        Step(f"SDEdit baseline detection, {split}",
+             bundle_command("inference", "vejp_anomaly", vejp_infer + unconditional, work_dir,
+                            datalist=prepared / "volumes.json", split=split, skip_existing=True),
+             None)
+        for split in splits
+    ]
+    steps += [
         Step("calibrate on validation, evaluate on test",
              bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", "cpu.yaml"], work_dir),
              work_dir / "evaluation" / "summary.json"),
@@ -96,7 +108,7 @@ def run_demo(work_dir: str = "runs/demo", n_subjects: int = 24, seed: int = 0, i
     start = time.perf_counter()
     for index, step in enumerate(steps, 1):
         header = f"[{index}/{len(steps)}] {step.name}"
-        if step.output.exists():
+        if step.output is not None and step.output.exists():
             print(f"{header}: done already ({step.output})", flush=True)
             continue
         print(f"{header}\n$ {shlex.join(step.command)}", flush=True)
