@@ -30,6 +30,13 @@ class Step:
     name: str
     command: list[str]
     output: Path | None
+    checkpoint_dir: Path | None = None  # training steps: an interrupted run here is resumed (--resume True)
+
+    def resolved_command(self) -> list[str]:
+        """The command, with ``--resume True`` when an interrupted training run left checkpoints."""
+        if self.checkpoint_dir is not None and any(self.checkpoint_dir.glob("checkpoint_*.pt")):
+            return self.command + ["--resume", "True"]
+        return self.command
 
 
 def bundle_command(run_id: str, bundle: str, configs: list[str], work_dir: Path, **overrides: object) -> list[str]:
@@ -57,12 +64,13 @@ def demo_steps(work_dir: Path, n_subjects: int = 24, seed: int = 0, image_size: 
                                        "--image_size", str(image_size), "--seed", str(seed)], prepared),
         Step("train CycleGAN (stage 1)",
              bundle_command("training", "cyclegan_brats", ["train.yaml", "cpu.yaml"], work_dir),
-             work_dir / "cyclegan" / "model.pt"),
+             work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan"),
         Step("pseudo-pairs G_A→B(healthy)",
              bundle_command("inference", "cyclegan_brats", ["inference.yaml", "cpu.yaml"], work_dir),
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
         Step("train VE-JP score model (stage 2)",
-             bundle_command("training", "vejp_anomaly", vejp_train, work_dir), work_dir / "vejp" / "model.pt"),
+             bundle_command("training", "vejp_anomaly", vejp_train, work_dir), work_dir / "vejp" / "model.pt",
+             work_dir / "vejp" / "checkpoints"),
     ]
     splits = ("validation", "test")
     steps += [
@@ -83,7 +91,7 @@ def demo_steps(work_dir: Path, n_subjects: int = 24, seed: int = 0, image_size: 
              None),
         Step("train unconditional score model (SDEdit baseline)",
              bundle_command("training", "vejp_anomaly", vejp_train + unconditional, work_dir),
-             work_dir / "vejp_unconditional" / "model.pt"),
+             work_dir / "vejp_unconditional" / "model.pt", work_dir / "vejp_unconditional" / "checkpoints"),
     ]
     steps += [
         Step(f"SDEdit baseline detection, {split}",
@@ -111,9 +119,10 @@ def run_demo(work_dir: str = "runs/demo", n_subjects: int = 24, seed: int = 0, i
         if step.output is not None and step.output.exists():
             print(f"{header}: done already ({step.output})", flush=True)
             continue
-        print(f"{header}\n$ {shlex.join(step.command)}", flush=True)
+        command = step.resolved_command()
+        print(f"{header}\n$ {shlex.join(command)}", flush=True)
         step_start = time.perf_counter()
-        result = subprocess.run(step.command, cwd=work)
+        result = subprocess.run(command, cwd=work)
         if result.returncode != 0:
             raise SystemExit(f"tsgm demo: step '{step.name}' failed (exit {result.returncode}); fix it and rerun "
                              "the same command to continue from this step")
