@@ -447,7 +447,8 @@ def markdown(report: dict[str, Any]) -> str:
         "threshold for these slices (upper bound, not a result); "
         "MAE vs ref = mean absolute difference of the reconstructions from the reference's, brain pixels of "
         "the model-resolution slices. Noise: the reference is itself one stochastic draw; differences of a few "
-        "0.01 on this many slices are within sampling noise.",
+        "0.01 on this many slices are within sampling noise. \"yes\" means no worse than the reference: with a "
+        "reference Dice near 0 (an untrained model) it says nothing about detection.",
     ]
     return "\n".join(lines) + "\n"
 
