@@ -8,6 +8,7 @@ import numpy as np
 import nibabel as nib
 import pytest
 import torch
+from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import ModelSpec, training_preprocess
@@ -65,11 +66,14 @@ def bench(prepared_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     (work / "prepared").symlink_to(prepared_dir)
     (work / "tiny.yaml").write_text(TINY_YAML)
+    configs = [str(CONFIGS / "inference.yaml"), str(CONFIGS / "cpu.yaml"), str(work / "tiny.yaml")]
+    parser = ConfigParser()
+    parser.read_config(configs)
+    sde = {key: parser.get_parsed_content(key) for key in ("sigma_min", "sigma_max")}  # as the config says
     torch.manual_seed(0)
-    spec = ModelSpec(training_preprocess(prepared_dir, 32), TINY, {"sigma_min": 0.01, "sigma_max": 348.0})
+    spec = ModelSpec(training_preprocess(prepared_dir, 32), TINY, sde)
     (work / "vejp").mkdir()
     torch.save({"model": ScoreUNet(**TINY).state_dict(), "model_spec": spec.state_dict()}, work / "vejp" / "model.pt")
-    configs = [str(CONFIGS / "inference.yaml"), str(CONFIGS / "cpu.yaml"), str(work / "tiny.yaml")]
     return work, configs
 
 
