@@ -1,0 +1,42 @@
+"""The demo pipeline: every step names real bundle configs, and an interrupted step resumes."""
+
+import ast
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tsgm_components.pipeline import demo_steps, run_demo
+
+
+def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path):
+    steps = demo_steps(tmp_path)
+    assert [s.name for s in steps][-1] == "calibrate on validation, evaluate on test"
+    bundle_steps = [s for s in steps if "monai.bundle" in s.command]
+    assert len(bundle_steps) == 11
+    for step in bundle_steps:
+        configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
+        assert all(Path(c).is_file() for c in configs), step.name
+        assert step.command[step.command.index("--work_dir") + 1] == str(tmp_path)
+
+
+def test_training_resumes_only_when_an_interrupted_run_left_checkpoints(tmp_path):
+    vejp = next(s for s in demo_steps(tmp_path) if s.name.startswith("train VE-JP"))
+    assert "--resume" not in vejp.resolved_command()
+    vejp.checkpoint_dir.mkdir(parents=True)
+    (vejp.checkpoint_dir / "checkpoint_epoch=2.pt").write_bytes(b"")
+    assert vejp.resolved_command()[-2:] == ["--resume", "True"]
+
+
+def test_detection_steps_always_run_and_skip_finished_subjects(tmp_path):
+    detections = [s for s in demo_steps(tmp_path) if "detection" in s.name]
+    assert len(detections) == 6
+    for step in detections:
+        assert step.output is None
+        assert step.command[step.command.index("--skip_existing") + 1] == "True"
+
+
+def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3))
+    with pytest.raises(SystemExit, match=r"step 'phantom dataset' failed \(exit 3\)"):
+        run_demo(str(tmp_path / "w"))
