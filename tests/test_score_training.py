@@ -32,7 +32,7 @@ def test_score_unet_shapes_and_condition_checks():
         conditional(torch.rand(3, 1, 15, 16), sigma, c)
 
 
-def test_score_unet_maps_inputs_and_divides_by_sigma():
+def test_score_unet_is_the_edm_preconditioned_denoiser():
     torch.manual_seed(0)
     net = ScoreUNet(1, **TINY).eval()
     with torch.no_grad():  # MONAI zero-initialises the output convolution; make the output non-trivial
@@ -40,12 +40,40 @@ def test_score_unet_maps_inputs_and_divides_by_sigma():
             p.normal_(0, 0.1)
     x, c = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
     sigma = torch.tensor([0.05, 20.0])
-    raw = net.unet(torch.cat([2 * x - 1, 2 * c - 1], 1), NOISE_LABEL_SCALE * torch.log(sigma))
+    s_y, s_d = 2 * sigma[:, None, None, None], 0.5  # noise on the [-1, 1] scale; EDM's sigma_data
+    y = 2 * x - 1
     with torch.no_grad():
-        torch.testing.assert_close(net(x, sigma, c), raw / sigma[:, None, None, None])
+        raw = net.unet(torch.cat([y / (s_y**2 + s_d**2).sqrt(), 2 * c - 1], 1), NOISE_LABEL_SCALE * torch.log(sigma))
+        denoised_y = s_d**2 / (s_y**2 + s_d**2) * y + s_y * s_d / (s_y**2 + s_d**2).sqrt() * raw
+        expected_denoised = (denoised_y + 1) / 2
+        torch.testing.assert_close(net.denoise(x, sigma, c), expected_denoised)
+        torch.testing.assert_close(net(x, sigma, c), (expected_denoised - x) / sigma[:, None, None, None] ** 2, rtol=1e-4, atol=1e-4)
+        # at a tiny sigma D is close to the identity (c_skip -> 1, c_out -> 0)
+        torch.testing.assert_close(net.denoise(x, torch.tensor(1e-4), c), x, atol=1e-3, rtol=0)
         # the condition matters; a scalar sigma broadcasts
         assert not torch.allclose(net(x, sigma, c), net(x, sigma, 1 - c))
-        torch.testing.assert_close(net(x, torch.tensor(0.05), c)[:1], net(x[:1], sigma[:1], c[:1]))
+        torch.testing.assert_close(net.denoise(x, torch.tensor(0.05), c)[:1], net.denoise(x[:1], sigma[:1], c[:1]))
+
+
+def test_loss_weight_makes_the_dsm_loss_the_unet_output_mse():
+    """w(σ)·(σ·s + z)² equals (F − F_target)², F_target = (y_0 − c_skip·y_t)/c_out, at every σ."""
+    torch.manual_seed(0)
+    net = ScoreUNet(1, **TINY).eval()
+    with torch.no_grad():
+        for p in net.unet.out.parameters():
+            p.normal_(0, 0.1)
+    x0, c = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    sde = VESDE(sigma_min=0.01, sigma_max=50.0)
+    with torch.no_grad():
+        loss = dsm_loss(net, x0, c, sde, torch.Generator().manual_seed(3), net.loss_weight)
+        g = torch.Generator().manual_seed(3)  # the same draws as inside dsm_loss
+        sigma = sde.sigma(sde.sample_t(4, g))
+        z = torch.randn(x0.shape, generator=g)
+        s_y, s_d = 2 * sigma[:, None, None, None], 0.5
+        y0, y_t = 2 * x0 - 1, 2 * (x0 + sigma[:, None, None, None] * z) - 1
+        raw = net.unet(torch.cat([y_t / (s_y**2 + s_d**2).sqrt(), 2 * c - 1], 1), NOISE_LABEL_SCALE * torch.log(sigma))
+        target = (y0 - s_d**2 / (s_y**2 + s_d**2) * y_t) / (s_y * s_d / (s_y**2 + s_d**2).sqrt())
+    torch.testing.assert_close(loss, ((raw - target) ** 2).mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_preset_parameter_counts():
@@ -150,7 +178,8 @@ def test_amp_needs_cuda():
 
 
 def test_training_reduces_the_dsm_loss():
-    """A zero-initialised output layer gives loss E z² ≈ 1; a few steps must learn at least the large-σ score."""
+    """A zero-initialised output layer leaves D = c_skip·y_t, far from the data at large σ; a few steps must at
+    least halve the trained (EDM-weighted) loss on held-out pairs."""
     g = torch.Generator().manual_seed(0)
 
     def pair(batch):
@@ -161,14 +190,16 @@ def test_training_reduces_the_dsm_loss():
 
     def eval_loss(net):
         with torch.no_grad():
-            return dsm_loss(net, held_out["image"], held_out["condition"], VESDE(), torch.Generator().manual_seed(1))
+            return dsm_loss(net, held_out["image"], held_out["condition"], VESDE(), torch.Generator().manual_seed(1),
+                            net.loss_weight)
 
     torch.manual_seed(0)
     net = ScoreUNet(1, **TINY)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     before = eval_loss(net)
     ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5)).run()
-    assert before > 0.8 and eval_loss(net) < 0.5 * before
+    after = eval_loss(net)
+    assert before > 0.3 and after < 0.5 * before, (before, after)
 
 
 def test_prepare_pair_batch_strips_metadata_and_names_missing_keys():

@@ -1,4 +1,4 @@
-"""Ignite/MONAI trainer for the VE-JP score model: σ²-weighted DSM steps with warm-up, clipping and EMA."""
+"""Ignite/MONAI trainer for the VE-JP score model: DSM steps (EDM-weighted) with warm-up, clipping and EMA."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def prepare_pair_batch(batchdata: dict, device: torch.device, non_blocking: bool
 class ScoreMatchingTrainer(Trainer):
     """Trains a ``ScoreUNet`` by denoising score matching (``dsm_loss``) on pseudo-pairs.
 
-    One iteration: t ~ U(eps, 1), z ~ N(0, I) from the trainer's seeded generator; loss on the batch;
+    One iteration: t ~ U(eps, 1), z ~ N(0, I) from the trainer's seeded generator; loss on the batch (weighted by
+    the network's ``loss_weight`` where it has one);
     backward; gradient-norm clip; optimiser step; ``lr_scheduler`` step (per iteration, e.g. ``linear_warmup``);
     EMA update ``ema = decay·ema + (1 − decay)·weights``. ``state.output = {"loss": detached scalar}``. A NaN/Inf
     loss raises ``NonFiniteLossError`` (iteration named) before it updates the weights or the EMA.
@@ -122,7 +123,9 @@ class ScoreMatchingTrainer(Trainer):
         self.sde = sde
         self.lr_scheduler = lr_scheduler
         self.grad_clip_norm = grad_clip_norm
-        self.conditional = getattr(network, "condition_channels", 1) > 0
+        score_net = getattr(network, "module", network)  # unwrapped from DistributedDataParallel
+        self.conditional = getattr(score_net, "condition_channels", 1) > 0
+        self.loss_weight = getattr(score_net, "loss_weight", None)  # ScoreUNet: EDM's per-σ weight
         self.ema_network = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema_network.update_parameters(network)  # the first update copies: the EMA starts at the initial weights
         self.generator = torch.Generator(device=self.state.device).manual_seed(int(seed))
@@ -154,7 +157,7 @@ class ScoreMatchingTrainer(Trainer):
         engine.optimizer.zero_grad(set_to_none=True)
         if engine.amp and engine.scaler is not None:
             with torch.autocast("cuda", **engine.amp_kwargs):
-                loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator)
+                loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
             check_finite_losses(engine, {CommonKeys.LOSS: loss})
             engine.scaler.scale(loss).backward()
             engine.scaler.unscale_(engine.optimizer)
@@ -162,7 +165,7 @@ class ScoreMatchingTrainer(Trainer):
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator)
+            loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
             check_finite_losses(engine, {CommonKeys.LOSS: loss})
             loss.backward()
             engine._clip_gradients()

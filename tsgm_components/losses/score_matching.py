@@ -1,8 +1,8 @@
-"""σ²-weighted denoising score matching (Song et al. 2021, continuous VE)."""
+"""Denoising score matching (Song et al. 2021, continuous VE), σ²-weighted, optionally reweighted per σ (EDM)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import Tensor
 
@@ -19,12 +19,14 @@ def dsm_loss(
     condition: Tensor | None,
     sde: VESDE,
     generator=None,
+    loss_weight: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
-    """Scalar loss mean over batch and pixels of (σ·s_θ(x0 + σz, σ, condition) + z)², t ~ U(eps, 1), σ = σ(t),
-    z ~ N(0, I).
+    """Scalar loss, mean over batch and pixels of w(σ)·(σ·s_θ(x0 + σz, σ, condition) + z)², t ~ U(eps, 1),
+    σ = σ(t) (log-uniform on [σ_min, σ_max]), z ~ N(0, I).
 
-    Weighting each σ by σ² makes the loss O(1) at every noise level; its minimiser is the score of the noised
-    marginal. The condition is passed unchanged (never noised).
+    The σ² factor (inside the square) is score-SDE's weighting; any positive w(σ) keeps the minimiser, the score
+    of the noised marginal, and only moves effort between noise levels (``ScoreUNet.loss_weight`` makes every σ
+    count equally for the UNet's own output). The condition is passed unchanged (never noised).
 
     Args:
         network: the score model.
@@ -32,10 +34,14 @@ def dsm_loss(
         condition: (B, C, H, W) in [0, 1] (x_B~), or None for an unconditional model.
         sde: supplies σ(t) and the t distribution.
         generator: a ``torch.Generator`` for t and z (on any device), or None for the global RNG.
+        loss_weight: w(σ), (B,) → (B,); None for w = 1 (score-SDE's σ²-weighted loss).
     """
     t = sde.sample_t(x0.shape[0], generator, device=x0.device)
     sigma = sde.sigma(t)
     z = randn(x0.shape, generator, device=x0.device).to(x0.dtype)
     x_t = x0 + sigma[:, None, None, None] * z
     score = network(x_t, sigma, condition)
-    return ((sigma[:, None, None, None] * score + z) ** 2).mean()
+    squared = (sigma[:, None, None, None] * score + z) ** 2
+    if loss_weight is not None:
+        squared = loss_weight(sigma)[:, None, None, None] * squared
+    return squared.mean()

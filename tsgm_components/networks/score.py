@@ -34,13 +34,20 @@ NOISE_LABEL_SCALE = 250.0
 
 
 class ScoreUNet(nn.Module):
-    """s_θ(x_t, σ, condition) ≈ ∇ log p_σ(x_t | condition), the score of the noised healthy image.
+    """s_θ(x_t, σ, condition) ≈ ∇ log p_σ(x_t | condition), the score of the noised healthy image, computed from a
+    preconditioned denoiser (Karras et al. 2022, "EDM", table 1).
 
-    Inside: images in [0, 1] are mapped to [-1, 1] by 2x − 1 (the noisy state x_t and the condition alike; x_t is
-    not otherwise rescaled, as in score-SDE's NCSN++), the condition is concatenated as extra channels, σ enters
-    as the timestep embedding of ``NOISE_LABEL_SCALE · ln σ``, and the UNet output is divided by σ
-    (``scale_by_sigma``: the DSM target −z/σ has magnitude 1/σ). The authors' NCSN++ embeds ln σ with Gaussian
-    Fourier features instead; MONAI's sinusoidal embedding plays the same role.
+    Images in [0, 1] are mapped to y = 2x − 1 in [-1, 1] (so the noise level there is σ_y = 2σ). The UNet F sees
+    the noisy state scaled to unit variance, c_in·y_t, with the condition concatenated (2c − 1, never noised), and
+    σ as the timestep embedding of ``NOISE_LABEL_SCALE · ln σ``. The denoiser is
+    D_y = c_skip·y_t + c_out·F, with c_skip = σ_d²/(σ_y² + σ_d²), c_out = σ_y·σ_d/√(σ_y² + σ_d²),
+    c_in = 1/√(σ_y² + σ_d²), σ_d = ``sigma_data``; the score is (D(x_t) − x_t)/σ² (Tweedie).
+
+    Why not the authors' NCSN++ output scaling (raw 2x − 1 input, UNet output / σ): the same score model, but at
+    large σ its UNet must undo inputs of magnitude ≈ 2σ (≈ 700 at σ_max = 348), which it learns only after the
+    paper's ~10⁶ steps; the EDM form keeps every UNet input and target at unit scale, so a few hundred CPU steps
+    already give brain-shaped denoised images. Train it with ``loss_weight`` (EDM's λ(σ)), which gives every σ
+    the same weight on the UNet's own output.
 
     Args:
         condition_channels: channels of the condition image (1 for VE-JP: the pseudo-tumour slice x_B~);
@@ -48,6 +55,8 @@ class ScoreUNet(nn.Module):
         channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups: the
             ``DiffusionModelUNet`` layout; defaults are ``PAPER_PRESET``. Image sides must be divisible by
             2^(len(channels) − 1).
+        sigma_data: σ_d, the standard deviation of the data on the [-1, 1] scale assumed by the preconditioning
+            (EDM's 0.5).
     """
 
     def __init__(
@@ -58,11 +67,15 @@ class ScoreUNet(nn.Module):
         num_res_blocks: int | Sequence[int] = PAPER_PRESET["num_res_blocks"],
         num_head_channels: int | Sequence[int] = PAPER_PRESET["num_head_channels"],
         norm_num_groups: int = PAPER_PRESET["norm_num_groups"],
+        sigma_data: float = 0.5,
     ):
         super().__init__()
         if condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.condition_channels = int(condition_channels)
+        self.sigma_data = float(sigma_data)
         self.size_multiple = 2 ** (len(channels) - 1)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
@@ -91,6 +104,30 @@ class ScoreUNet(nn.Module):
         Returns:
             (B, 1, H, W) score, the estimate of ∇_x log p_σ(x | condition), in units of 1/intensity.
         """
+        sigma = self._check(x, sigma, condition)
+        return (self.denoise(x, sigma, condition) - x) / sigma.to(x.dtype)[:, None, None, None] ** 2
+
+    def denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None) -> Tensor:
+        """D(x_t, σ, condition) ≈ E[x_0 | x_t, condition]: (B, 1, H, W) on the [0, 1] data scale; arguments as
+        ``forward``."""
+        sigma = self._check(x, sigma, condition)
+        sigma_y = 2.0 * sigma.to(x.dtype)[:, None, None, None]
+        total = torch.sqrt(sigma_y**2 + self.sigma_data**2)
+        c_skip, c_out, c_in = self.sigma_data**2 / total**2, sigma_y * self.sigma_data / total, 1.0 / total
+        y_t = 2.0 * x - 1.0
+        net_in = c_in * y_t
+        if self.conditional:
+            net_in = torch.cat([net_in, 2.0 * condition.to(x.dtype) - 1.0], dim=1)
+        denoised_y = c_skip * y_t + c_out * self.unet(net_in, NOISE_LABEL_SCALE * torch.log(sigma))
+        return (denoised_y + 1.0) / 2.0
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """EDM's λ(σ) for the σ²-weighted DSM residual (σ·s + z)² = ‖D − x_0‖²/σ²: 1 + (2σ/σ_d)² = 1/(4c_out²/σ_y²),
+        which turns the loss into the plain mean squared error of the UNet output against its target. (B,) → (B,)."""
+        return 1.0 + (2.0 * sigma / self.sigma_data) ** 2
+
+    def _check(self, x: Tensor, sigma: Tensor, condition: Tensor | None) -> Tensor:
+        """Validates shapes; returns sigma as a float32 (B,) tensor on x's device."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x must be (B, 1, H, W), got {tuple(x.shape)}")
         if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
@@ -100,15 +137,12 @@ class ScoreUNet(nn.Module):
             sigma = sigma.expand(x.shape[0])
         if sigma.shape != (x.shape[0],):
             raise ValueError(f"sigma must be (B,) = ({x.shape[0]},), got {tuple(sigma.shape)}")
-        net_in = 2.0 * x - 1.0
         if self.conditional:
             if condition is None or condition.shape != (x.shape[0], self.condition_channels, *x.shape[2:]):
                 got = None if condition is None else tuple(condition.shape)
                 raise ValueError(
                     f"condition must be (B, {self.condition_channels}, H, W) matching x {tuple(x.shape)}, got {got}"
                 )
-            net_in = torch.cat([net_in, 2.0 * condition.to(x.dtype) - 1.0], dim=1)
         elif condition is not None:
             raise ValueError("this ScoreUNet is unconditional (condition_channels=0) but a condition was given")
-        out = self.unet(net_in, NOISE_LABEL_SCALE * torch.log(sigma))
-        return out / sigma.to(out.dtype)[:, None, None, None]
+        return sigma
