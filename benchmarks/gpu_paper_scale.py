@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.io import atomic_path, save_json
+from tsgm_components.io import device_label, save_report
 from tsgm_components.pipeline import BUNDLES, bundle_command
 
 TSGM = [sys.executable, "-m", "tsgm_components.cli"]
@@ -184,13 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = run(args)
     table = markdown(info)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    label = re.sub(r"[^A-Za-z0-9]+", "_", info["gpu"]).strip("_").lower()
-    name = f"{'small' if args.small else 'gpu_paper_scale'}_{label}"
-    with atomic_path(out_dir / f"{name}.md", overwrite=True) as tmp:
-        tmp.write_text(table)
-    save_json(info, out_dir / f"{name}.json")
+    save_report(table, info, args.out_dir, f"{'small' if args.small else 'gpu_paper_scale'}_{device_label(info['gpu'])}")
     print(table)
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -32,7 +31,7 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.inferers import DiffusionSamplerInferer
-from tsgm_components.io import atomic_path, save_json
+from tsgm_components.io import device_label, save_report
 
 from sampling import REFERENCE_SPEC as REFERENCE, SamplerSpec, build_inferer  # benchmarks/sampling.py (this script's folder is sys.path[0])
 
@@ -194,12 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = run(args)
     table = markdown(info)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    label = re.sub(r"[^A-Za-z0-9]+", "_", info["gpu"] or info["device"]).strip("_").lower()
-    with atomic_path(out_dir / f"gpu_volume_time_{label}.md", overwrite=True) as tmp:
-        tmp.write_text(table)
-    save_json(info, out_dir / f"gpu_volume_time_{label}.json")
+    save_report(table, info, args.out_dir, f"gpu_volume_time_{device_label(info['gpu'] or info['device'])}")
     print(table)
     return 0
 

@@ -53,7 +53,7 @@ from tsgm_components.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
 from tsgm_components.inferers import SAMPLERS, DiffusionSamplerInferer
-from tsgm_components.io import atomic_path, save_json
+from tsgm_components.io import atomic_path, save_report
 from tsgm_components.metrics import average_precision, evaluate_case
 
 logger = logging.getLogger("benchmarks.sampling")
@@ -596,14 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmarks/sampling.py: {cause}", file=sys.stderr)
         return 2
     table = markdown(report)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"sampling_{torch.device(report['machine']['device']).type}"
-    with atomic_path(out_dir / f"{name}.md", overwrite=True) as tmp:
-        tmp.write_text(table)
-    save_json(report, out_dir / f"{name}.json")
+    written = save_report(table, report, args.out_dir, f"sampling_{torch.device(report['machine']['device']).type}")
     print(table)
-    print(f"wrote {out_dir / name}.md and .json")
+    print(f"wrote {written}.md and .json")
     return 0
 
 

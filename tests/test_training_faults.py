@@ -103,7 +103,7 @@ def one_torch_thread():
 def run_killed(tmp_path: Path, mode: str, n: int, configs: list[str], overrides: dict) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-c", KILLED_RUN, mode, str(n), json.dumps(configs), json.dumps(overrides)]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 def assert_same_state(actual: Any, expected: Any, where: str = "checkpoint") -> None:
