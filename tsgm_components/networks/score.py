@@ -105,12 +105,14 @@ class ScoreUNet(nn.Module):
             (B, 1, H, W) score, the estimate of ∇_x log p_σ(x | condition), in units of 1/intensity.
         """
         sigma = self._check(x, sigma, condition)
-        return (self.denoise(x, sigma, condition) - x) / sigma.to(x.dtype)[:, None, None, None] ** 2
+        return (self._denoise(x, sigma, condition) - x) / sigma.to(x.dtype)[:, None, None, None] ** 2
 
     def denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None) -> Tensor:
         """D(x_t, σ, condition) ≈ E[x_0 | x_t, condition]: (B, 1, H, W) on the [0, 1] data scale; arguments as
         ``forward``."""
-        sigma = self._check(x, sigma, condition)
+        return self._denoise(x, self._check(x, sigma, condition), condition)
+
+    def _denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None) -> Tensor:
         sigma_y = 2.0 * sigma.to(x.dtype)[:, None, None, None]
         total = torch.sqrt(sigma_y**2 + self.sigma_data**2)
         c_skip, c_out, c_in = self.sigma_data**2 / total**2, sigma_y * self.sigma_data / total, 1.0 / total
