@@ -30,7 +30,8 @@ from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.metrics import average_precision
-from tsgm_components.translation import load_generator, translate_slices
+from tsgm_components.data.brats import MODALITIES
+from tsgm_components.translation import load_generator, translate_modalities
 
 CONFIGS = REPO_ROOT / "bundles" / "cyclegan_brats" / "configs"
 
@@ -50,18 +51,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = int(config.get_parsed_content("image_size"))
 
     datalist = json.loads((prepared / "datalist.json").read_text())
-    flair = [i for i in datalist["training"] + datalist["validation"] if i["modality"] == "flair"]
+    items = datalist["training"] + datalist["validation"]
+    by_slice = {(i["subject"], i["z"], i["modality"]): i for i in items}
+    flair = [i for i in items if i["modality"] == "flair"]
     healthy = [i for i in flair if int(i["tumour"]) == 0][: args.n_slices]
     tumour = [i for i in flair if int(i["tumour"]) == 1][: args.n_slices]
 
     def stack(items: list[dict], key: str) -> torch.Tensor:
         return torch.stack([torch.from_numpy(np.load(prepared / i[key])).float().reshape(1, size, size) for i in items])
 
+    def translate_flair(generator: torch.nn.Module, items: list[dict]) -> torch.Tensor:
+        """G(FLAIR slices), given all four modalities of each slice (a 4-channel generator sees them together)."""
+        modalities = torch.cat([stack([by_slice[(i["subject"], i["z"], m)] for i in items], "image") for m in MODALITIES])
+        return translate_modalities(generator, modalities)[MODALITIES.index("flair") * len(items) :]
+
     x_a, x_b, seg_b = stack(healthy, "image"), stack(tumour, "image"), stack(tumour, "label") > 0.5
     brain_a, brain_b = x_a > 0, x_b > 0
     g_ab = load_generator(config.get_parsed_content("network_def", instantiate=True), checkpoint, "AB", size)
     g_ba = load_generator(config.get_parsed_content("network_def", instantiate=True), checkpoint, "BA", size)
-    fake_b, fake_a = translate_slices(g_ab, x_a), translate_slices(g_ba, x_b)
+    fake_b, fake_a = translate_flair(g_ab, healthy), translate_flair(g_ba, tumour)
     bright = torch.quantile(x_a[brain_a], 0.99)
     frac = lambda x, brain: float((x[brain] > bright).float().mean())  # noqa: E731
     residual = (x_b - fake_a).abs()

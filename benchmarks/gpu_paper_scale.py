@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler, n_steps = text.split(":")
         command = bundle_command("inference", "vejp_anomaly", infer, work, subject_dir=subject,
                                  vejp_dir=work / f"vejp_amp_{amps[-1]}", sampler=sampler, n_steps=n_steps,
-                                 amp=amps[-1], detection_dir=work / "detections" / text.replace(":", "_"),
+                                 sample_amp=amps[-1], detection_dir=work / "detections" / text.replace(":", "_"),
                                  sample_batch_size=64)
         seconds = run_command(command, work)
         add(f"VE-JP detection, one subject ({sampler}, {n_steps} levels, amp {'on' if amps[-1] else 'off'})",

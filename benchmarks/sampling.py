@@ -142,7 +142,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's sample_seed)")
     parser.add_argument("--batch_size", type=int, default=None, help="inferer chunk size (default: the config's)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
-    parser.add_argument("--amp", action="store_true", help="float16 autocast of the network calls (CUDA only)")
+    parser.add_argument("--amp", action="store_true", help="autocast of the network calls: float16 on CUDA, bfloat16 on the CPU")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for this run")
     parser.add_argument("--calibration", default=None, help="calibration.json (default: WORK_DIR/evaluation/tsgm/...)")
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))

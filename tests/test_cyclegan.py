@@ -195,8 +195,8 @@ def test_configs_parse_and_build_networks():
     for main in ("train.yaml", "inference.yaml"):
         small = ConfigParser()
         small.read_config([str(CONFIGS / main), str(CONFIGS / "cpu.yaml")])
-        generator = small.get_parsed_content("network_def")
-        assert small["image_size"] == 64 and generator(torch.rand(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+        generator = small.get_parsed_content("network_def")  # the four modalities of a slice as channels
+        assert small["image_size"] == 64 and generator(torch.rand(1, 4, 64, 64)).shape == (1, 4, 64, 64)
         assert n_params(generator) < 1_000_000
     # the exported/inference generator has the training generator's state-dict layout (checkpoint keys)
     inference = ConfigParser()

@@ -321,7 +321,8 @@ def test_baseline_bundle_writes_detection_folders(synthetic, tmp_path):
     shutil.copytree(synthetic / "prepared", tmp_path / "prepared")
     torch.manual_seed(0)
     (tmp_path / "cyclegan").mkdir()
-    torch.save({"G_BA": ResnetGenerator(ngf=4, n_blocks=1).state_dict()}, tmp_path / "cyclegan" / "model.pt")
+    # cpu.yaml: a 4-channel generator (the four modalities of a slice together)
+    torch.save({"G_BA": ResnetGenerator(4, 4, ngf=4, n_blocks=1).state_dict()}, tmp_path / "cyclegan" / "model.pt")
     configs = [str(BUNDLE / "configs" / "baselines.yaml"), str(BUNDLE / "configs" / "cpu.yaml")]
     for run_id in ("flair_threshold", "cyclegan"):
         run(run_id, config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),

@@ -53,7 +53,7 @@ SCORE_NET = dict(condition_channels=1, channels=[8, 16], attention_levels=[False
 SIGMAS = dict(sigma_min=0.01, sigma_max=30.0)
 #: VE-JP inference overrides: tiny network, Heun with 2 levels (3 network passes per slice) from a seeded prior draw.
 VEJP_SMALL = dict(image_size=32, network_args=SCORE_NET, **SIGMAS, sampler="heun", n_steps=2, sample_batch_size=64)
-GENERATOR = dict(ngf=4, n_blocks=1)
+GENERATOR = dict(ngf=4, n_blocks=1, in_channels=1)  # in_channels 1 (cpu.yaml has 4): translate_volume needs a 1-channel generator
 
 
 @pytest.fixture(scope="module", autouse=True)

