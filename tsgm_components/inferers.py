@@ -64,8 +64,8 @@ class DiffusionSamplerInferer(Inferer):
 
     Mixed precision: ``amp=True`` runs the network calls under autocast, float16 on CUDA and bfloat16 on the CPU
     (the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
-    AVX512-BF16/AMX (2.3× for the demo's network on the 2-core AMD EPYC here) and is slower on CPUs without;
-    ``benchmarks/sampling.py --amp`` measures what it changes in the reconstructions and their Dice.
+    AVX512-BF16/AMX (1.9× for the demo's model on the 2-core AMD EPYC here, reconstructions within 2e-4 of
+    float32 on average: ``benchmarks/cpu_bf16.py``) and is slower on CPUs without.
 
     Attributes:
         nfe_per_slice: score evaluations per slice of the configured sampler.

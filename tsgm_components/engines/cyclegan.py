@@ -68,7 +68,7 @@ class CycleGANTrainer(Trainer):
         pool_a, pool_b: image pools of generated A and B images (fed to D_A and D_B).
         loss_weights: cycle/identity weights.
         autocast_dtype: run the network passes under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16``,
-            ≈1.4× faster on a CPU with AVX512-BF16); losses, image pools and weights stay float32. None: float32.
+            1.4× faster for the demo's CPU config on a CPU with AVX512-BF16, ``benchmarks/cpu_bf16.py``); losses, image pools and weights stay float32. None: float32.
         epoch_length, non_blocking, prepare_batch, train_handlers, optim_set_to_none, to_kwargs: as in MONAI
             ``SupervisedTrainer``.
     """
