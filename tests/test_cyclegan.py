@@ -236,7 +236,7 @@ def test_bundle_training_checkpoint_and_resume(tiny_prepared, tmp_path):
     assert len(second["pool_a"]["images"]) == 6  # the image pool carried on filling (batch 1, pool size 50)
     with pytest.raises(RuntimeError) as error:  # MONAI wraps errors raised inside config expressions
         run_bundle("training", "train.yaml", n_epochs=1, resume=True, **dict(common, work_dir=str(tmp_path / "empty")))
-    assert isinstance(error.value.__cause__, TsgmInputError) and "no checkpoint_epoch" in str(error.value.__cause__)
+    assert isinstance(error.value.__cause__, TsgmInputError) and "resume requested but there is no checkpoint" in str(error.value.__cause__)
 
 
 def test_two_process_gloo_training(tiny_prepared, tmp_path):

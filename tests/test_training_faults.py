@@ -27,8 +27,8 @@ from monai.bundle import ConfigParser, run
 from test_cyclegan import make_prepared  # tests/ is on sys.path (pytest rootdir)
 
 import tsgm_components
-from tsgm_components.checkpoints import resume_point
-from tsgm_components.engines.cyclegan import CycleGANTrainer, latest_checkpoint
+from tsgm_components.checkpoints import latest_checkpoint, resume_point
+from tsgm_components.engines.cyclegan import CycleGANTrainer
 from tsgm_components.engines.fault_tolerance import NonFiniteLossError
 from tsgm_components.engines.score import ScoreMatchingTrainer, linear_warmup
 from tsgm_components.data.unpaired import UnpairedSliceDataset

@@ -90,8 +90,9 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     return state
 
 
-def check_checkpoint(checkpoint: str | Path | None, spec: ModelSpec) -> str | None:
-    """Check a checkpoint's spec against ``spec`` before a resume; returns the path (None passes through)."""
+def check_checkpoint(checkpoint: str | Path | None, spec: ModelSpec | Any) -> str | None:
+    """Check a checkpoint's spec against ``spec`` (a ``ModelSpec``, or the CycleGAN bundle's ``CycleGANSpec``: anything
+    with ``check(saved, checkpoint)``) before a resume; returns the path (None passes through)."""
     if checkpoint is None:
         return None
     spec.check(read_checkpoint(checkpoint).get(SPEC_KEY), checkpoint)
@@ -119,8 +120,10 @@ def load_score_weights(network: nn.Module, checkpoint: str | Path, spec: ModelSp
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> str | None:
-    """Most recently written ``*.pt`` in ``checkpoint_dir`` (None if there is none): the resume point."""
-    files = sorted(Path(checkpoint_dir).glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    """Most recently written training checkpoint (``checkpoint_*.pt``: ``checkpoint_epoch=N.pt`` after an epoch,
+    ``checkpoint_final.pt`` after a VE-JP run) in ``checkpoint_dir``, None if there is none: the resume point of
+    both training bundles (and what ``tsgm demo`` looks for to resume an interrupted step)."""
+    files = sorted(Path(checkpoint_dir).glob("checkpoint_*.pt"), key=lambda p: p.stat().st_mtime_ns)
     return str(files[-1]) if files else None
 
 
@@ -128,7 +131,7 @@ def resume_point(checkpoint_dir: str | Path, resume: bool) -> str | None:
     """The checkpoint to resume from; refuses to start afresh over existing checkpoints (they would be mixed)."""
     latest = latest_checkpoint(checkpoint_dir)
     if resume and latest is None:
-        raise TsgmInputError(checkpoint_dir, "resume requested but there is no checkpoint (*.pt) here")
+        raise TsgmInputError(checkpoint_dir, "resume requested but there is no checkpoint (checkpoint_*.pt) here")
     if not resume and latest is not None:
         raise TsgmInputError(
             checkpoint_dir,

@@ -34,6 +34,7 @@ class Step:
 
     def resolved_command(self) -> list[str]:
         """The command, with ``--resume True`` when an interrupted training run left checkpoints."""
+        # checkpoints.latest_checkpoint's pattern (not imported: this driver runs the bundles without importing torch)
         if self.checkpoint_dir is not None and any(self.checkpoint_dir.glob("checkpoint_*.pt")):
             return self.command + ["--resume", "True"]
         return self.command

@@ -7,7 +7,6 @@ real images and on fakes drawn from the image pools. All images are in [0, 1] (s
 
 from __future__ import annotations
 
-import re
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,7 +24,6 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path
@@ -34,7 +32,6 @@ from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discrimin
 __all__ = [
     "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "CycleGANRNGState",
     "CycleGANSpec",
-    "latest_checkpoint",
 ]
 
 
@@ -300,7 +297,7 @@ class CycleGANSpec:
 
     Every checkpoint of the cyclegan_brats bundle stores it as ``model_spec``. ``state_dict``/``load_state_dict``
     let MONAI's checkpoint handlers save it and refuse a resume into other networks; :meth:`check` is what
-    ``latest_checkpoint`` and ``translation.load_generator`` use to name the checkpoint and every differing key.
+    a resume (``checkpoints.check_checkpoint``) and ``translation.load_generator`` use to name the checkpoint and every differing key.
 
     Args:
         image_size: slice size the networks were trained on; None: not checked (loading without a config size).
@@ -349,19 +346,3 @@ class CycleGANSpec:
                 "made for different networks than this config: " + "; ".join(found)
                 + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
             )
-
-
-_EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
-
-
-def latest_checkpoint(checkpoint_dir: str | Path, spec: CycleGANSpec | None = None) -> str:
-    """Path of the ``checkpoint_epoch=N.pt`` with the largest N in ``checkpoint_dir`` (to resume training); with
-    ``spec``, that checkpoint must have been made for the same networks and image size."""
-    checkpoint_dir = Path(checkpoint_dir)
-    found = [(int(m.group(1)), p) for p in checkpoint_dir.glob("checkpoint_epoch=*.pt") if (m := _EPOCH_CHECKPOINT.search(p.name))]
-    if not found:
-        raise TsgmInputError(checkpoint_dir, "no checkpoint_epoch=N.pt to resume from (train without --resume first)")
-    latest = max(found)[1]
-    if spec is not None:
-        spec.check(read_checkpoint(latest).get(SPEC_KEY), latest)
-    return str(latest)
