@@ -8,6 +8,8 @@ VE-JP to copy its condition, tumour included, and no sampler can fix that. On FL
 
 - the fraction of brain voxels brighter than the 99th percentile of healthy brain, in healthy slices, tumour slices,
   G_A→B(healthy) (should approach the tumour slices' value) and G_B→A(tumour) (should approach the healthy value);
+- the mean brain intensity outside tumours of the same four (per-volume percentile normalisation makes the normal
+  tissue of tumour volumes darker; a generator may learn that global shift instead of lesions);
 - mean |G_B→A(x) − x| inside and outside the tumour of tumour slices (a tumour-removing G_B→A changes the inside far
   more than the outside);
 - AUPRC of |x − G_B→A(x)| for the tumour voxels over brain voxels (the CycleGAN-only baseline's FLAIR map), next to
@@ -77,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{checkpoint}: {len(healthy)} healthy and {len(tumour)} tumour FLAIR slices at {size}²")
     print(f"bright-voxel fraction: healthy {frac(x_a, brain_a):.4f}, tumour {frac(x_b, brain_b):.4f}, "
           f"G_A→B(healthy) {frac(fake_b, brain_a):.4f}, G_B→A(tumour) {frac(fake_a, brain_b):.4f}")
+    mean = lambda x, where: float(x[where].mean())  # noqa: E731
+    print(f"mean brain intensity outside tumours: healthy {mean(x_a, brain_a):.3f}, tumour slices {mean(x_b, brain_b & ~seg_b):.3f}, "
+          f"G_A→B(healthy) {mean(fake_b, brain_a):.3f}, G_B→A(tumour) {mean(fake_a, brain_b & ~seg_b):.3f}")
     print(f"mean |G_B→A(x) − x| on tumour slices: inside the tumour {float(residual[seg_b].mean()):.4f}, "
           f"outside {float(residual[brain_b & ~seg_b].mean()):.4f}")
     print(f"AUPRC over brain voxels: |x − G_B→A(x)| {average_precision(residual[brain_b].numpy(), target):.3f}, "
