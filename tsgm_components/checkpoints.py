@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +19,14 @@ from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.errors import TsgmInputError
 
 SPEC_KEY = "model_spec"
+
+
+class CheckpointSpec(Protocol):
+    """What a training bundle's checkpoint was made for (``ModelSpec`` here, ``engines.cyclegan.CycleGANSpec``)."""
+
+    def check(self, saved: Mapping[str, Any] | None, checkpoint: str | Path) -> None: ...
+
+
 #: Weight entries tried in order: the exported EMA model (``model.pt``), a full training checkpoint's EMA, raw weights.
 WEIGHT_KEYS = ("model", "network_ema", "network")
 
@@ -90,9 +98,8 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     return state
 
 
-def check_checkpoint(checkpoint: str | Path | None, spec: ModelSpec | Any) -> str | None:
-    """Check a checkpoint's spec against ``spec`` (a ``ModelSpec``, or the CycleGAN bundle's ``CycleGANSpec``: anything
-    with ``check(saved, checkpoint)``) before a resume; returns the path (None passes through)."""
+def check_checkpoint(checkpoint: str | Path | None, spec: CheckpointSpec) -> str | None:
+    """Check a checkpoint's spec against ``spec`` before a resume; returns the path (None passes through)."""
     if checkpoint is None:
         return None
     spec.check(read_checkpoint(checkpoint).get(SPEC_KEY), checkpoint)
