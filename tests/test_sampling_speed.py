@@ -93,7 +93,10 @@ def test_sampling_benchmark_compares_samplers_on_tumour_slices_and_calibrates_on
     test_subject, validation = volumes["test"][0], volumes["validation"]
     seg = np.asarray(nib.load(test_subject["seg"]).dataobj)
     rows = report["reference"]["slices"]
-    assert len(rows) == report["n_slices"] == 2 and report["n_modality_slices"] == 8
+    # only the modalities with a non-zero calibrated weight are reconstructed: the others cannot change the score
+    weighted = [m for m in MODALITIES if report["calibration"]["weights"][m] > 0]
+    assert report["modalities"] == weighted and len(weighted) >= 1
+    assert len(rows) == report["n_slices"] == 2 and report["n_modality_slices"] == 2 * len(weighted)
     assert all(r["subject"] == test_subject["subject"] and (seg[:, :, r["z"]] > 0).any() for r in rows)
     # no calibration file and no validation detections: chosen here, on the validation subjects only
     assert "validation" in report["calibration_source"] and report["calibration"]["mode"] == "fixed"
@@ -112,6 +115,31 @@ def test_sampling_benchmark_compares_samplers_on_tumour_slices_and_calibrates_on
         assert not row["meets_target"]  # 2× fewer NFE is far from the 40× target
 
 
+def test_sampling_benchmark_averages_over_seeds_and_caches_each_reference_draw(bench, tmp_path):
+    work, configs = bench
+    cache = tmp_path / "cache"
+    extra = ["--seeds", "0", "1", "--modalities", "all", "--reference_cache", str(cache)]
+    assert run_benchmark(work, configs, tmp_path, *extra) == 0
+    report = json.loads((tmp_path / "sampling_cpu.json").read_text())
+    assert report["seeds"] == [0, 1] and report["n_modality_slices"] == 8
+    assert sorted(f.name for f in cache.iterdir()) == ["reference_seed0.pt", "reference_seed1.pt"]
+    for row in [report["reference"], *report["samplers"]]:
+        per_seed = row["per_seed"]
+        assert [figures["seed"] for figures in per_seed] == [0, 1]
+        for key in ("slice_dice", "subset_dice", "auprc"):
+            assert row[key] == pytest.approx(np.mean([figures[key] for figures in per_seed]))
+        subset = [figures["subset_dice"] for figures in per_seed]
+        assert row["subset_dice_spread"] == pytest.approx(max(subset) - min(subset))
+    for row in report["samplers"]:
+        assert len(row["seconds_all_runs"]) == 4  # 2 repeats × 2 seeds
+        assert row["subset_dice_delta"] == pytest.approx(row["subset_dice"] - report["reference"]["subset_dice"])
+    # a second run takes both reference draws from the cache and says so
+    assert run_benchmark(work, configs, tmp_path, *extra) == 0
+    again = json.loads((tmp_path / "sampling_cpu.json").read_text())
+    assert again["reference"]["timing"].count("from the cache") == 2
+    assert again["reference"]["subset_dice"] == report["reference"]["subset_dice"]
+
+
 def test_sampling_benchmark_applies_the_calibration_file(bench, tmp_path):
     work, configs = bench
     calibration = tmp_path / "calibration.json"
@@ -121,6 +149,7 @@ def test_sampling_benchmark_applies_the_calibration_file(bench, tmp_path):
     report = json.loads((tmp_path / "sampling_cpu.json").read_text())
     assert report["calibration_source"] == f"file {calibration}"
     assert report["calibration"] == {"weights": weights, "threshold": 1e6, "mode": "fixed"}
+    assert report["modalities"] == ["flair"] and report["n_modality_slices"] == 2
     # nothing exceeds the threshold: every Dice is 0, the threshold-free AUPRC is not
     assert all(row["slice_dice"] == 0 for row in [report["reference"], *report["samplers"]])
     assert report["reference"]["auprc"] > 0

@@ -33,10 +33,12 @@ DEFAULT_HEUN_STEPS = 18
 INPUT_RANGE_TOLERANCE = 1e-3
 
 
-def slice_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
-    """The generator of slice ``index`` for ``seed``: seeded from NumPy's SeedSequence([seed, index]), so streams of
-    different (seed, index) pairs are independent and a slice's noise does not depend on batching."""
-    state = int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0])
+def slice_generator(seed: int, index: int, device: torch.device | str, draw: int = 0) -> torch.Generator:
+    """The generator of draw ``draw`` of slice ``index`` for ``seed``: seeded from NumPy's SeedSequence([seed, index])
+    (draw 0) or SeedSequence([seed, index, draw]), so streams of different (seed, index, draw) are independent and
+    a slice's noise does not depend on batching."""
+    entropy = [int(seed), int(index)] + ([int(draw)] if draw else [])
+    state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
     return torch.Generator(device=device).manual_seed(state)
 
 
@@ -50,15 +52,21 @@ class DiffusionSamplerInferer(Inferer):
         ``"sdedit"``: the input noised to ``sdedit_sigma_start``, then PC (predictor-only if
             ``n_corrector_steps = 0``) from σ_start down the SDE's discrete scales below it (or down ``n_steps``
             geometric levels from σ_start to σ_min).
-        ``"heun"``: probability-flow ODE, Heun steps on ``karras_sigmas(n_steps or 18, σ_min, σ_max)``.
+        ``"heun"``: probability-flow ODE, Heun steps on ``karras_sigmas(n_steps or 18, σ_min, σ_max)``;
+            deterministic given the prior draw, or EDM's stochastic sampler with ``churn > 0`` (same NFE).
+
+    Averaging: with ``n_draws > 1`` the reconstruction is the mean of that many independent draws (each clamped to
+    [0, 1]), NFE = n_draws × the sampler's NFE. One draw of a stochastic sampler carries sampling noise into the
+    residual |input − healthy| in healthy tissue; the mean of a few cheap draws estimates the posterior mean
+    instead (``benchmarks/sampling.py`` measures what this buys against the paper's single 2000-NFE draw).
 
     Conditional mode (VE-JP): the condition of every network call is the real input slice (never noised); the state
     starts from the prior (pc, heun) or from the noised input (sdedit). Unconditional mode (a network with
     ``condition_channels = 0``, trained on healthy slices only) supports sdedit only: a reconstruction must start
     from the input.
 
-    Reproducibility: slice i of an input batch draws all its noise from ``slice_generator(seed, i)``, so its result
-    depends on (seed, i) only, not on ``batch_size`` chunking (up to floating-point rounding of batched network
+    Reproducibility: draw k of slice i of an input batch takes all its noise from ``slice_generator(seed, i, k)``,
+    so its result depends on (seed, i, k) only, not on ``batch_size`` chunking (up to floating-point rounding of batched network
     calls). Output: the final denoised mean clamped to [0, 1]
     (the authors min-max rescale each reconstruction instead, which changes intensities slice by slice).
 
@@ -79,6 +87,8 @@ class DiffusionSamplerInferer(Inferer):
         snr: float = 0.075,
         n_corrector_steps: int = 1,
         sdedit_sigma_start: Optional[float] = None,
+        churn: float = 0.0,
+        n_draws: int = 1,
         conditional: bool = True,
         seed: int = 0,
         batch_size: int = 64,
@@ -97,11 +107,14 @@ class DiffusionSamplerInferer(Inferer):
                     f"sampler='sdedit' needs sdedit_sigma_start in ({sde.sigma_min}, {sde.sigma_max}], "
                     f"got {sdedit_sigma_start}"
                 )
+        if churn < 0 or (churn > 0 and sampler != "heun"):
+            raise ValueError(f"churn (EDM's S_churn) must be >= 0 and is for sampler='heun' only, got {churn}, {sampler!r}")
         if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-        if n_corrector_steps < 0 or batch_size < 1:
+        if n_corrector_steps < 0 or batch_size < 1 or n_draws < 1:
             raise ValueError(
-                f"need n_corrector_steps >= 0 and batch_size >= 1, got {n_corrector_steps}, {batch_size}"
+                f"need n_corrector_steps >= 0, batch_size >= 1 and n_draws >= 1, got {n_corrector_steps}, "
+                f"{batch_size}, {n_draws}"
             )
         self.sde = sde
         self.sampler = sampler
@@ -110,14 +123,17 @@ class DiffusionSamplerInferer(Inferer):
         self.batch_size = int(batch_size)
         self.progress = progress
         self.amp = amp
+        self.churn = float(churn)
+        self.n_draws = int(n_draws)
         self.predictor = ReverseDiffusionPredictor()
         self.corrector = LangevinCorrector(snr, n_corrector_steps) if n_corrector_steps > 0 else None
         self.sigmas = self._sigma_grid(n_steps, sdedit_sigma_start)
         corrector_nfe = self.corrector.nfe if self.corrector is not None else 0
         if sampler == "heun":
-            self.nfe_per_slice = 2 * (len(self.sigmas) - 1) - 1
+            nfe_per_draw = 2 * (len(self.sigmas) - 1) - 1
         else:
-            self.nfe_per_slice = len(self.sigmas) * (self.predictor.nfe + corrector_nfe)
+            nfe_per_draw = len(self.sigmas) * (self.predictor.nfe + corrector_nfe)
+        self.nfe_per_slice = self.n_draws * nfe_per_draw
 
     def _sigma_grid(self, n_steps: Optional[int], sigma_start: Optional[float]) -> Tensor:
         sde = self.sde
@@ -161,7 +177,8 @@ class DiffusionSamplerInferer(Inferer):
                 conditional mode and 0 in unconditional mode.
 
         Returns:
-            (B, 1, H, W) healthy reconstructions in [0, 1], float32, on the inputs' device.
+            (B, 1, H, W) healthy reconstructions in [0, 1], float32, on the inputs' device (the mean of
+            ``n_draws`` draws).
         """
         inputs = convert_to_tensor(inputs, dtype=torch.float32, track_meta=False)
         if inputs.ndim != 4 or inputs.shape[1] != 1:
@@ -178,13 +195,19 @@ class DiffusionSamplerInferer(Inferer):
                 f"{'conditional' if self.conditional else 'unconditional'} sampling needs a network with "
                 f"condition_channels={expected}, got {got}"
             )
+        # the draws of all slices form one stack (draw-major), chunked like the slices of a single draw
+        n_slices = inputs.shape[0]
+        units = inputs.repeat(self.n_draws, 1, 1, 1)
         outputs = []
-        for first in range(0, inputs.shape[0], self.batch_size):
-            chunk = inputs[first : first + self.batch_size]
-            generators = [slice_generator(self.seed, first + i, inputs.device) for i in range(chunk.shape[0])]
-            progress = self._progress(first, chunk.shape[0], inputs.shape[0])
-            outputs.append(self._sample(chunk, network, generators, progress))
-        return torch.cat(outputs).clamp_(0.0, 1.0)
+        for first in range(0, units.shape[0], self.batch_size):
+            chunk = units[first : first + self.batch_size]
+            generators = [
+                slice_generator(self.seed, u % n_slices, inputs.device, u // n_slices)
+                for u in range(first, first + chunk.shape[0])
+            ]
+            progress = self._progress(first, chunk.shape[0], units.shape[0])
+            outputs.append(self._sample(chunk, network, generators, progress).clamp_(0.0, 1.0))
+        return torch.cat(outputs).view(self.n_draws, *inputs.shape).mean(0)
 
     def _sample(
         self, chunk: Tensor, network: nn.Module, generators: list[torch.Generator], progress: Optional[ProgressFn]
@@ -196,4 +219,4 @@ class DiffusionSamplerInferer(Inferer):
         x_init = self.sde.prior_sample(chunk.shape, generators, chunk.device)
         if self.sampler == "pc":
             return sample_pc(score_fn, x_init, self.sigmas, self.predictor, self.corrector, generators, progress).sample
-        return sample_heun(score_fn, x_init, self.sigmas, progress).sample
+        return sample_heun(score_fn, x_init, self.sigmas, self.churn, generators, progress).sample

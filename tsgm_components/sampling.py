@@ -170,25 +170,45 @@ def sample_sdedit(
 
 
 def sample_heun(
-    score_fn: ScoreFn, x_init: Tensor, sigmas: Tensor, progress: Optional[ProgressFn] = None
+    score_fn: ScoreFn,
+    x_init: Tensor,
+    sigmas: Tensor,
+    churn: float = 0.0,
+    generator: GeneratorLike = None,
+    progress: Optional[ProgressFn] = None,
 ) -> SampleOutput:
-    """Probability-flow ODE dx/dσ = −σ·s(x, σ) with Heun's 2nd-order steps (EDM Algorithm 1 without churn).
+    """Heun's 2nd-order steps on the probability-flow ODE dx/dσ = −σ·s(x, σ) (EDM Algorithms 1 and 2).
 
-    Deterministic given ``x_init``. Each step to a σ_next > 0 takes 2 score evaluations, the final step to σ = 0
-    an Euler step with 1: NFE = 2n − 1 for n positive levels (35 for ``karras_sigmas(18, ...)``).
+    ``churn = 0``: the deterministic ODE solver (Algorithm 1), determined by ``x_init``. ``churn > 0``: EDM's
+    stochastic sampler (Algorithm 2, S_tmin = 0, S_tmax = ∞, S_noise = 1; k-diffusion's ``sample_heun``): before
+    each step, fresh noise raises the level from σ to σ̂ = min(σ(1 + γ), σ_0), γ = min(churn / n, √2 − 1) (never
+    above the first level, where the model's training range ends), and the step runs from σ̂. The added noise lets the sampler correct the errors of an imperfect score model on the way, as the
+    Langevin corrector of the PC sampler does, at no extra score evaluation.
+
+    Each step to a σ_next > 0 takes 2 score evaluations, the final step to σ = 0 an Euler step with 1:
+    NFE = 2n − 1 for n positive levels (35 for ``karras_sigmas(18, ...)``).
 
     Args:
         x_init: (B, 1, H, W) state at σ = sigmas[0], e.g. ``sde.prior_sample`` (σ_max·N(0, I)).
         sigmas: (n + 1,) decreasing levels ending at 0, e.g. ``karras_sigmas(n, σ_min, σ_max)``.
+        churn: EDM's S_churn ≥ 0 (γ saturates at √2 − 1 from churn = 0.414·n on).
+        generator: noise source for ``churn > 0`` (one generator, one per sample, or None).
     """
     levels = [float(s) for s in sigmas]
     if levels[-1] != 0.0 or any(b >= a for a, b in zip(levels, levels[1:])) or levels[0] <= 0:
         raise ValueError("sigmas must be strictly decreasing, positive, and end with 0")
+    if churn < 0:
+        raise ValueError(f"churn must be >= 0, got {churn}")
     x = x_init
     nfe = 0
     n_steps = len(levels) - 1
+    gamma = min(churn / n_steps, math.sqrt(2) - 1)
     for i in range(n_steps):
         sigma, sigma_next = levels[i], levels[i + 1]
+        sigma_hat = min(sigma * (1 + gamma), levels[0])
+        if sigma_hat > sigma:
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * randn(x.shape, generator, x.device)
+            sigma = sigma_hat
         d = -sigma * score_fn(x, _batch(sigma, x))
         x_euler = x + (sigma_next - sigma) * d
         nfe += 1
