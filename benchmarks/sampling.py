@@ -79,9 +79,17 @@ DEFAULT_SAMPLERS = (
     "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0",  # [10]
     "sdedit:sdedit_sigma_start=0.5,n_steps=10,n_corrector_steps=0",  # [10]
 )
+
+
+def _boolean(value: str) -> bool:
+    if value not in ("True", "False"):
+        raise ValueError(f"expected True or False, got {value!r}")
+    return value == "True"
+
+
 #: DiffusionSamplerInferer settings a spec may set (``t0`` sets sdedit_sigma_start = σ(t0)).
 SPEC_KEYS = {"n_steps": int, "snr": float, "n_corrector_steps": int, "sdedit_sigma_start": float, "t0": float,
-             "churn": float, "n_draws": int}
+             "churn": float, "n_draws": int, "compile": _boolean}
 #: Speed target of team issue 6: NFE at least this many times below the reference, Dice within DICE_TOLERANCE.
 NFE_TARGET, DICE_TOLERANCE = 40.0, 0.01
 

@@ -182,6 +182,10 @@ def test_sampling_benchmark_bad_inputs(bench, tmp_path, capsys):
     assert "model.pt: checkpoint not found" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected key=value"):
         sampling_benchmark.SamplerSpec.parse("heun:steps=3")
+    spec = sampling_benchmark.SamplerSpec.parse("heun:n_steps=5,n_draws=3,churn=0.5,compile=True")
+    assert spec.overrides == {"n_steps": 5, "n_draws": 3, "churn": 0.5, "compile": True}
+    with pytest.raises(ValueError, match="True or False"):
+        sampling_benchmark.SamplerSpec.parse("heun:compile=1")
     with pytest.raises(SystemExit):  # checked before anything is loaded
         sampling_benchmark.parse_args(["--work_dir", str(work), "--samplers", "ddim:n_steps=3"])
     assert "the sampler must be one of" in capsys.readouterr().err

@@ -303,6 +303,54 @@ def test_inferer_averages_independent_draws():
         DiffusionSamplerInferer(sde, sampler="pc", churn=1.0)
 
 
+def test_inferer_compile_pads_the_last_chunk_to_one_shape(monkeypatch):
+    """compile=True: the network is compiled once, every call sees one batch shape (the short last chunk is padded
+    and its extra rows dropped), and the result is the uncompiled one."""
+    compiled, shapes = [], []
+
+    class ShapeRecorder(nn.Module):
+        def __init__(self, network):
+            super().__init__()
+            self.network = network
+
+        def forward(self, x, sigma, condition=None):
+            shapes.append(tuple(x.shape))
+            return self.network(x, sigma, condition)
+
+    monkeypatch.setattr(torch, "compile", lambda network, **kwargs: compiled.append(kwargs) or ShapeRecorder(network))
+    inputs = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    network = ConditionalGaussianScore()
+    kwargs = dict(sampler="heun", n_steps=4, seed=1, batch_size=2, n_draws=2)  # 10 units: 5 chunks of 2
+    inferer = DiffusionSamplerInferer(VESDE(), compile=True, **kwargs)
+    out = inferer(inputs, network)
+    inferer(inputs[:3], network)  # 6 units: 3 chunks of 2
+    assert compiled == [{"dynamic": False}] and set(shapes) == {(2, 1, 8, 8)}
+    torch.testing.assert_close(out, DiffusionSamplerInferer(VESDE(), **kwargs)(inputs, network), rtol=0, atol=1e-6)
+    shapes.clear()
+    odd = DiffusionSamplerInferer(VESDE(), compile=True, **{**kwargs, "batch_size": 4})(inputs, network)  # 4+4+2
+    assert set(shapes) == {(4, 1, 8, 8)}
+    torch.testing.assert_close(odd, out, rtol=0, atol=1e-6)
+
+
+def test_inferer_compile_of_a_real_score_network_matches_eager():
+    """torch.compile of a (tiny) ScoreUNet through the inferer: same reconstructions as eager (≈1 min of
+    compilation on a 2-core CPU)."""
+    from tsgm_components.networks.score import ScoreUNet
+
+    torch.manual_seed(0)
+    network = ScoreUNet(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
+                        num_head_channels=8, norm_num_groups=8).eval()
+    with torch.no_grad():  # MONAI zero-initialises the output layer: make the network's output depend on its input
+        for parameter in network.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    inputs = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(sampler="heun", n_steps=3, batch_size=4)
+    eager = DiffusionSamplerInferer(VESDE(sigma_max=20.0), **kwargs)(inputs, network)
+    compiled = DiffusionSamplerInferer(VESDE(sigma_max=20.0), compile=True, **kwargs)(inputs, network)
+    assert eager.std() > 0.1
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+
+
 def test_inferer_paper_defaults_and_modes():
     sde = VESDE()
     assert DiffusionSamplerInferer(sde).nfe_per_slice == 2000
