@@ -71,13 +71,17 @@ DEFAULT_EVALUATION_CONFIGS = [str(EVALUATION_CONFIGS / "evaluate.yaml"), str(EVA
 REFERENCE_SPEC = "pc:n_corrector_steps=1,snr=0.075"
 #: Fast samplers compared by default (NFE with the SDE's defaults in brackets).
 DEFAULT_SAMPLERS = (
+    "heun:n_steps=10",  # probability-flow ODE, Karras grid [19]
+    "heun:n_steps=18",  # [35]
+    "heun:n_steps=18,churn=10",  # EDM's stochastic Heun [35]
     "pc:n_steps=25",  # PC on 25 geometric levels [50]
-    "pc:n_steps=50,n_corrector_steps=0",  # reverse diffusion only, 50 levels [50]
-    "heun:n_steps=18",  # probability-flow ODE, Karras grid [35]
-    "heun:n_steps=10",  # [19]
     "sdedit:sdedit_sigma_start=1.0,n_steps=25",  # input + N(0, 1²), PC down to σ_min [50]
-    "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0",  # [10]
-    "sdedit:sdedit_sigma_start=0.5,n_steps=10,n_corrector_steps=0",  # [10]
+    "heun:n_steps=10,n_draws=2",  # mean of 2 draws [38]
+    "heun:n_steps=4,n_draws=4",  # [28]
+    "heun:n_steps=5,n_draws=3",  # [27]
+    "heun:n_steps=5,n_draws=5",  # [45]
+    "heun:n_steps=7,n_draws=3",  # [39]
+    "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0,n_draws=5",  # [50]
 )
 
 
