@@ -78,6 +78,8 @@ DEFAULT_SAMPLERS = (
     "sdedit:sdedit_sigma_start=1.0,n_steps=25",  # input + N(0, 1²), PC down to σ_min [50]
     "heun:n_steps=10,n_draws=2",  # mean of 2 draws [38]
     "heun:n_steps=4,n_draws=4",  # [28]
+    "heun:n_steps=3,n_draws=4",  # [20]
+    "heun:n_steps=4,n_draws=3",  # [21]
     "heun:n_steps=5,n_draws=3",  # [27]
     "heun:n_steps=5,n_draws=5",  # [45]
     "heun:n_steps=7,n_draws=3",  # [39]
