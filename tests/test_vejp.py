@@ -35,7 +35,7 @@ AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0
 PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, lower_percentile=1.0, upper_percentile=99.0)
 N_PAIRS, BATCH = 8, 4
 TINY_TRAIN = dict(image_size=32, max_epochs=1, epoch_length="$None", batch_size=BATCH, warmup_steps=2, log_interval=1)
-TINY_SAMPLER = dict(image_size=32, sampler="heun", n_steps=3, sample_batch_size=16)
+TINY_SAMPLER = dict(image_size=32, sampler="heun", n_steps=3, n_draws=2, sample_batch_size=16)
 
 
 def run_bundle(run_id: str, configs: list[Path], **overrides) -> None:
@@ -93,7 +93,7 @@ def trained(work_dir) -> Path:
 
 
 def infer(work: Path, *extra_configs: Path, **overrides) -> Path:
-    """Run the inference bundle (CPU sampler, 5 NFE per slice) and return its detection folder."""
+    """Run the inference bundle (CPU sampler: mean of 2 draws of 5 NFE per slice) and return its detection folder."""
     out = work / "detections" / overrides.pop("name", "run")
     run_bundle("inference", [INFER, CPU, *extra_configs], work_dir=str(work), detection_dir=str(out), **{**TINY_SAMPLER, **overrides})
     return out
@@ -206,7 +206,8 @@ def test_inference_writes_maps_in_input_geometry_without_mask(trained, subject, 
     np.testing.assert_allclose(maps["S001_anomaly.nii.gz"], weighted, atol=1e-6)
     record = json.loads((out / "S001_detection.json").read_text())
     assert record["method"] == "vejp" and record["mask"] is None and record["weights"] == PAPER_WEIGHTS
-    assert record["reconstruction"]["sampler"] == "heun" and record["reconstruction"]["nfe_per_slice"] == 5
+    assert record["reconstruction"]["sampler"] == "heun" and record["reconstruction"]["nfe_per_slice"] == 2 * 5
+    assert record["reconstruction"]["n_draws"] == 2 and record["reconstruction"]["churn"] == 0.0
     assert record["preprocess"] == PREPROCESS and record["seconds"]["total"] > 0
 
     with pytest.raises(Exception) as excinfo:  # existing results are never replaced silently
