@@ -379,6 +379,9 @@ def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog)
     with caplog.at_level("INFO", logger="tsgm_components.inferers"):
         inferer(torch.rand(1, 1, 4, 4), ConditionalGaussianScore())
     assert "pc sampling slices 1-1 of 1: step 4/4" in caplog.text
+    with caplog.at_level("INFO", logger="tsgm_components.inferers"):
+        DiffusionSamplerInferer(VESDE(), n_steps=4, n_draws=3, progress=True)(torch.rand(2, 1, 4, 4), ConditionalGaussianScore())
+    assert "pc sampling slice draws 1-6 of 6: step 4/4" in caplog.text
 
 
 def test_inferer_amp_runs_the_network_under_bfloat16_on_cpu():

@@ -163,15 +163,17 @@ class DiffusionSamplerInferer(Inferer):
         return score_fn
 
     def _progress(self, first: int, count: int, total: int) -> Optional[ProgressFn]:
-        """Logs about every tenth step of the sampling of slices first+1..first+count, or None if not wanted."""
+        """Logs about every tenth step of the sampling of slices (slice draws when ``n_draws > 1``)
+        first+1..first+count, or None if not wanted."""
         if not self.progress:
             return None
+        what = "slices" if self.n_draws == 1 else "slice draws"
 
         def report(step: int, steps: int) -> None:
             if step % max(1, steps // 10) == 0 or step == steps:
                 logger.info(
-                    "%s sampling slices %d-%d of %d: step %d/%d",
-                    self.sampler, first + 1, first + count, total, step, steps,
+                    "%s sampling %s %d-%d of %d: step %d/%d",
+                    self.sampler, what, first + 1, first + count, total, step, steps,
                 )
 
         return report
