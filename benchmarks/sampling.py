@@ -19,8 +19,8 @@ draw of the reference is itself a random variable, and the spread of its draws i
 Detection quality uses the evaluation code unchanged (``tsgm_components.evaluation.predict`` and
 ``metrics.evaluate_case``): residuals mapped to the input geometry, weighted ensemble, mask, Dice per tumour slice,
 AUPRC of the continuous map over the brain voxels of the evaluated slices, and the volume-like subset Dice (one Dice
-over all evaluated slices of a subject, mean over subjects) on which the target is judged. Weights and threshold, in order of
-preference: ``--calibration`` or ``evaluation/tsgm/calibration.json``; else chosen on the validation split by
+over all evaluated slices of a subject, mean over subjects) on which the target is judged. Weights and threshold,
+in order of preference: ``--calibration`` or ``evaluation/tsgm/calibration.json``; else chosen on the validation split by
 ``evaluation.calibrate`` (the evaluation bundle's code and settings) from ``detections/vejp/validation``; else from
 reconstructions of the validation subjects' processed slices (all, or ``--validation_slices_per_subject``) by the
 bundle's configured sampler, with the same code. Never on the test split.
@@ -387,6 +387,11 @@ def quality_over_seeds(
             "per_seed": [{"seed": seed, **{key: q[key] for key in figures}} for seed, q in per_seed.items()]}
 
 
+def any_diverged(draws: dict[int, torch.Tensor]) -> bool:
+    """Whether any seed's reconstructions hold non-finite values."""
+    return not all(bool(torch.isfinite(healthy).all()) for healthy in draws.values())
+
+
 def timed(inferer: DiffusionSamplerInferer, inputs: torch.Tensor, network: torch.nn.Module) -> tuple[torch.Tensor, float]:
     if inputs.device.type == "cuda":
         torch.cuda.synchronize()
@@ -591,18 +596,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     n = inputs.shape[0]
     brain_pixels = (inputs > 0).cpu()
-    evaluate = lambda draws: quality_over_seeds(draws, subjects, preprocess, modalities, calibration)  # noqa: E731
-    diverged = lambda draws: not all(bool(torch.isfinite(h).all()) for h in draws.values())  # noqa: E731
     # a diverged (non-finite) output gets no quality figures: detection would refuse it
     ref_row = {
         "spec": reference_spec.text, "nfe": reference_nfe, "nfe_ratio": 1.0, "seconds": statistics.mean(ref_seconds),
         "seconds_all_runs": ref_seconds, "seconds_per_slice": statistics.mean(ref_seconds) / n, "speedup": 1.0,
-        "timing": "; ".join(ref_timings), "diverged": diverged(ref_outputs),
+        "timing": "; ".join(ref_timings), "diverged": any_diverged(ref_outputs),
     }
     if ref_row["diverged"]:
         logger.warning("the reference sampler diverged (non-finite reconstructions): no Dice comparison possible")
     else:
-        ref_row.update(evaluate(ref_outputs))
+        ref_row.update(quality_over_seeds(ref_outputs, subjects, preprocess, modalities, calibration))
         ref_dice = {(r["subject"], r["z"]): r["dice"] for r in ref_row["slices"]}
     rows = []
     for spec, inferer, draws, times, same in zip(specs, inferers, outputs, seconds_all, reproducible):
@@ -616,11 +619,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds_per_slice": median / n,
             "speedup": ref_row["seconds"] / median,
             "repeats_identical": same,
-            "diverged": diverged(draws),
+            "diverged": any_diverged(draws),
             "meets_target": False,
         }
         if not row["diverged"]:
-            row.update(evaluate(draws))
+            row.update(quality_over_seeds(draws, subjects, preprocess, modalities, calibration))
         if not row["diverged"] and not ref_row["diverged"]:
             row["dice_delta"] = row["slice_dice"] - ref_row["slice_dice"]
             row["subset_dice_delta"] = row["subset_dice"] - ref_row["subset_dice"]

@@ -66,9 +66,9 @@ class DiffusionSamplerInferer(Inferer):
     from the input.
 
     Reproducibility: draw k of slice i of an input batch takes all its noise from ``slice_generator(seed, i, k)``,
-    so its result depends on (seed, i, k) only, not on ``batch_size`` chunking (up to floating-point rounding of batched network
-    calls). Output: the final denoised mean clamped to [0, 1]
-    (the authors min-max rescale each reconstruction instead, which changes intensities slice by slice).
+    so its result depends on (seed, i, k) only, not on ``batch_size`` chunking (up to floating-point rounding of
+    batched network calls). Output: the final denoised mean clamped to [0, 1] (the authors min-max rescale each
+    reconstruction instead, which changes intensities slice by slice).
 
     Mixed precision: ``amp=True`` runs the network calls under autocast, float16 on CUDA and bfloat16 on the CPU
     (the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
@@ -114,7 +114,9 @@ class DiffusionSamplerInferer(Inferer):
                     f"got {sdedit_sigma_start}"
                 )
         if churn < 0 or (churn > 0 and sampler != "heun"):
-            raise ValueError(f"churn (EDM's S_churn) must be >= 0 and is for sampler='heun' only, got {churn}, {sampler!r}")
+            raise ValueError(
+                f"churn (EDM's S_churn) must be >= 0 and is for sampler='heun' only, got {churn}, {sampler!r}"
+            )
         if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         if n_corrector_steps < 0 or batch_size < 1 or n_draws < 1:

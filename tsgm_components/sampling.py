@@ -182,8 +182,9 @@ def sample_heun(
     ``churn = 0``: the deterministic ODE solver (Algorithm 1), determined by ``x_init``. ``churn > 0``: EDM's
     stochastic sampler (Algorithm 2, S_tmin = 0, S_tmax = ∞, S_noise = 1; k-diffusion's ``sample_heun``): before
     each step, fresh noise raises the level from σ to σ̂ = min(σ(1 + γ), σ_0), γ = min(churn / n, √2 − 1) (never
-    above the first level, where the model's training range ends), and the step runs from σ̂. The added noise lets the sampler correct the errors of an imperfect score model on the way, as the
-    Langevin corrector of the PC sampler does, at no extra score evaluation.
+    above the first level, where the model's training range ends), and the step runs from σ̂. The added noise lets
+    the sampler correct the errors of an imperfect score model on the way, as the Langevin corrector of the PC
+    sampler does, at no extra score evaluation.
 
     Each step to a σ_next > 0 takes 2 score evaluations, the final step to σ = 0 an Euler step with 1:
     NFE = 2n − 1 for n positive levels (35 for ``karras_sigmas(18, ...)``).
