@@ -33,6 +33,7 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.metrics import average_precision
 from tsgm_components.data.brats import MODALITIES
+from tsgm_components.checkpoints import training_preprocess
 from tsgm_components.translation import load_generator, translate_modalities
 
 CONFIGS = REPO_ROOT / "bundles" / "cyclegan_brats" / "configs"
@@ -69,8 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     x_a, x_b, seg_b = stack(healthy, "image"), stack(tumour, "image"), stack(tumour, "label") > 0.5
     brain_a, brain_b = x_a > 0, x_b > 0
-    g_ab = load_generator(config.get_parsed_content("network_def", instantiate=True), checkpoint, "AB", size)
-    g_ba = load_generator(config.get_parsed_content("network_def", instantiate=True), checkpoint, "BA", size)
+    preprocess = training_preprocess(prepared, size)
+    g_ab = load_generator(config.get_parsed_content("network_def", instantiate=True), checkpoint, "AB", preprocess)
+    g_ba = load_generator(config.get_parsed_content("network_def", instantiate=True), checkpoint, "BA", preprocess)
     fake_b, fake_a = translate_flair(g_ab, healthy), translate_flair(g_ba, tumour)
     bright = torch.quantile(x_a[brain_a], 0.99)
     frac = lambda x, brain: float((x[brain] > bright).float().mean())  # noqa: E731

@@ -18,8 +18,16 @@ PREPARE_CONFIG = PreprocessConfig(image_size=32)
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
-    """BraTS-layout phantom dataset (read-only for tests: copy it before damaging files)."""
-    return make_phantom(tmp_path_factory.mktemp("phantom") / "dataset", PHANTOM_CONFIG, verbose=False)
+    """BraTS-layout phantom dataset (read-only for tests: copy it before damaging files); its healthy twins are in
+    the sibling folder ``twins`` (fixture ``twins_dir``)."""
+    root = tmp_path_factory.mktemp("phantom")
+    return make_phantom(root / "dataset", PHANTOM_CONFIG, verbose=False, twins_out=root / "twins")
+
+
+@pytest.fixture(scope="session")
+def twins_dir(phantom_dir) -> Path:
+    """Healthy twins of the tumour subjects of ``phantom_dir`` (``tsgm phantom --twins_out``)."""
+    return phantom_dir.parent / "twins"
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tsgm_components.data.brats import MODALITIES, find_subjects, load_subject, subject_files
+from tsgm_components.data.phantom import PhantomConfig, generate_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.errors import TsgmInputError
 
@@ -139,13 +140,59 @@ def test_config_dict_round_trip():
         PreprocessConfig(z_min=5, z_max=2)
 
 
+def test_normalize_volume_brain_median():
+    rng = np.random.default_rng(1)
+    volume = rng.normal(100, 20, (20, 20, 10)).astype(np.float32)
+    mask = np.zeros(volume.shape, bool)
+    mask[2:18, 2:18] = True
+    volume[2, 2, 0] = 1e6  # outlier: clipped to 1, the scale does not move
+    out = normalize_volume(volume, mask, PreprocessConfig(median_target=0.4))
+    assert out.dtype == np.float32 and not out[~mask].any()
+    assert np.median(out[mask]) == pytest.approx(0.4, abs=1e-6) and out[2, 2, 0] == 1.0
+    expected = np.clip(volume[mask] * 0.4 / np.median(volume[mask]), 0, 1)
+    np.testing.assert_allclose(out[mask], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="median brain intensity"):
+        normalize_volume(-np.abs(volume), mask, PreprocessConfig())
+    # written before the option existed: reads as the only scheme of that time
+    assert PreprocessConfig.from_dict({"z_min": 80}).normalization == "percentile"
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        PreprocessConfig(normalization="zscore")
+
+
+@pytest.mark.parametrize("normalization", ["brain_median", "percentile"])
+def test_normal_tissue_does_not_move_with_lesion_burden(normalization):
+    """Lesions of 0-5 % of the brain painted into a healthy phantom FLAIR: the default keeps the normal-tissue
+    mean within 0.02; the paper's percentile scheme (kept as an option) does not (the documented confound)."""
+    subject = generate_subject(1, PhantomConfig(n_subjects=2), with_lesions=False)
+    flair = subject.volumes["flair"].astype(np.float32)
+    brain = flair > 0
+    coords = np.argwhere(brain)
+    centre = coords.mean(axis=0)
+    order = np.argsort(((coords - centre) ** 2).sum(axis=1))  # a ball around the brain centre
+    cfg = PreprocessConfig(normalization=normalization)
+    lesion_value = np.percentile(flair[brain], 99.5) * 1.3  # oedema: brighter than any normal tissue
+    means = []
+    for fraction in (0.0, 0.005, 0.01, 0.02, 0.05):
+        painted = flair.copy()
+        ball = coords[order[: int(fraction * len(coords))]]
+        painted[tuple(ball.T)] = lesion_value
+        normal = brain.copy()
+        normal[tuple(ball.T)] = False
+        means.append(float(normalize_volume(painted, brain, cfg)[normal].mean()))
+    shift = max(abs(m - means[0]) for m in means)
+    if normalization == "brain_median":
+        assert shift <= 0.02, means
+    else:
+        assert shift > 0.1, means
+
+
 def test_normalize_volume_percentiles_and_background():
     rng = np.random.default_rng(1)
     volume = rng.normal(100, 20, (20, 20, 10)).astype(np.float32)
     mask = np.zeros(volume.shape, bool)
     mask[2:18, 2:18] = True
     volume[mask.nonzero()[0][0], mask.nonzero()[1][0], 0] = 1e6  # outlier, clipped away
-    out = normalize_volume(volume, mask, 1.0, 99.0)
+    out = normalize_volume(volume, mask, PreprocessConfig(normalization="percentile"))
     assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
     assert not out[~mask].any()
     low, high = np.percentile(volume[mask], [1, 99])
@@ -203,7 +250,7 @@ def tumour_subject():
     from tsgm_components.data.phantom import generate_subject, healthy_subjects
 
     assert 0 not in healthy_subjects(PHANTOM_CONFIG)
-    return generate_subject(0, PHANTOM_CONFIG, healthy=False)
+    return generate_subject(0, PHANTOM_CONFIG, with_lesions=True)
 
 
 def test_phantom_layout_and_geometry(phantom_dir):
@@ -232,9 +279,55 @@ def test_phantom_deterministic(phantom_dir, tumour_subject, tmp_path):
     for modality, volume in {**tumour_subject.volumes, "seg": tumour_subject.seg}.items():
         save_nifti_deterministic(volume, tmp_path / f"{modality}.nii.gz")
         assert (tmp_path / f"{modality}.nii.gz").read_bytes() == (phantom_dir / name / f"{name}_{modality}.nii.gz").read_bytes()
-    other = generate_subject(0, dataclasses.replace(PHANTOM_CONFIG, seed=1), healthy=False)
+    other = generate_subject(0, dataclasses.replace(PHANTOM_CONFIG, seed=1), with_lesions=True)
     assert not np.array_equal(other.volumes["flair"], tumour_subject.volumes["flair"])
     assert not np.array_equal(other.seg, tumour_subject.seg)
+
+
+def test_healthy_twin_equals_subject_outside_lesions(phantom_dir, twins_dir):
+    """Same anatomy, deformation, confounders, bias, gain and noise: outside the lesion and mass-effect region the
+    twin equals the tumour volume voxel for voxel; inside it differs; the twin is the subject rendered without
+    lesions; the written twins are those."""
+    from conftest import PHANTOM_CONFIG
+    from tsgm_components.data.phantom import TWINS_RECORD, generate_subject_and_twin, healthy_subjects, subject_id
+
+    subject, twin = generate_subject_and_twin(0, PHANTOM_CONFIG)
+    outside = ~subject.lesion_region
+    assert subject.lesion_region.any() and outside.mean() > 0.9
+    assert not subject.seg[outside].any() and subject.seg.any()
+    for modality in MODALITIES:
+        np.testing.assert_array_equal(twin.volumes[modality][outside], subject.volumes[modality][outside])
+        inside = subject.seg > 0
+        assert np.abs(twin.volumes[modality][inside].astype(float) - subject.volumes[modality][inside]).mean() > 10
+    assert not twin.seg.any() and not twin.lesion_region.any()
+    alone = generate_subject(0, PHANTOM_CONFIG, with_lesions=False)
+    assert all(np.array_equal(alone.volumes[m], twin.volumes[m]) for m in MODALITIES)
+    # on disk: one twin per tumour subject, no segmentation, identical to the generated twin
+    healthy = {subject_id(i) for i in healthy_subjects(PHANTOM_CONFIG)}
+    record = json.loads((twins_dir / TWINS_RECORD).read_text())
+    assert record["subjects"] == [s for s in find_subjects(phantom_dir) if s not in healthy]
+    assert sorted(p.name for p in twins_dir.iterdir() if p.is_dir()) == record["subjects"]
+    name = subject_id(0)
+    assert sorted(p.name for p in (twins_dir / name).iterdir()) == sorted(f"{name}_{m}.nii.gz" for m in MODALITIES)
+    written = nib.load(str(twins_dir / name / f"{name}_flair.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(written.dataobj), twin.volumes["flair"])
+
+
+def test_split_is_stratified_by_healthy_subjects():
+    from tsgm_components.data.prepare import split_subjects
+
+    subjects = [f"S{i:02d}" for i in range(40)]
+    strata = {s: "healthy" if i % 4 == 0 else "tumour" for i, s in enumerate(subjects)}
+    split = split_subjects(subjects, 0, 0.2, 0.2, strata)
+    for name, (n_healthy, n_tumour) in {"train": (6, 18), "val": (2, 6), "test": (2, 6)}.items():
+        assert sum(strata[s] == "healthy" for s in split[name]) == n_healthy
+        assert sum(strata[s] == "tumour" for s in split[name]) == n_tumour
+    assert sorted(s for ids in split.values() for s in ids) == subjects
+    # one stratum: exactly the unstratified rule (the shipped BraTS2020 split does not change)
+    assert split_subjects(subjects, 3, 0.1, 0.1, {s: "tumour" for s in subjects}) == split_subjects(subjects, 3, 0.1, 0.1)
+    # a stratum too small to spread stays in training
+    tiny = {s: "healthy" if s == "S00" else "tumour" for s in subjects[:10]}
+    assert "S00" in split_subjects(subjects[:10], 0, 0.2, 0.2, tiny)["train"]
 
 
 def test_phantom_contrasts(tumour_subject):
@@ -250,7 +343,11 @@ def test_phantom_contrasts(tumour_subject):
     t1, t1ce, t2, flair = (mean[m] for m in MODALITIES)
     assert t1["wm"] > t1["gm"] > t1["csf"]
     assert t2["csf"] > t2["gm"] > t2["wm"]
-    assert flair["oedema"] > 1.4 and t2["oedema"] > 1.4
+    assert flair["oedema"] > 1.3 and t2["oedema"] > 1.2
+    # the labelled oedema is no FLAIR iso-contour: its faint margin overlaps the brightest normal tissue
+    flair_volume = tumour_subject.volumes["flair"].astype(np.float64)
+    normal = (tissue > 0) & (seg == 0)
+    assert np.percentile(flair_volume[seg == 2], 10) < np.percentile(flair_volume[normal], 99)
     assert t1ce["enhancing"] > 1.2 and t1ce["enhancing"] > t1["enhancing"] + 0.3
     assert flair["necrosis"] < 1.2 < flair["oedema"]
     assert flair["csf"] < flair["gm"]
@@ -301,7 +398,7 @@ def test_prepared_slices_values(prepared_dir, phantom_dir):
     images = np.stack([np.load(prepared_dir / it["image"]) for it in items])
     labels = np.stack([np.load(prepared_dir / it["label"]) for it in items])
     assert images.shape[1:] == (32, 32) and images.dtype == np.float32
-    assert images.min() == 0.0 and images.max() <= 1.0 and images.max() > 0.99
+    assert images.min() == 0.0 and 0.5 < images.max() <= 1.0  # brain median at 0.4, lesions brighter
     assert not images[:, [0, -1]].any() and not images[:, :, [0, -1]].any()  # 8 px of zero padding -> 1 px at 32
     assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
     tumour = np.array([it["tumour"] for it in items], bool)
@@ -309,7 +406,7 @@ def test_prepared_slices_values(prepared_dir, phantom_dir):
     # One slice recomputed independently from the NIfTI: same normalisation and geometry.
     item = next(it for it in items if it["tumour"] and it["modality"] == "flair")
     subject = load_subject(subject_files(phantom_dir / item["subject"], require_seg=True))
-    expected = volume_to_slices(normalize_volume(subject.arrays["flair"], subject.brain_mask), PREPARE_CONFIG)
+    expected = volume_to_slices(normalize_volume(subject.arrays["flair"], subject.brain_mask, PREPARE_CONFIG), PREPARE_CONFIG)
     np.testing.assert_allclose(np.load(prepared_dir / item["image"]), expected[item["z"] - PREPARE_CONFIG.z_min], atol=1e-6)
 
 
@@ -360,7 +457,7 @@ def test_prepare_small_dataset_split_file_and_inputs_untouched(tmp_path):
     manifest.write_text(json.dumps({"split": {"train": ["S000", "S003"], "val": ["S001"], "test": ["S002"]}}))
     counts = prepare(dataset, tmp_path / "out", SMALL_PREP, split_file=manifest, verbose=False)
     assert json.loads((tmp_path / "out" / "split.json").read_text())["train"] == ["S000", "S003"]
-    assert counts["train"] == {"subjects": 2, "healthy_slices": 4, "tumour_slices": 4, "discarded_blank": 0}
+    assert counts["train"] == {"subjects": 2, "healthy_subjects": 0, "healthy_slices": 4, "tumour_slices": 4, "discarded_blank": 0}
     assert {p: p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
     manifest.write_text(json.dumps({"split": {"train": ["S000"], "val": ["S001"], "test": ["S002"]}}))
     with pytest.raises(TsgmInputError, match="not listed"):

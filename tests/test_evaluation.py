@@ -339,7 +339,7 @@ def test_baseline_bundle_writes_detection_folders(synthetic, tmp_path):
     # FLAIR thresholding: the anomaly map is the normalised FLAIR itself on the processed slices
     item = volumes["test"][0]
     flair = np.asarray(nib.load(item["flair"]).dataobj, dtype=np.float32)
-    expected = normalize_volume(flair, flair > 0, 1, 99)[:, :, Z_MIN : Z_MAX + 1]
+    expected = normalize_volume(flair, flair > 0, preprocess)[:, :, Z_MIN : Z_MAX + 1]
     anomaly = nib.load(tmp_path / "detections" / "flair_threshold" / "test" / item["subject"] / f"{item['subject']}_anomaly_flair.nii.gz")
     np.testing.assert_allclose(np.asarray(anomaly.dataobj)[:, :, Z_MIN : Z_MAX + 1], expected, atol=1e-5)
     assert not np.asarray(anomaly.dataobj)[:, :, Z_MAX + 1 :].any()

@@ -24,6 +24,7 @@ import signal
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -225,14 +226,14 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     torch.save({"model": ScoreUNet(**SCORE_NET).state_dict(), "model_spec": spec.state_dict()}, vejp)
     cyclegan = root / "cyclegan" / "model.pt"
     cyclegan.parent.mkdir()
-    save_cyclegan(cyclegan, PREP.image_size, GENERATOR)
+    save_cyclegan(cyclegan, PREP, GENERATOR)
     return {"root": root, "dataset": dataset, "prepare_config": prepare_config, "vejp": vejp, "cyclegan": cyclegan}
 
 
-def save_cyclegan(path: Path, image_size: int, generator_args: dict) -> Path:
+def save_cyclegan(path: Path, preprocess: PreprocessConfig, generator_args: dict) -> Path:
     """A random-weight checkpoint in the layout of the CycleGAN bundle's model.pt (generators + model spec)."""
     generators = {key: ResnetGenerator(**generator_args) for key in ("G_AB", "G_BA")}
-    spec = CycleGANSpec(image_size, generators["G_AB"].config)
+    spec = CycleGANSpec(preprocess, generators["G_AB"].config)
     torch.save({**{key: g.state_dict() for key, g in generators.items()}, SPEC_KEY: spec.state_dict()}, path)
     return path
 
@@ -401,8 +402,9 @@ CHECKPOINT_CASES: dict[str, tuple[str, Callable, str]] = {
     "vejp-truncated": ("vejp", lambda a, t: _truncate_copy(a["vejp"], t), "cannot read checkpoint"),
     "vejp-cyclegan_checkpoint": ("vejp", lambda a, t: a["cyclegan"], "not a checkpoint of the vejp_anomaly bundle"),
     "vejp-missing": ("vejp", lambda a, t: t / "model.pt", "checkpoint not found"),
-    "cyclegan-other_architecture": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", 32, dict(ngf=8, n_blocks=1)), "generator.ngf: checkpoint 8, config 4"),
-    "cyclegan-other_image_size": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", 64, GENERATOR), "image_size: checkpoint 64, config 32"),
+    "cyclegan-other_architecture": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", PREP, dict(ngf=8, n_blocks=1)), "generator.ngf: checkpoint 8, config 4"),
+    "cyclegan-other_image_size": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", replace(PREP, image_size=64), GENERATOR), "preprocess.image_size: checkpoint 64, config 32"),
+    "cyclegan-other_normalisation": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", replace(PREP, normalization="percentile"), GENERATOR), "preprocess.normalization: checkpoint 'percentile', config 'brain_median'"),
     "cyclegan-other_architecture_no_spec": ("cyclegan", lambda a, t: _cyclegan_without_spec(t), "does not fit the configured generator"),
     "cyclegan-truncated": ("cyclegan", lambda a, t: _truncate_copy(a["cyclegan"], t), "cannot read checkpoint"),
     "cyclegan-vejp_checkpoint": ("cyclegan", lambda a, t: a["vejp"], "not a cyclegan_brats checkpoint"),

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from monai.bundle import ConfigParser, run
 from test_cyclegan import make_prepared  # tests/ is on sys.path (pytest rootdir)
 
 import tsgm_components
-from tsgm_components.checkpoints import latest_checkpoint, resume_point
+from tsgm_components.checkpoints import latest_checkpoint, resume_point, training_preprocess
 from tsgm_components.engines.cyclegan import CycleGANTrainer
 from tsgm_components.engines.fault_tolerance import NonFiniteLossError
 from tsgm_components.engines.score import ScoreMatchingTrainer, linear_warmup
@@ -282,16 +283,17 @@ def test_nan_loss_leaves_the_weights_of_the_last_good_step():
 
 def test_cyclegan_checkpoint_refuses_other_networks_naming_the_keys(cyclegan_uninterrupted, prepared, tmp_path):
     model = cyclegan_uninterrupted / "model.pt"
+    preprocess = training_preprocess(prepared, 32)
     assert load(model)["model_spec"] == {
-        "image_size": 32, "generator": {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1},
+        "preprocess": preprocess.to_dict(), "generator": {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1},
         "discriminator": {"in_channels": 1, "ndf": 4, "n_layers": 2},
     }
-    load_generator(ResnetGenerator(ngf=4, n_blocks=1), model, "BA", image_size=32)  # the same networks load
+    load_generator(ResnetGenerator(ngf=4, n_blocks=1), model, "BA", preprocess)  # the same networks load
     with pytest.raises(TsgmInputError) as excinfo:
-        load_generator(ResnetGenerator(ngf=8, n_blocks=2), model, "AB", image_size=64)
+        load_generator(ResnetGenerator(ngf=8, n_blocks=2), model, "AB", replace(preprocess, image_size=64))
     assert excinfo.value.path == str(model)
     assert ("generator.n_blocks: checkpoint 1, config 2; generator.ngf: checkpoint 4, config 8; "
-            "image_size: checkpoint 32, config 64") in excinfo.value.problem
+            "preprocess.image_size: checkpoint 32, config 64") in excinfo.value.problem
 
     # the inference bundle (pseudo-pairs) refuses a config of another size, before writing anything
     with pytest.raises(Exception) as excinfo:

@@ -13,18 +13,28 @@ import fire
 from tsgm_components.errors import TsgmInputError
 
 
-def phantom(out: str, n_subjects: int = 24, seed: int = 0, workers: int = 2, overwrite: bool = False) -> None:
+def phantom(
+    out: str,
+    n_subjects: int = 40,
+    seed: int = 0,
+    healthy_fraction: float = 0.25,
+    twins_out: str | None = None,
+    workers: int = 2,
+    overwrite: bool = False,
+) -> None:
     """Write an MNI152-based phantom dataset in BraTS2020 layout (240x240x155, t1/t1ce/t2/flair/seg) to OUT.
 
-    WORKERS processes generate subjects in parallel (the files are identical for any number).
+    TWINS_OUT (outside OUT): also write every tumour subject's healthy twin (no lesions, no mass effect, all else
+    identical), read only by the evaluation's ceiling rows. WORKERS processes generate subjects in parallel
+    (the files are identical for any number).
     """
     from tsgm_components.data.phantom import PhantomConfig, make_phantom
 
     try:
-        cfg = PhantomConfig(n_subjects=int(n_subjects), seed=int(seed))
+        cfg = PhantomConfig(n_subjects=int(n_subjects), seed=int(seed), healthy_fraction=float(healthy_fraction))
     except ValueError as error:
         raise TsgmInputError("tsgm phantom", str(error)) from error
-    make_phantom(out, cfg, overwrite=bool(overwrite), workers=int(workers))
+    make_phantom(out, cfg, overwrite=bool(overwrite), workers=int(workers), twins_out=None if twins_out is None else str(twins_out))
 
 
 def prepare(
@@ -53,14 +63,17 @@ def prepare(
     )
 
 
-def demo(work_dir: str = "runs/demo", n_subjects: int = 24, seed: int = 0, image_size: int = 64) -> None:
+def demo(
+    work_dir: str = "runs/demo", n_subjects: int = 40, seed: int = 0, image_size: int = 64, split_fraction: float = 0.2
+) -> None:
     """Run the whole pipeline on the embedded phantom dataset with the CPU configs, then print the results table.
 
+    SPLIT_FRACTION of the healthy and of the tumour subjects form the validation split, as many the test split.
     Rerunning the same command continues after the last finished step.
     """
     from tsgm_components.pipeline import run_demo
 
-    run_demo(work_dir, n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size))
+    run_demo(work_dir, n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size), split_fraction=float(split_fraction))
 
 
 COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo}

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import tsgm_components
 from tsgm_components.data.brats import MODALITIES, SubjectVolumes, load_subject, open_subject, subject_files
-from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
+from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.ensembling import (
     OTSU_MIN_COMPONENT_MM2,
     PAPER_WEIGHTS,
@@ -135,12 +135,6 @@ def _subject_id(files: Mapping[str, Path]) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name[: -len(f"_{MODALITIES[0]}")] if name.endswith(f"_{MODALITIES[0]}") else name
-
-
-def preprocess_volume(volume: np.ndarray, brain_mask: np.ndarray, preprocess: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Training preprocessing of one modality: (normalised (H, W, D) in [0, 1], slices (S, s, s) float32)."""
-    normalised = normalize_volume(volume, brain_mask, preprocess.lower_percentile, preprocess.upper_percentile)
-    return normalised, volume_to_slices(normalised, preprocess)
 
 
 def anomaly_support(brain_mask: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:

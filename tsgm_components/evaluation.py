@@ -257,10 +257,15 @@ class MethodResult:
     volume_rows: list[dict[str, Any]]
     slice_rows: list[dict[str, Any]]
     healthy_rows: list[dict[str, Any]]
-    volumes_without_tumour: list[str]
+    healthy_volume_rows: list[dict[str, Any]]
     oracle: dict[str, float]
     nfe_per_slice: float | None
     seconds_per_volume: float | None
+    ceiling: bool = False
+
+    @property
+    def volumes_without_tumour(self) -> list[str]:
+        return [row["subject"] for row in self.healthy_volume_rows]
 
 
 def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | None:
@@ -275,20 +280,26 @@ def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | N
     return float(np.mean(values)) if values else None
 
 
-def evaluate_cases(name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01) -> MethodResult:
+def evaluate_cases(
+    name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01, ceiling: bool = False
+) -> MethodResult:
     """Apply ``calibration`` unchanged to the (test) cases and score them (see :mod:`tsgm_components.metrics`).
 
     Slices whose brain covers less than ``min_brain_fraction`` of the plane are skipped by the slice-level metrics,
-    as they were by ``tsgm prepare``. The oracle is the best mean volume Dice of a global threshold chosen on these
-    very cases: an upper bound, never a result.
+    as they were by ``tsgm prepare``. A volume without tumour in the evaluated slices is a healthy volume: it is a
+    false positive when any voxel is predicted. The oracle is the best mean volume Dice of a global threshold
+    chosen on these very cases: an upper bound, never a result. ``ceiling`` marks a ceiling row (reads the twins).
     """
-    volume_rows, slice_rows, healthy_rows, without_tumour = [], [], [], []
+    volume_rows, slice_rows, healthy_rows, healthy_volume_rows = [], [], [], []
     for case in cases:
         score, mask = predict(case, calibration)
         evaluated = case.brain.mean(axis=(0, 1)) >= min_brain_fraction
         volume, slices, healthy = evaluate_case(score, mask, case.target, case.brain, case.spacing, case.z_indices, evaluated)
         if volume is None:
-            without_tumour.append(case.subject)
+            predicted = int(np.count_nonzero(mask))
+            healthy_volume_rows.append(
+                {"subject": case.subject, "false_positive": predicted > 0, "fp_fraction": predicted / int(case.brain.sum())}
+            )
         else:
             volume_rows.append({"subject": case.subject, **volume})
         slice_rows += [{"subject": case.subject, **row} for row in slices]
@@ -303,10 +314,11 @@ def evaluate_cases(name: str, cases: Sequence[Case], calibration: Mapping[str, A
         volume_rows=volume_rows,
         slice_rows=slice_rows,
         healthy_rows=healthy_rows,
-        volumes_without_tumour=without_tumour,
+        healthy_volume_rows=healthy_volume_rows,
         oracle={"threshold": oracle_threshold, "volume_dice": oracle_dice},
         nfe_per_slice=_record_value(records, "reconstruction", "nfe_per_slice"),
         seconds_per_volume=_record_value(records, "seconds", "total"),
+        ceiling=ceiling,
     )
 
 
@@ -353,7 +365,8 @@ def run_evaluation(
     """Bundle entry point: calibrate every method on validation, score it on test, write the report; return markdown.
 
     methods: ``[{"name": str, "detection_dir": path with validation/ and test/ sub-folders,
-    optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search)}]``.
+    optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search),
+    optional "ceiling": true (a ceiling row: an upper bound that reads what no method may, labelled so)}]``.
     Writes ``out_dir/<name>/calibration.json`` per method (what VE-JP inference reads for "tsgm") and the report
     files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically.
     """
@@ -377,14 +390,12 @@ def run_evaluation(
             logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), calibration["weights"])
             del validation
             test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess, truths)
-            results.append(evaluate_cases(name, test, calibration, min_brain_fraction))
+            results.append(evaluate_cases(name, test, calibration, min_brain_fraction, bool(method.get("ceiling", False))))
             if example is None:
                 example = example_slice(test)
                 item = next(i for i in volumes["test"] if i["subject"] == example[0])
                 example_case = load_subject({m: Path(item[m]) for m in MODALITIES})
-                flair = normalize_volume(
-                    example_case.arrays["flair"], example_case.brain_mask, preprocess.lower_percentile, preprocess.upper_percentile
-                )
+                flair = normalize_volume(example_case.arrays["flair"], example_case.brain_mask, preprocess)
             case = next(c for c in test if c.subject == example[0])
             examples[name] = example_panels(case, calibration, detection_dir / "test", flair, example[1])
             logger.info("%s: evaluated %d test subjects", name, len(test))

@@ -1,4 +1,5 @@
-"""End-to-end demo: phantom → prepare → CycleGAN → pseudo-pairs → VE-JP → detection → calibration → evaluation.
+"""End-to-end demo: phantom → prepare → CycleGAN → pseudo-pairs → VE-JP → detection (methods, baselines and the
+ceiling rows) → calibration on validation → evaluation on test.
 
 Each step is the exact command a user would type (``tsgm ...`` or ``python -m monai.bundle run ...``), run as a
 subprocess and printed first, so the demo doubles as a worked example. A step whose output already exists is
@@ -50,19 +51,40 @@ def bundle_command(run_id: str, bundle: str, configs: list[str], work_dir: Path,
     return command
 
 
-def demo_steps(work_dir: Path, n_subjects: int = 24, seed: int = 0, image_size: int = 64) -> list[Step]:
-    """The demo's commands on the embedded phantom dataset, small (CPU) configs of every bundle."""
+def demo_steps(
+    work_dir: Path, n_subjects: int = 40, seed: int = 0, image_size: int = 64, split_fraction: float = 0.2
+) -> list[Step]:
+    """The demo's commands on the embedded phantom dataset, small (CPU) configs of every bundle.
+
+    ``split_fraction`` of the healthy and of the tumour subjects go to validation, and as many to test
+    (stratified split): with the defaults, 6 tumour + 2 healthy subjects in each.
+    """
     tsgm = [sys.executable, "-m", "tsgm_components.cli"]
     prepared = work_dir / "prepared"
-    detections = work_dir / "detections"
     vejp_train = ["train.yaml", "cpu.yaml"]
     vejp_infer = ["inference.yaml", "cpu.yaml"]
     unconditional = ["train_unconditional.yaml"]
+    true_pairs = ["train_true_pairs.yaml"]
+    splits = ("validation", "test")
+
+    def detect(name: str, extra: list[str]) -> list[Step]:
+        return [
+            Step(f"{name} detection, {split}",
+                 bundle_command("inference", "vejp_anomaly", vejp_infer + extra, work_dir,
+                                datalist=prepared / "volumes.json", split=split, skip_existing=True),
+                 None)
+            for split in splits
+        ]
+
     steps = [
-        Step("phantom dataset", tsgm + ["phantom", "--out", str(work_dir / "phantom"), "--n_subjects", str(n_subjects),
-                                        "--seed", str(seed)], work_dir / "phantom"),
+        Step("phantom dataset (+ healthy twins for the ceiling rows)",
+             tsgm + ["phantom", "--out", str(work_dir / "phantom"), "--n_subjects", str(n_subjects), "--seed", str(seed),
+                     "--twins_out", str(work_dir / "twins")],
+             work_dir / "phantom"),
         Step("prepare slices", tsgm + ["prepare", "--dataset_dir", str(work_dir / "phantom"), "--out", str(prepared),
-                                       "--image_size", str(image_size), "--seed", str(seed)], prepared),
+                                       "--image_size", str(image_size), "--seed", str(seed),
+                                       "--val_fraction", str(split_fraction), "--test_fraction", str(split_fraction)],
+             prepared),
         Step("train CycleGAN (stage 1)",
              bundle_command("training", "cyclegan_brats", ["train.yaml", "cpu.yaml"], work_dir),
              work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan"),
@@ -72,16 +94,7 @@ def demo_steps(work_dir: Path, n_subjects: int = 24, seed: int = 0, image_size: 
         Step("train VE-JP score model (stage 2)",
              bundle_command("training", "vejp_anomaly", vejp_train, work_dir), work_dir / "vejp" / "model.pt",
              work_dir / "vejp" / "checkpoints"),
-    ]
-    splits = ("validation", "test")
-    steps += [
-        Step(f"TSGM detection, {split}",
-             bundle_command("inference", "vejp_anomaly", vejp_infer, work_dir,
-                            datalist=prepared / "volumes.json", split=split, skip_existing=True),
-             None)
-        for split in splits
-    ]
-    steps += [
+        *detect("TSGM", []),
         Step("FLAIR-threshold baseline detection",
              bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir,
                             skip_existing=True),
@@ -93,27 +106,31 @@ def demo_steps(work_dir: Path, n_subjects: int = 24, seed: int = 0, image_size: 
         Step("train unconditional score model (SDEdit baseline)",
              bundle_command("training", "vejp_anomaly", vejp_train + unconditional, work_dir),
              work_dir / "vejp_unconditional" / "model.pt", work_dir / "vejp_unconditional" / "checkpoints"),
-    ]
-    steps += [
-        Step(f"SDEdit baseline detection, {split}",
-             bundle_command("inference", "vejp_anomaly", vejp_infer + unconditional, work_dir,
-                            datalist=prepared / "volumes.json", split=split, skip_existing=True),
-             None)
-        for split in splits
-    ]
-    steps += [
+        *detect("SDEdit baseline", unconditional),
+        Step("CEILING oracle reconstruction detection (healthy = twin)",
+             bundle_command("oracle_reconstruction", "tsgm_evaluation", ["ceilings.yaml"], work_dir, skip_existing=True),
+             None),
+        Step("CEILING true pairs (twin slice, real slice)",
+             bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir),
+             work_dir / "true_pairs" / "pseudo_pairs.json"),
+        Step("CEILING train VE-JP on true pairs",
+             bundle_command("training", "vejp_anomaly", vejp_train + true_pairs, work_dir),
+             work_dir / "vejp_true_pairs" / "model.pt", work_dir / "vejp_true_pairs" / "checkpoints"),
+        *detect("CEILING VE-JP on true pairs", true_pairs),
         Step("calibrate on validation, evaluate on test",
-             bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", "cpu.yaml"], work_dir),
+             bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", "cpu.yaml", "ceilings.yaml"], work_dir),
              work_dir / "evaluation" / "summary.json"),
     ]
     return steps
 
 
-def run_demo(work_dir: str = "runs/demo", n_subjects: int = 24, seed: int = 0, image_size: int = 64) -> None:
+def run_demo(
+    work_dir: str = "runs/demo", n_subjects: int = 40, seed: int = 0, image_size: int = 64, split_fraction: float = 0.2
+) -> None:
     """Run (or continue) the whole pipeline in WORK_DIR and print the evaluation table."""
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps = demo_steps(work, n_subjects=n_subjects, seed=seed, image_size=image_size)
+    steps = demo_steps(work, n_subjects=n_subjects, seed=seed, image_size=image_size, split_fraction=split_fraction)
     start = time.perf_counter()
     for index, step in enumerate(steps, 1):
         header = f"[{index}/{len(steps)}] {step.name}"

@@ -43,6 +43,13 @@ def summarise(result: MethodResult) -> dict[str, Any]:
     return {
         "volume": {m: mean_std([row[m] for row in result.volume_rows]) for m in CASE_METRICS},
         "slice": {m: mean_std([row[m] for row in result.slice_rows]) for m in CASE_METRICS},
+        "ceiling": result.ceiling,
+        "healthy_volumes": {
+            "n": len(result.healthy_volume_rows),
+            "false_positive_rate": float(np.mean([row["false_positive"] for row in result.healthy_volume_rows]))
+            if result.healthy_volume_rows else math.nan,
+        },
+        "per_subject_volume_dice": {row["subject"]: row["dice"] for row in result.volume_rows},
         "healthy_slices": {
             "n": len(healthy),
             "false_positive_rate": float(np.mean([row["false_positive"] for row in healthy])) if healthy else math.nan,
@@ -72,23 +79,55 @@ def _number(value: float | None, digits: int) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def row_label(name: str, summary: Mapping[str, Any]) -> str:
+    """A method's name in the tables; ceiling rows say so (they read the healthy twins, which no method sees)."""
+    return f"{name} (CEILING)" if summary.get("ceiling") else name
+
+
+LADDER_NOTE = (
+    "Rows marked CEILING are upper bounds, not results: they read the phantom's healthy twins, which no method sees. "
+    "The ladder: oracle_reconstruction (healthy = the twin: what residual detection reaches with a perfect "
+    "reconstruction) → vejp_true_pairs (stage 2 trained on (twin, real) pairs: TSGM with a perfect stage 1) → tsgm "
+    "(stage 2 on CycleGAN pseudo-pairs) → cyclegan (stage 1 alone). The gap oracle → true pairs is what stage 2 and "
+    "its sampler lose, true pairs → tsgm what stage 1's pseudo-pairs lose, cyclegan → tsgm what stage 2 adds."
+)
+
+
 def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """The report's markdown: main table (per 3D volume + slice DSC), paper-protocol slice table, oracle table."""
+    """The report's markdown: main table (per 3D volume + slice DSC), per-subject Dice, paper-protocol slice table,
+    oracle table."""
     lines = [
         "## Test split, calibrated on the validation split (mean ± std)",
         "",
-        "Volume metrics: per 3D volume restricted to the processed slices z_min..z_max; slice DSC: per tumour slice. "
-        "Healthy-slice FPR: fraction of tumour-free slices with any predicted voxel. NFE: network evaluations per slice.",
+        "Volume metrics: per 3D volume restricted to the processed slices z_min..z_max, over the volumes with tumour "
+        "there; slice DSC: per tumour slice. Healthy-volume FPR: fraction of volumes without tumour (healthy subjects "
+        "and tumours outside the range) with any predicted voxel; healthy-slice FPR: fraction of tumour-free slices "
+        "with any predicted voxel. NFE: network evaluations per slice.",
         "",
-        "| method | " + " | ".join(h for h, _, _ in MAIN_COLUMNS) + " | healthy-slice FPR | NFE | s / volume |",
-        "|---" * (len(MAIN_COLUMNS) + 4) + "|",
+        "| method | " + " | ".join(h for h, _, _ in MAIN_COLUMNS) + " | healthy-volume FPR | healthy-slice FPR | NFE | s / volume |",
+        "|---" * (len(MAIN_COLUMNS) + 5) + "|",
     ]
     for name, summary in summaries.items():
         cells = [_cell(summary[level][metric], 2 if metric == "hd95" else 3) for _, level, metric in MAIN_COLUMNS]
+        volumes = summary["healthy_volumes"]
+        cells.append(f"{_number(volumes['false_positive_rate'], 2)} (n={volumes['n']})")
         cells.append(_number(summary["healthy_slices"]["false_positive_rate"], 3))
         cells.append(_number(summary["nfe_per_slice"], 0))
         cells.append(_number(summary["seconds_per_volume"], 1))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
+    if any(summary.get("ceiling") for summary in summaries.values()):
+        lines += ["", LADDER_NOTE]
+    subjects = sorted({subject for summary in summaries.values() for subject in summary["per_subject_volume_dice"]})
+    lines += [
+        "",
+        "## Volume DSC per test subject with tumour in the evaluated slices",
+        "",
+        "| subject | " + " | ".join(row_label(name, summary) for name, summary in summaries.items()) + " |",
+        "|---" * (len(summaries) + 1) + "|",
+    ]
+    for subject in subjects:
+        cells = [_number(summary["per_subject_volume_dice"].get(subject), 3) for summary in summaries.values()]
+        lines.append(f"| {subject} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Per tumour slice (the paper's protocol, standard metric definitions)",
@@ -99,7 +138,7 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     for name, summary in summaries.items():
         cells = [_cell(summary["slice"][metric], 2 if metric == "hd95" else 3) for _, metric in SLICE_COLUMNS]
         cells += [str(summary["counts"]["tumour_slices"]), str(summary["counts"]["empty_prediction_slices"])]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Calibration (validation split) and oracle (upper bound, NOT a result: threshold chosen on the test split)",
@@ -113,7 +152,7 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         rule = "per-slice Otsu" if calibration["mode"] == "otsu" else f"score > {calibration['threshold']:.4g}"
         weights = ", ".join(f"{w:.2f}" for w in calibration["weights"].values())
         lines.append(
-            f"| {name} | {oracle['volume_dice']:.3f} | {oracle['threshold']:.4g} | {rule} | "
+            f"| {row_label(name, summary)} | {oracle['volume_dice']:.3f} | {oracle['threshold']:.4g} | {rule} | "
             f"{_number(calibration['validation_dice'], 3)} | {weights} |"
         )
     lines += [
@@ -149,6 +188,8 @@ def case_rows(result: MethodResult) -> list[dict[str, Any]]:
         row.update({f"slice_{m}_mean": float(np.mean([s[m] for s in slices])) for m in CASE_METRICS} if slices else {})
         row["healthy_slices"] = len(healthy)
         row["healthy_false_positive_slices"] = sum(h["false_positive"] for h in healthy)
+        healthy_volume = next((h for h in result.healthy_volume_rows if h["subject"] == subject), None)
+        row["healthy_volume_false_positive"] = "" if healthy_volume is None else healthy_volume["false_positive"]
         rows.append(row)
     return rows
 
@@ -156,6 +197,7 @@ def case_rows(result: MethodResult) -> list[dict[str, Any]]:
 CASE_COLUMNS = (
     "method", "subject", "has_tumour", *(f"volume_{m}" for m in CASE_METRICS), "volume_empty_prediction",
     "tumour_slices", *(f"slice_{m}_mean" for m in CASE_METRICS), "healthy_slices", "healthy_false_positive_slices",
+    "healthy_volume_false_positive",
 )
 SLICE_CSV_COLUMNS = ("method", "subject", "z", "kind", *CASE_METRICS, "empty_prediction", "false_positive", "fp_fraction")
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
-from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
+from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
 from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
@@ -32,14 +32,17 @@ logger = logging.getLogger(__name__)
 DIRECTIONS = ("AB", "BA")
 
 
-def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str = "AB", image_size: int | None = None) -> nn.Module:
+def load_generator(
+    generator: nn.Module, checkpoint: str | Path, direction: str = "AB", preprocess: PreprocessConfig | None = None
+) -> nn.Module:
     """Load ``G_<direction>`` weights from a training checkpoint into ``generator`` and return it in eval mode.
 
     direction: ``"AB"`` (healthy -> tumour, used for pseudo-pairs) or ``"BA"`` (tumour -> healthy).
-    image_size: the config's slice size. A checkpoint of the training bundle stores its ``model_spec``
-    (``CycleGANSpec``); a generator built with other arguments (``generator.config``) or another image size is
-    refused with a TsgmInputError naming the checkpoint and every differing key. Checkpoints without a spec are
-    loaded if the weights fit.
+    preprocess: the preprocessing the caller will apply to the slices it translates (normalisation, slice range,
+    image size). A checkpoint of the training bundle stores its ``model_spec`` (``CycleGANSpec``); a generator
+    built with other arguments (``generator.config``) or trained on data prepared differently is refused with a
+    TsgmInputError naming the checkpoint and every differing key. Checkpoints without a spec are loaded if the
+    weights fit.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -49,7 +52,7 @@ def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str 
         raise TsgmInputError(checkpoint, f"no '{key}' entry (found {sorted(state)}): not a cyclegan_brats checkpoint")
     saved_spec = state.get(SPEC_KEY)
     if saved_spec is not None and hasattr(generator, "config"):
-        CycleGANSpec(image_size, generator.config).check(saved_spec, checkpoint)
+        CycleGANSpec(preprocess, generator.config).check(saved_spec, checkpoint)
     try:
         generator.load_state_dict(state[key])
     except RuntimeError as error:
@@ -166,7 +169,7 @@ def _translate_arrays(
 ) -> dict[str, np.ndarray]:
     """modality -> (H, W, D) raw intensities to modality -> (H, W, D) translated, normalised [0, 1], 0 outside
     z_min..z_max. A 1-channel generator translates each modality alone, a 4-channel one all four together."""
-    slices = {m: volume_to_slices(normalize_volume(v, brain_mask, cfg.lower_percentile, cfg.upper_percentile), cfg) for m, v in volumes.items()}
+    slices = {m: preprocess_volume(v, brain_mask, cfg)[1] for m, v in volumes.items()}
     if generator_channels(generator) == 1:
         translated = {m: translate_slices(generator, torch.from_numpy(s)[:, None], batch_size)[:, 0].numpy() for m, s in slices.items()}
     else:

@@ -149,6 +149,12 @@ def load_volume(path: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return image, array
 
 
+def has_tumour(seg_path: str | Path) -> bool:
+    """Whether a segmentation file holds any tumour label (> 0): a subject-level healthy/tumour flag."""
+    path = Path(seg_path)
+    return bool(np.any(_read_data(path, _open(path)) > 0))
+
+
 def open_subject(files: dict[str, Path]) -> dict[str, nib.Nifti1Image]:
     """Open a subject's files and check their headers: readable, 3D, same shape and affine (``AFFINE_ATOL``).
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.data.brats import MODALITIES, SEG, find_subjects, open_subject, load_subject, subject_files
-from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, volume_to_slices
+from tsgm_components.data.brats import MODALITIES, SEG, find_subjects, has_tumour, open_subject, load_subject, subject_files
+from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, volume_to_slices
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write
 
@@ -30,33 +30,50 @@ BRATS2020_SPLIT = REPO_ROOT / "data_manifests" / "brats2020_split.json"
 
 
 def split_subjects(
-    subjects: list[str], seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1
+    subjects: list[str],
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    strata: Mapping[str, str] | None = None,
 ) -> dict[str, list[str]]:
-    """Seeded subject-level split ``{"train", "val", "test"} -> sorted ids``.
+    """Seeded subject-level split ``{"train", "val", "test"} -> sorted ids``, stratified by ``strata``.
 
-    Rule: permute the sorted ids with ``numpy.random.default_rng(seed).permutation``; the first
-    ``round(n * test_fraction)`` are test, the next ``round(n * val_fraction)`` validation, the rest
-    training (the paper's 9:1 train/test split with validation carved out of training). A fraction > 0
-    gets at least one subject.
+    Rule, within each stratum (``strata``: subject -> stratum name, e.g. "healthy"/"tumour"; None: one stratum):
+    permute the stratum's sorted ids with ``numpy.random.default_rng(seed).permutation``; the first
+    ``round(n * test_fraction)`` are test, the next ``round(n * val_fraction)`` validation, the rest training (the
+    paper's 9:1 train/test split with validation carved out of training). A fraction > 0 gets at least one subject
+    of a stratum with 3 or more subjects; a stratum of 1 or 2 subjects is training only. With one stratum this is
+    exactly the unstratified rule, so the shipped BraTS2020 split (all tumour subjects) is unchanged.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val_fraction}, {test_fraction}")
-    ordered = sorted(subjects)
-    n = len(ordered)
+    groups: dict[str, list[str]] = {}
+    for subject in sorted(subjects):
+        groups.setdefault("all" if strata is None else str(strata[subject]), []).append(subject)
+    split: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for stratum in sorted(groups):
+        ordered = groups[stratum]
+        n = len(ordered)
+        if strata is not None and n < 3:
+            split["train"] += ordered
+            continue
 
-    def count(fraction: float) -> int:
-        return max(1, int(round(n * fraction))) if fraction > 0 else 0
+        def count(fraction: float) -> int:
+            return max(1, int(round(n * fraction))) if fraction > 0 else 0
 
-    n_test, n_val = count(test_fraction), count(val_fraction)
-    if n - n_test - n_val < 1:
-        raise ValueError(f"{n} subjects are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
-    picked = [ordered[i] for i in order]
-    return {
-        "train": sorted(picked[n_test + n_val :]),
-        "val": sorted(picked[n_test : n_test + n_val]),
-        "test": sorted(picked[:n_test]),
-    }
+        n_test, n_val = count(test_fraction), count(val_fraction)
+        if n - n_test - n_val < 1:
+            raise ValueError(f"{n} subjects are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+        picked = [ordered[i] for i in np.random.default_rng(seed).permutation(n)]
+        split["test"] += picked[:n_test]
+        split["val"] += picked[n_test : n_test + n_val]
+        split["train"] += picked[n_test + n_val :]
+    return {name: sorted(ids) for name, ids in split.items()}
+
+
+def subject_strata(files: Mapping[str, Mapping[str, Path]]) -> dict[str, str]:
+    """subject -> "healthy" (no tumour label anywhere in its segmentation) or "tumour": the split's strata."""
+    return {subject: "tumour" if has_tumour(paths[SEG]) else "healthy" for subject, paths in files.items()}
 
 
 def load_split_file(path: str | Path, subjects: list[str]) -> dict[str, list[str]]:
@@ -94,12 +111,7 @@ def _slice_records(
     slice when the full-resolution segmentation has any voxel > 0 (all classes merged).
     """
     volumes = load_subject(files)
-    slices = {
-        m: volume_to_slices(
-            normalize_volume(volumes.arrays[m], volumes.brain_mask, cfg.lower_percentile, cfg.upper_percentile), cfg
-        )
-        for m in MODALITIES
-    }
+    slices = {m: preprocess_volume(volumes.arrays[m], volumes.brain_mask, cfg)[1] for m in MODALITIES}
     whole_tumour = (volumes.seg > 0).astype(np.uint8)
     slices[SEG] = volume_to_slices(whole_tumour, cfg, is_mask=True)
     z_axis = np.arange(cfg.z_min, cfg.z_max + 1)
@@ -135,17 +147,6 @@ def prepare(
     skipped = sorted(d.name for d in dataset_dir.iterdir() if d.is_dir() and d.name not in subjects)
     if skipped and verbose:
         print(f"prepare: skipping {len(skipped)} folders without <name>_<modality>.nii[.gz] files: {skipped[:5]}")
-    if split_file is None and _shipped_manifest_applies(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction):
-        split_file = BRATS2020_SPLIT
-    if split_file is not None:
-        split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
-    else:
-        try:
-            split = split_subjects(subjects, seed, val_fraction, test_fraction)
-        except ValueError as error:
-            raise TsgmInputError(dataset_dir, str(error)) from error
-        split_source = f"seeded (seed={seed})"
-
     files = {s: subject_files(dataset_dir / s, require_seg=True) for s in subjects}
     for subject in subjects:
         shape = open_subject(files[subject])[MODALITIES[0]].shape
@@ -153,12 +154,32 @@ def prepare(
             cfg.check_volume_shape(shape)
         except ValueError as error:
             raise TsgmInputError(files[subject][MODALITIES[0]], str(error)) from error
+    strata = subject_strata(files)
+    if split_file is None and _shipped_manifest_applies(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction):
+        split_file = BRATS2020_SPLIT
+    if split_file is not None:
+        split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
+    else:
+        try:
+            split = split_subjects(subjects, seed, val_fraction, test_fraction, strata)
+        except ValueError as error:
+            raise TsgmInputError(dataset_dir, str(error)) from error
+        split_source = f"seeded (seed={seed}), stratified by healthy/tumour subject"
     if verbose:
         print(f"prepare: {len(subjects)} subjects in {dataset_dir}, split {split_source}", flush=True)
 
     datalist: dict[str, list[dict[str, Any]]] = {DATALIST_KEYS[s]: [] for s in SPLITS}
     volumes: dict[str, list[dict[str, str]]] = {DATALIST_KEYS[s]: [] for s in SPLITS}
-    counts = {s: {"subjects": len(split[s]), "healthy_slices": 0, "tumour_slices": 0, "discarded_blank": 0} for s in SPLITS}
+    counts = {
+        s: {
+            "subjects": len(split[s]),
+            "healthy_subjects": sum(strata[subject] == "healthy" for subject in split[s]),
+            "healthy_slices": 0,
+            "tumour_slices": 0,
+            "discarded_blank": 0,
+        }
+        for s in SPLITS
+    }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in SPLITS:
             key = DATALIST_KEYS[name]
@@ -217,7 +238,10 @@ def _shipped_manifest_applies(path: Path, subjects: list[str], seed: int, val_fr
 
 def format_counts(counts: dict[str, dict[str, int]]) -> str:
     """Per-split table: subjects, healthy and tumour slices (per modality), discarded blank slices."""
-    lines = [f"{'split':6s} {'subjects':>8s} {'healthy':>8s} {'tumour':>8s} {'blank':>6s}   (slices per modality)"]
+    lines = [f"{'split':6s} {'subjects':>8s} {'(healthy)':>9s} {'healthy':>8s} {'tumour':>8s} {'blank':>6s}   (slices per modality)"]
     for name, c in counts.items():
-        lines.append(f"{name:6s} {c['subjects']:8d} {c['healthy_slices']:8d} {c['tumour_slices']:8d} {c['discarded_blank']:6d}")
+        lines.append(
+            f"{name:6s} {c['subjects']:8d} {c.get('healthy_subjects', 0):9d} {c['healthy_slices']:8d} {c['tumour_slices']:8d} "
+            f"{c['discarded_blank']:6d}"
+        )
     return "\n".join(lines)

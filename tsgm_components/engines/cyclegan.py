@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path
@@ -292,23 +293,31 @@ SPEC_KEY = "model_spec"
 
 
 class CycleGANSpec:
-    """What a CycleGAN checkpoint was made for: ``image_size`` and the ``config`` (constructor arguments) of the
-    generators and, for training checkpoints, the discriminators.
+    """What a CycleGAN checkpoint was made for: the ``preprocess`` of its training slices (normalisation, slice
+    range, image size) and the ``config`` (constructor arguments) of the generators and, for training
+    checkpoints, the discriminators.
 
     Every checkpoint of the cyclegan_brats bundle stores it as ``model_spec``. ``state_dict``/``load_state_dict``
     let MONAI's checkpoint handlers save it and refuse a resume into other networks; :meth:`check` is what
-    a resume (``checkpoints.check_checkpoint``) and ``translation.load_generator`` use to name the checkpoint and every differing key.
+    a resume (``checkpoints.check_checkpoint``) and ``translation.load_generator`` use to name the checkpoint and
+    every differing key, so a generator is never applied to data prepared differently from its training data.
 
     Args:
-        image_size: slice size the networks were trained on; None: not checked (loading without a config size).
+        preprocess: ``PreprocessConfig`` (or its dict) of the slices; None: not checked.
         generator: ``ResnetGenerator.config``.
         discriminator: ``PatchDiscriminator.config``; None: not checked (inference has no discriminators).
     """
 
-    def __init__(self, image_size: int | None, generator: Mapping[str, int], discriminator: Mapping[str, int] | None = None):
+    def __init__(
+        self,
+        preprocess: PreprocessConfig | Mapping[str, Any] | None,
+        generator: Mapping[str, int],
+        discriminator: Mapping[str, int] | None = None,
+    ):
         self.spec: dict[str, Any] = {"generator": dict(generator)}
-        if image_size is not None:
-            self.spec["image_size"] = int(image_size)
+        if preprocess is not None:
+            config = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
+            self.spec["preprocess"] = config.to_dict()
         if discriminator is not None:
             self.spec["discriminator"] = dict(discriminator)
 
