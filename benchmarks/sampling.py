@@ -6,7 +6,9 @@ Reads what ``tsgm demo`` (or the bundles) wrote into WORK_DIR: the VE-JP model (
 loaded by the vejp_anomaly inference config exactly as the bundle loads it), the prepared dataset
 (``prepared/volumes.json``) and, when present, the TSGM calibration (``evaluation/tsgm/calibration.json``).
 
-Slices: the first ``--subjects`` test subjects; per subject ``--slices_per_subject`` tumour-bearing axial slices of
+Selection on validation only: the scored slices come from the VALIDATION split (the test split is read once, by the
+final evaluation, so a sampler chosen here is never chosen on test). Slices: the first ``--subjects`` validation
+subjects with tumour; per subject ``--slices_per_subject`` tumour-bearing axial slices of
 the processed range, evenly spaced through the tumour (0 = all of them); of each, the modalities whose calibrated
 ensemble weight is not 0 (the others cannot change the anomaly score; ``--modalities all`` reconstructs all four).
 Every sampler reconstructs this same stack in ONE batched inferer call (slices × modalities, chunked by the
@@ -23,7 +25,7 @@ over all evaluated slices of a subject, mean over subjects) on which the target 
 in order of preference: ``--calibration`` or ``evaluation/tsgm/calibration.json``; else chosen on the validation split by
 ``evaluation.calibrate`` (the evaluation bundle's code and settings) from ``detections/vejp/validation``; else from
 reconstructions of the validation subjects' processed slices (all, or ``--validation_slices_per_subject``) by the
-bundle's configured sampler, with the same code. Never on the test split.
+bundle's configured sampler, with the same code. Nothing here reads the test split.
 
 Writes ``benchmarks/results/sampling_<device>.{md,json}`` (``--out_dir``) and prints the markdown table.
 """
@@ -52,7 +54,8 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, SEG, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import anomaly_support, load_calibration, preprocess_volume, residual_volume
+from tsgm_components.data.preprocessing import preprocess_volume
+from tsgm_components.detection import anomaly_support, load_calibration, residual_volume
 from tsgm_components.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
@@ -144,7 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="vejp_anomaly inference configs, merged in order (default: inference.yaml cpu.yaml)")
     parser.add_argument("--evaluation_config", nargs="+", default=DEFAULT_EVALUATION_CONFIGS,
                         help="tsgm_evaluation configs whose calibration settings are used when calibrating here")
-    parser.add_argument("--subjects", type=int, default=2, help="first N test subjects of volumes.json")
+    parser.add_argument("--subjects", type=int, default=2, help="first N validation subjects (with tumour) of volumes.json")
     parser.add_argument("--slices_per_subject", type=int, default=3,
                         help="tumour-bearing slices per subject, evenly spaced through the tumour; 0 = all")
     parser.add_argument("--validation_slices_per_subject", type=int, default=0,
@@ -538,10 +541,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.modalities == "weighted":
         modalities = [m for m in MODALITIES if calibration["weights"][m] > 0]
 
-    test_items = volumes.get("test", [])[: args.subjects]
-    subjects = load_subjects(test_items, preprocess, args.slices_per_subject, min_brain_fraction)
+    # selection on validation only: the scored slices come from the validation split, never from test
+    subjects = load_subjects(volumes.get("validation", []), preprocess, args.slices_per_subject, min_brain_fraction)[: args.subjects]
     if not subjects:
-        raise TsgmInputError(work_dir / "prepared" / "volumes.json", f"none of the test subjects {[i['subject'] for i in test_items]} has tumour slices")
+        raise TsgmInputError(work_dir / "prepared" / "volumes.json", "no validation subject has tumour slices")
     inputs = stack(subjects, modalities).to(device)
     subset = "; ".join(f"{s.subject} z={s.z(preprocess)}" for s in subjects)
     logger.info("%d modality slices (%s): %s", inputs.shape[0], ", ".join(modalities), subset)

@@ -31,7 +31,7 @@ from tsgm_components.ensembling import (
     simplex_grid,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import calibrate, load_cases, read_prepared
+from tsgm_components.evaluation import calibrate, load_cases, predict, read_prepared
 from tsgm_components.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
 
 BUNDLE = REPO_ROOT / "bundles" / "tsgm_evaluation"
@@ -305,7 +305,15 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
         kinds = {r["kind"] for r in csv.DictReader(handle)}
     assert kinds == {"tumour", "healthy"}
     markdown = (out / "results.md").read_text()
-    assert "| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-slice FPR | NFE | s / volume |" in markdown
+    assert ("| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-volume FPR | "
+            "healthy-slice FPR | NFE | s / volume |") in markdown
+    # test_2 has no tumour: a healthy volume, a false positive when any voxel is predicted
+    volumes, preprocess, _ = read_prepared(synthetic / "prepared")
+    healthy_case = load_cases(synthetic / "detections" / "good" / "test", volumes["test"][2:], preprocess)[0]
+    assert good["healthy_volumes"]["n"] == 1
+    assert good["healthy_volumes"]["false_positive_rate"] == float(predict(healthy_case, calibration)[1].any())
+    assert sorted(good["per_subject_volume_dice"]) == ["test_0", "test_1"] and "| test_0 |" in markdown
+    assert good["ceiling"] is False and "CEILING" not in markdown
     assert "oracle (upper bound, NOT a result" in markdown and "| good |" in markdown
     for figure in ("boxplots.png", "examples.png"):
         image = matplotlib.image.imread(out / "figures" / figure)

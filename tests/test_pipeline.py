@@ -13,7 +13,7 @@ def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path):
     steps = demo_steps(tmp_path)
     assert [s.name for s in steps][-1] == "calibrate on validation, evaluate on test"
     bundle_steps = [s for s in steps if "monai.bundle" in s.command]
-    assert len(bundle_steps) == 11
+    assert len(bundle_steps) == 16
     for step in bundle_steps:
         configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
         assert all(Path(c).is_file() for c in configs), step.name
@@ -30,7 +30,7 @@ def test_training_resumes_only_when_an_interrupted_run_left_checkpoints(tmp_path
 
 def test_detection_steps_always_run_and_skip_finished_subjects(tmp_path):
     detections = [s for s in demo_steps(tmp_path) if "detection" in s.name]
-    assert len(detections) == 6
+    assert len(detections) == 9
     for step in detections:
         assert step.output is None
         assert step.command[step.command.index("--skip_existing") + 1] == "True"
@@ -38,5 +38,17 @@ def test_detection_steps_always_run_and_skip_finished_subjects(tmp_path):
 
 def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 3))
-    with pytest.raises(SystemExit, match=r"step 'phantom dataset' failed \(exit 3\)"):
+    with pytest.raises(SystemExit, match=r"step 'phantom dataset \(\+ healthy twins for the ceiling rows\)' failed \(exit 3\)"):
         run_demo(str(tmp_path / "w"))
+
+
+def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
+    steps = {s.name: s for s in demo_steps(tmp_path)}
+    phantom = steps["phantom dataset (+ healthy twins for the ceiling rows)"].command
+    assert phantom[phantom.index("--twins_out") + 1] == str(tmp_path / "twins")
+    prepare = steps["prepare slices"].command
+    assert prepare[prepare.index("--val_fraction") + 1] == prepare[prepare.index("--test_fraction") + 1] == "0.2"
+    evaluate = steps["calibrate on validation, evaluate on test"].command
+    assert ast.literal_eval(evaluate[evaluate.index("--config_file") + 1])[-1].endswith("ceilings.yaml")
+    ceiling_steps = [name for name in steps if name.startswith("CEILING")]
+    assert len(ceiling_steps) == 5

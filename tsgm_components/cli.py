@@ -47,14 +47,20 @@ def prepare(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     split_file: str | None = None,
+    normalization: str = "brain_median",
     overwrite: bool = False,
 ) -> None:
-    """Split a BraTS-layout dataset by subject, normalise, slice axially and write MONAI datalists to OUT."""
+    """Split a BraTS-layout dataset by subject (stratified by healthy/tumour subject), normalise, slice axially and
+    write MONAI datalists to OUT.
+
+    NORMALIZATION: brain_median (default: the brain median maps to 0.4, robust to lesion burden) or percentile (the
+    paper's 1st/99th percentile clip + min-max, which darkens normal tissue once a lesion covers > ~1 % of the brain).
+    """
     from tsgm_components.data.preprocessing import PreprocessConfig
     from tsgm_components.data.prepare import prepare as run_prepare
 
     try:
-        cfg = PreprocessConfig(z_min=int(z_min), z_max=int(z_max), image_size=int(image_size))
+        cfg = PreprocessConfig(z_min=int(z_min), z_max=int(z_max), image_size=int(image_size), normalization=str(normalization))
     except ValueError as error:
         raise TsgmInputError("tsgm prepare", str(error)) from error
     run_prepare(
