@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -295,11 +296,15 @@ def test_cyclegan_checkpoint_refuses_other_networks_naming_the_keys(cyclegan_uni
     assert ("generator.n_blocks: checkpoint 1, config 2; generator.ngf: checkpoint 4, config 8; "
             "preprocess.image_size: checkpoint 32, config 64") in excinfo.value.problem
 
-    # the inference bundle (pseudo-pairs) refuses a config of another size, before writing anything
+    # the inference bundle (pseudo-pairs) refuses data prepared otherwise than the generator's, before writing anything
+    percentile = tmp_path / "percentile"
+    shutil.copytree(prepared, percentile)
+    config = json.loads((percentile / "prepare_config.json").read_text())
+    (percentile / "prepare_config.json").write_text(json.dumps({**config, "normalization": "brain_median"}))
     with pytest.raises(Exception) as excinfo:
         run("inference", config_file=[str(CYCLEGAN / "inference.yaml")], logging_file=False, work_dir=str(tmp_path),
-            prepared_dir=str(prepared), checkpoint=str(model), image_size=64, ngf=4, n_blocks=1)
-    assert "image_size: checkpoint 32, config 64" in str(cause(excinfo.value, TsgmInputError))
+            prepared_dir=str(percentile), checkpoint=str(model), image_size=32, ngf=4, n_blocks=1)
+    assert "preprocess.normalization: checkpoint 'percentile', config 'brain_median'" in str(cause(excinfo.value, TsgmInputError))
     assert not (tmp_path / "pseudo_pairs").exists()
 
     # resuming training with other networks is refused, naming the checkpoint and the keys

@@ -32,7 +32,8 @@ UNCONDITIONAL, MULTI_GPU = CONFIGS / "train_unconditional.yaml", CONFIGS / "mult
 
 SHAPE = (20, 24, 8)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0, 1]])
-PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, lower_percentile=1.0, upper_percentile=99.0)
+PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, normalization="brain_median", median_target=0.4,
+                  lower_percentile=1.0, upper_percentile=99.0)
 N_PAIRS, BATCH = 8, 4
 TINY_TRAIN = dict(image_size=32, max_epochs=1, epoch_length="$None", batch_size=BATCH, warmup_steps=2, log_interval=1)
 TINY_SAMPLER = dict(image_size=32, sampler="heun", n_steps=3, n_draws=2, sample_batch_size=16)

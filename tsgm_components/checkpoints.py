@@ -73,8 +73,8 @@ class ModelSpec:
 
     def check(self, state: Mapping[str, Any] | None, checkpoint: str | Path) -> None:
         """Raise TsgmInputError naming ``checkpoint`` if its spec (``state``) is missing or differs from this one."""
-        if state is None:
-            raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
+        if not is_score_spec(state):
+            raise TsgmInputError(checkpoint, f"no score-model '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
         found = self.differences(state)
         if found:
             raise TsgmInputError(
@@ -82,6 +82,11 @@ class ModelSpec:
                 "made for a different model than this config: " + "; ".join(found)
                 + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
             )
+
+
+def is_score_spec(spec: Any) -> bool:
+    """Whether a stored ``model_spec`` is a score model's (a CycleGAN's also records preprocessing, not an SDE)."""
+    return isinstance(spec, Mapping) and "network" in spec and "sde" in spec
 
 
 def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
@@ -149,7 +154,12 @@ def resume_point(checkpoint_dir: str | Path, resume: bool) -> str | None:
 
 def training_preprocess(prepared_dir: str | Path, image_size: int) -> PreprocessConfig:
     """The preprocessing of a prepared dataset (``prepare_config.json``); its image size must be ``image_size``."""
-    path = Path(prepared_dir) / "prepare_config.json"
+    return read_prepare_config(Path(prepared_dir) / "prepare_config.json", image_size)
+
+
+def read_prepare_config(path: str | Path, image_size: int) -> PreprocessConfig:
+    """The preprocessing recorded in a ``prepare_config.json`` file; its image size must be ``image_size``."""
+    path = Path(path)
     try:
         preprocess = PreprocessConfig.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as error:
@@ -164,8 +174,8 @@ def training_preprocess(prepared_dir: str | Path, image_size: int) -> Preprocess
 def checkpoint_preprocess(checkpoint: str | Path, image_size: int) -> PreprocessConfig:
     """The preprocessing a checkpoint was trained with (inference applies exactly it); checks ``image_size``."""
     spec = read_checkpoint(checkpoint).get(SPEC_KEY)
-    if spec is None or "preprocess" not in spec:
-        raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
+    if not is_score_spec(spec) or "preprocess" not in spec:
+        raise TsgmInputError(checkpoint, f"no score-model '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
     preprocess = PreprocessConfig.from_dict(spec["preprocess"])
     if preprocess.image_size != int(image_size):
         raise TsgmInputError(
