@@ -39,7 +39,7 @@ SLICES_PER_VOLUME = 49 * 4
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--slices", type=int, default=64, help="slices per timed call (one draw each)")
+    parser.add_argument("--slices", type=int, default=256, help="slices per timed call (one draw each; >= 256 so that every chunk size is exercised)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

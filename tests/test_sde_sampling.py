@@ -417,3 +417,18 @@ def test_max_pairwise_distance_is_exact_and_chunk_independent():
     assert max_pairwise_distance(extremes) == pytest.approx(8.0)  # sqrt(64 pixels)
     with pytest.raises(ValueError, match="at least 2"):
         max_pairwise_distance(images[:1])
+
+
+def test_channels_last_layout_changes_only_rounding():
+    """channels_last (cpu.yaml) converts a real ScoreUNet and its inputs to channels-last: same reconstructions."""
+    from tsgm_components.networks.score import ScoreUNet
+
+    torch.manual_seed(0)
+    network = ScoreUNet(channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=8,
+                        norm_num_groups=8).eval()
+    inputs = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(sampler="heun", n_steps=3, seed=2, batch_size=4)
+    plain = DiffusionSamplerInferer(VESDE(sigma_max=20.0), **kwargs)(inputs, network)
+    converted = DiffusionSamplerInferer(VESDE(sigma_max=20.0), channels_last=True, **kwargs)(inputs, network)
+    assert network.unet.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(converted, plain, rtol=0, atol=1e-4)

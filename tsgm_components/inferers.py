@@ -81,8 +81,8 @@ class DiffusionSamplerInferer(Inferer):
     (``benchmarks/results/gpu_forward_variants_h100.md``): worth it for many volumes, not for one.
 
     Memory layout: ``channels_last=True`` converts the network (in place) and its inputs to channels-last, which
-    oneDNN's CPU convolutions run faster (1.3× for the demo's 64² model on 2 cores, chunks of 32 slices:
-    ``benchmarks/cpu_detection_speed.py``); the numbers change only by floating-point rounding.
+    oneDNN's CPU convolutions run faster (the demo's 64² model on 2 cores: ``benchmarks/cpu_detection_speed.py``);
+    the numbers change only by floating-point rounding.
 
     Attributes:
         nfe_per_slice: score evaluations per slice of the configured sampler.
