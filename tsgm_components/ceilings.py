@@ -30,6 +30,7 @@ from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volu
 from tsgm_components.detection import detect_datalist, read_volumes_split
 from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.errors import TsgmInputError
+from tsgm_components.evaluation import read_prepared
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json
 
 logger = logging.getLogger(__name__)
@@ -117,13 +118,11 @@ def write_true_pairs(
     prepared_dir, out = Path(prepared_dir).resolve(), Path(out)
     check_not_over_inputs(out, [prepared_dir, twins_dir])
     check_can_write(out, overwrite)
-    config_path = prepared_dir / "prepare_config.json"
+    volumes, preprocess, _ = read_prepared(prepared_dir)
     try:
-        preprocess = PreprocessConfig.from_dict(json.loads(config_path.read_text()))
         datalist = json.loads((prepared_dir / "datalist.json").read_text())
-        volumes = json.loads((prepared_dir / "volumes.json").read_text())
-    except (OSError, ValueError, TypeError) as error:
-        raise TsgmInputError(prepared_dir, f"cannot read the prepared dataset ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
+    except (OSError, ValueError) as error:
+        raise TsgmInputError(prepared_dir / "datalist.json", f"cannot read ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
     pairs: dict[str, list[dict[str, Any]]] = {}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for split in splits:
