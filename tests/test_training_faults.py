@@ -355,3 +355,24 @@ def test_same_seed_same_losses_cyclegan_trainer(prepared):
     first = losses(0)
     assert len(first) == 4 and first == losses(0)
     assert first != losses(1)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """A log file gets no per-iteration bar redraws; a terminal gets the bar (and its output transform)."""
+    import io
+
+    from ignite.engine import Engine
+
+    from tsgm_components.engines.progress import TerminalProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, attached in ((io.StringIO(), False), (Terminal(), True), (open(tmp_path / "log.txt", "w"), False)):
+        engine = Engine(lambda engine, batch: {"loss": torch.tensor(0.5)})
+        bar = TerminalProgressBar(lambda output: {"loss": float(output["loss"])}, stream=stream)
+        assert bar.attach(engine) is attached
+        engine.run(range(3), max_epochs=1)
+        drawn = stream.getvalue() if isinstance(stream, io.StringIO) else (tmp_path / "log.txt").read_text()
+        assert ("loss=0.5" in drawn) is attached

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
 from ignite.metrics import Average
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
@@ -31,7 +30,7 @@ from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
 
 __all__ = [
-    "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "LossProgressBar", "TranslationSnapshots", "CycleGANRNGState",
+    "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "TranslationSnapshots", "CycleGANRNGState",
     "CycleGANSpec",
 ]
 
@@ -52,7 +51,7 @@ class CycleGANTrainer(Trainer):
     Batches are ``{"A": (B, C, H, W), "B": (B, C, H, W)}`` in [0, 1] (see ``data.unpaired``).
     ``engine.state.output`` is a dict of floats: ``loss_gan_AB``, ``loss_gan_BA``, ``loss_cycle_A``,
     ``loss_cycle_B``, ``loss_idt_AB``, ``loss_idt_BA`` (when identity > 0), ``loss_G``, ``loss_D_A``, ``loss_D_B``
-    and the generators' learning rate ``lr``, so StatsHandler, TensorBoardStatsHandler and :class:`LossProgressBar`
+    and the generators' learning rate ``lr``, so StatsHandler, TensorBoardStatsHandler and :class:`~tsgm_components.engines.progress.TerminalProgressBar`
     show every term. A NaN/Inf loss raises ``NonFiniteLossError`` (iteration and loss named) before it updates
     any weights.
 
@@ -223,13 +222,6 @@ class EpochLossMeans:
     def attach(self, engine: Engine) -> None:
         for key in self.keys:
             Average(output_transform=itemgetter(key)).attach(engine, f"mean_{key}")
-
-
-class LossProgressBar(ProgressBar):
-    """ignite ``ProgressBar`` that shows the trainer's loss dict; ``attach(engine)`` as MONAI handlers expect."""
-
-    def attach(self, engine: Engine) -> None:  # type: ignore[override]
-        super().attach(engine, output_transform=lambda output: output)
 
 
 class TranslationSnapshots:
