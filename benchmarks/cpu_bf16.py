@@ -57,8 +57,8 @@ def cyclegan_seconds_per_iteration(work_dir: Path, bf16: bool, iterations: int) 
 def sample(work_dir: Path, amp: bool, slices: torch.Tensor) -> tuple[torch.Tensor, float, str]:
     """(healthy reconstructions, seconds, "sampler, NFE") of the demo's inference config on ``slices``."""
     config = ConfigParser()
-    config.read_config([str(VEJP / "inference.yaml"), str(VEJP / "cpu.yaml")])
-    config.update({"work_dir": str(work_dir), "sample_amp": amp})
+    config.read_config([str(VEJP / "inference.yaml")])
+    config.update({"work_dir": str(work_dir), "checkpoint": str(work_dir / "vejp" / "model.pt"), "sample_amp": amp})
     network, inferer = config.get_parsed_content("network"), config.get_parsed_content("slice_inferer")
     start = time.perf_counter()
     with torch.no_grad():

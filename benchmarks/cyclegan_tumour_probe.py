@@ -15,7 +15,7 @@ VE-JP to copy its condition, tumour included, and no sampler can fix that. On FL
 - AUPRC of |x − G_B→A(x)| for the tumour voxels over brain voxels (the CycleGAN-only baseline's FLAIR map), next to
   that of the FLAIR intensity itself (what thresholding gets) and the tumour prevalence (chance level).
 
-Writes nothing; the configs used are the bundle's ``inference.yaml`` + ``cpu.yaml`` (``--config_file`` to change).
+Writes nothing; the config used is the bundle's ``inference.yaml`` (``--config_file`` to change).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", required=True, help="folder with prepared/ and cyclegan/model.pt")
     parser.add_argument("--checkpoint", default=None, help="default: WORK_DIR/cyclegan/model.pt")
-    parser.add_argument("--config_file", nargs="+", default=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "cpu.yaml")])
+    parser.add_argument("--config_file", nargs="+", default=[str(CONFIGS / "inference.yaml")])
     parser.add_argument("--n_slices", type=int, default=150)
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepared = work / "prepared"
     config = ConfigParser()
     config.read_config(args.config_file)
+    config.update({"checkpoint": checkpoint})
     size = int(config.get_parsed_content("image_size"))
 
     datalist = json.loads((prepared / "datalist.json").read_text())

@@ -45,7 +45,7 @@ def _iteration(checkpoint: Path) -> int | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work_dir", required=True, help="folder with PAIRS/ and vejp/model.pt")
-    parser.add_argument("--config_file", nargs="+", default=[str(CONFIGS / "inference.yaml"), str(CONFIGS / "cpu.yaml")])
+    parser.add_argument("--config_file", nargs="+", default=[str(CONFIGS / "inference.yaml")])
     parser.add_argument("--pairs", default="pseudo_pairs", help="pairs folder in WORK_DIR (pseudo_pairs, true_pairs)")
     parser.add_argument("--checkpoints", nargs="+", default=None,
                         help="model.pt or training checkpoint files / glob patterns (default: WORK_DIR/vejp/model.pt)")

@@ -102,7 +102,8 @@ def time_training(bundle: str, configs: Sequence[str], trainer_key: str, run_key
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (torch.cuda.is_available() or args.small):
         raise SystemExit("gpu_paper_scale.py: no CUDA device (--small runs the CPU configs anywhere)")
-    train, infer = (["train.yaml", "cpu.yaml"], ["inference.yaml", "cpu.yaml"]) if args.small else (["train.yaml"], ["inference.yaml"])
+    train = ["train.yaml", "cpu.yaml"] if args.small else ["train.yaml"]
+    infer = ["inference.yaml"] if args.small else ["inference.yaml", "paper_sampler.yaml"]
     image_size = 64 if args.small else 256
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -125,9 +126,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            {**common, "progress_bar": False}, args.iterations, args.warm_up)
     add(f"CycleGAN training ({' + '.join(train)})", **result)
 
-    seconds = run_command(bundle_command("inference", "cyclegan_brats", infer, work), work)
+    seconds = run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work,
+                                         checkpoint=work / "cyclegan" / "model.pt"), work)
     n_pairs = len(json.loads((work / "pseudo_pairs" / "pseudo_pairs.json").read_text()).get("training", []))
-    add(f"pseudo-pairs G_A→B ({' + '.join(infer)})", seconds=seconds, detail=f"{n_pairs} training pairs, start-up included")
+    add("pseudo-pairs G_A→B (cyclegan_brats inference.yaml)", seconds=seconds, detail=f"{n_pairs} training pairs, start-up included")
 
     amps = (False,) if args.small else (False, True)
     for amp in amps:
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for text in args.samplers:
         sampler, n_steps = text.split(":")
         command = bundle_command("inference", "vejp_anomaly", infer, work, subject_dir=subject,
-                                 vejp_dir=work / f"vejp_amp_{amps[-1]}", sampler=sampler, n_steps=n_steps,
+                                 checkpoint=work / f"vejp_amp_{amps[-1]}" / "model.pt", sampler=sampler, n_steps=n_steps,
                                  sample_amp=amps[-1], detection_dir=work / "detections" / text.replace(":", "_"),
                                  sample_batch_size=64)
         seconds = run_command(command, work)

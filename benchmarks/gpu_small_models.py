@@ -93,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = train("cyclegan_brats", ["train.yaml", "cpu.yaml"], "train#trainer", ["initialize", "training"],
                    {**common, **OVERRIDES["cyclegan"]}, args.cyclegan_s)
     save("cyclegan", work / "cyclegan" / "model.pt", result)
-    run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml", "cpu.yaml"], work, device=CUDA), work)
+    run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work, device=CUDA,
+                               checkpoint=work / "cyclegan" / "model.pt"), work)
     for name, extra in (("vejp", []), ("vejp_unconditional", ["train_unconditional.yaml"])):
         result = train("vejp_anomaly", ["train.yaml", "cpu.yaml", *extra], "trainer", ["initialize", "training"],
                        {**common, **OVERRIDES["vejp"]}, args.vejp_s)

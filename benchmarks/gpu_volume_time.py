@@ -1,6 +1,6 @@
 """Whole-volume sampling time of the paper-scale VE-JP model: every processed slice × 4 modalities per volume.
 
-    python benchmarks/gpu_volume_time.py                      # CUDA, paper config (inference.yaml), random weights
+    python benchmarks/gpu_volume_time.py                      # CUDA, the paper-scale model of train.yaml, random weights
     python benchmarks/gpu_volume_time.py --batch_sizes 64 196 --amp off on
 
 Timing only: the network has random weights (seeded) and the inputs are random images in [0, 1], so no trained
@@ -37,7 +37,11 @@ from sampling import REFERENCE_SPEC as REFERENCE, SamplerSpec, build_inferer  # 
 
 logger = logging.getLogger("benchmarks.gpu_volume_time")
 
-DEFAULT_CONFIGS = [str(REPO_ROOT / "bundles" / "vejp_anomaly" / "configs" / "inference.yaml")]
+VEJP_CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
+#: the model: what a training config builds (the inference config builds it from a checkpoint, which timing lacks)
+DEFAULT_MODEL_CONFIGS = [str(VEJP_CONFIGS / "train.yaml")]
+#: the sampler settings (snr, Langevin steps, chunk size): the paper's sampler
+DEFAULT_CONFIGS = [str(VEJP_CONFIGS / "inference.yaml"), str(VEJP_CONFIGS / "paper_sampler.yaml")]
 DEFAULT_SAMPLERS = (
     "heun:n_steps=18", "heun:n_steps=10", "pc:n_steps=25", "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0",
     "heun:n_steps=4,n_draws=4", "heun:n_steps=4,n_draws=3", "heun:n_steps=4,n_draws=4,compile=True",
@@ -46,7 +50,10 @@ DEFAULT_SAMPLERS = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS, help="vejp_anomaly inference configs")
+    parser.add_argument("--model_config", nargs="+", default=DEFAULT_MODEL_CONFIGS,
+                        help="vejp_anomaly training configs that build the timed network (default: train.yaml)")
+    parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS,
+                        help="vejp_anomaly inference configs with the sampler settings (default: inference.yaml paper_sampler.yaml)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS),
                         help='"name:key=value,..." as in benchmarks/sampling.py')
@@ -80,15 +87,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_volume_time.py: --device cuda but torch sees no CUDA device (use --device cpu to try it)")
+    model = ConfigParser()
+    model.read_config(list(args.model_config))
     parser = ConfigParser()
     parser.read_config(list(args.config_file))
     torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def").to(device).eval()  # random weights: timing only
+    network = model.get_parsed_content("network_def").to(device).eval()  # random weights: timing only
     with torch.no_grad():  # MONAI zero-initialises the output layer: without this the UNet's output is 0 whatever
         for p in network.unet.out.parameters():  # the precision, and the fp16-vs-fp32 check would be vacuous
             p.normal_(0.0, 0.02)
-    sde = parser.get_parsed_content("sde")
-    image_size = int(parser.get_parsed_content("image_size"))
+    sde = model.get_parsed_content("sde")
+    image_size = int(model.get_parsed_content("image_size"))
     z_range = PreprocessConfig(image_size=image_size).z_range  # default z_min..z_max of the paper
     n_inputs = args.slices or 4 * len(z_range)
     inputs = torch.rand((n_inputs, 1, image_size, image_size), generator=torch.Generator().manual_seed(0)).to(device)
@@ -148,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "config_files": [str(Path(f).resolve()) for f in args.config_file],
+        "config_files": [str(Path(f).resolve()) for f in (*args.model_config, *args.config_file)],
         "network_parameters": sum(p.numel() for p in network.parameters()),
         "image_size": image_size,
         "inputs_per_volume": n_inputs,

@@ -67,8 +67,8 @@ logger = logging.getLogger("benchmarks.sampling")
 
 VEJP_CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 EVALUATION_CONFIGS = REPO_ROOT / "bundles" / "tsgm_evaluation" / "configs"
-#: The demo's configs: paper-scale inference.yaml with the small cpu.yaml merged on top.
-DEFAULT_CONFIGS = [str(VEJP_CONFIGS / "inference.yaml"), str(VEJP_CONFIGS / "cpu.yaml")]
+#: The bundle's inference config (it builds the network the checkpoint records).
+DEFAULT_CONFIGS = [str(VEJP_CONFIGS / "inference.yaml")]
 DEFAULT_EVALUATION_CONFIGS = [str(EVALUATION_CONFIGS / "evaluate.yaml"), str(EVALUATION_CONFIGS / "cpu.yaml")]
 #: The paper's sampler: PC over all N discrete scales, reverse diffusion + 1 Langevin step at snr 0.075.
 REFERENCE_SPEC = "pc:n_corrector_steps=1,snr=0.075"
@@ -144,7 +144,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True, help="folder with prepared/ and vejp/model.pt (e.g. runs/demo)")
     parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS,
-                        help="vejp_anomaly inference configs, merged in order (default: inference.yaml cpu.yaml)")
+                        help="vejp_anomaly inference configs, merged in order (default: inference.yaml)")
+    parser.add_argument("--checkpoint", default=None, help="the VE-JP model (default: WORK_DIR/vejp/model.pt)")
     parser.add_argument("--evaluation_config", nargs="+", default=DEFAULT_EVALUATION_CONFIGS,
                         help="tsgm_evaluation configs whose calibration settings are used when calibrating here")
     parser.add_argument("--subjects", type=int, default=2, help="first N validation subjects (with tumour) of volumes.json")
@@ -185,11 +186,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------------ model and data
 
 
-def load_bundle(config_files: Sequence[str], work_dir: Path, device: str | None) -> ConfigParser:
-    """The vejp_anomaly inference config with ``work_dir`` (and ``device``) overridden, as the bundle parses it."""
+def load_bundle(config_files: Sequence[str], work_dir: Path, checkpoint: Path, device: str | None) -> ConfigParser:
+    """The vejp_anomaly inference config with ``work_dir``, ``checkpoint`` (and ``device``) overridden, as the bundle
+    parses it."""
     parser = ConfigParser()
     parser.read_config([str(Path(f)) for f in config_files])
     parser["work_dir"] = str(work_dir)
+    parser["checkpoint"] = str(checkpoint)
     if device is not None:
         parser["device"] = f"$torch.device({device!r})"
     parser.parse()
@@ -527,7 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     work_dir = Path(args.work_dir).resolve()
-    bundle = load_bundle(args.config_file, work_dir, args.device)
+    bundle = load_bundle(args.config_file, work_dir, Path(args.checkpoint or work_dir / "vejp" / "model.pt"), args.device)
     device = bundle.get_parsed_content("device")
     network = bundle.get_parsed_content("network").eval()
     sde = bundle.get_parsed_content("sde")

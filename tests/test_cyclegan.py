@@ -18,8 +18,9 @@ from monai.bundle import run as bundle_run
 from monai.bundle import verify_metadata
 
 from tsgm_components import REPO_ROOT
+from tsgm_components.checkpoints import training_preprocess
 from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
-from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
+from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec, CycleGANTrainer, LinearDecayLR
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool
 from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
@@ -186,22 +187,25 @@ def run_bundle(run_id: str, config: str, **overrides) -> None:
     bundle_run(run_id, config_file=files, logging_file=False, **overrides)
 
 
-def test_configs_parse_and_build_networks():
+def test_configs_parse_and_build_networks(tmp_path):
     paper = ConfigParser()
     paper.read_config(str(CONFIGS / "train.yaml"))
     assert (paper["image_size"], paper["n_blocks"], paper["batch_size"], paper["n_epochs"], paper["n_epochs_decay"]) == (256, 9, 1, 100, 100)
     assert n_params(paper.get_parsed_content("g_ab_def")) == 11_365_633
     assert n_params(paper.get_parsed_content("d_b_def")) == 2_762_689
-    for main in ("train.yaml", "inference.yaml"):
-        small = ConfigParser()
-        small.read_config([str(CONFIGS / main), str(CONFIGS / "cpu.yaml")])
-        generator = small.get_parsed_content("network_def")  # the four modalities of a slice as channels
-        assert small["image_size"] == 64 and generator(torch.rand(1, 4, 64, 64)).shape == (1, 4, 64, 64)
-        assert n_params(generator) < 1_000_000
-    # the exported/inference generator has the training generator's state-dict layout (checkpoint keys)
-    inference = ConfigParser()
-    inference.read_config(str(CONFIGS / "inference.yaml"))
-    assert inference.get_parsed_content("network_def").state_dict().keys() == paper.get_parsed_content("g_ab_def").state_dict().keys()
+    small = ConfigParser()
+    small.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "cpu.yaml")])
+    generator = small.get_parsed_content("g_ab_def")  # the four modalities of a slice as channels
+    assert small["image_size"] == 64 and generator(torch.rand(1, 4, 64, 64)).shape == (1, 4, 64, 64)
+    assert n_params(generator) < 1_000_000
+    # inference builds the generator its checkpoint records, in the training generator's state-dict layout
+    for trained in (paper.get_parsed_content("g_ab_def"), generator):
+        checkpoint = tmp_path / "model.pt"
+        torch.save({SPEC_KEY: CycleGANSpec(None, trained.config).state_dict()}, checkpoint)
+        inference = ConfigParser()
+        inference.read_config(str(CONFIGS / "inference.yaml"))
+        inference.update({"checkpoint": str(checkpoint)})
+        assert inference.get_parsed_content("network_def").state_dict().keys() == trained.state_dict().keys()
     ddp = ConfigParser()
     ddp.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "multi_gpu_train.yaml")])
     assert ddp["train#dataloader#shuffle"] is False and ddp["train#sampler#_target_"] == "DistributedSampler"
@@ -254,11 +258,13 @@ def test_two_process_gloo_training(tiny_prepared, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint in the training layout holding randomly initialised TINY generators."""
+def tiny_checkpoint(prepared_dir, tmp_path_factory) -> Path:
+    """A checkpoint in the training layout holding randomly initialised TINY generators trained on ``prepared_dir``."""
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     torch.manual_seed(0)
-    torch.save({key: ResnetGenerator(ngf=TINY["ngf"], n_blocks=TINY["n_blocks"]).state_dict() for key in ("G_AB", "G_BA")}, path)
+    generators = {key: ResnetGenerator(ngf=TINY["ngf"], n_blocks=TINY["n_blocks"]) for key in ("G_AB", "G_BA")}
+    spec = CycleGANSpec(training_preprocess(prepared_dir, 32), generators["G_AB"].config)  # configs build from it
+    torch.save({**{key: g.state_dict() for key, g in generators.items()}, SPEC_KEY: spec.state_dict()}, path)
     return path
 
 
@@ -297,7 +303,7 @@ def test_translate_slices_batching_and_errors(tiny_checkpoint, tmp_path):
         translate_slices(generator, torch.rand(1, 1, 30, 30))
     with pytest.raises(TsgmInputError, match="checkpoint not found"):
         load_generator(generator, tmp_path / "missing.pt")
-    with pytest.raises(TsgmInputError, match="does not fit the configured generator"):
+    with pytest.raises(TsgmInputError, match="generator.ngf: checkpoint 4, config 8"):  # the spec names the keys
         load_generator(ResnetGenerator(ngf=8, n_blocks=1), tiny_checkpoint)
 
 

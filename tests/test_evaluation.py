@@ -325,16 +325,21 @@ def test_baseline_bundle_writes_detection_folders(synthetic, tmp_path):
 
     from tsgm_components.data.preprocessing import normalize_volume
     from tsgm_components.networks.cyclegan import ResnetGenerator
+    from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 
     shutil.copytree(synthetic / "prepared", tmp_path / "prepared")
     torch.manual_seed(0)
     (tmp_path / "cyclegan").mkdir()
-    # cpu.yaml: a 4-channel generator (the four modalities of a slice together)
-    torch.save({"G_BA": ResnetGenerator(4, 4, ngf=4, n_blocks=1).state_dict()}, tmp_path / "cyclegan" / "model.pt")
+    # a 4-channel generator (the four modalities of a slice together, as cpu.yaml trains), with the spec of its
+    # training data: the configs build the generator from it
+    generator = ResnetGenerator(4, 4, ngf=4, n_blocks=1)
+    spec = CycleGANSpec(read_prepared(tmp_path / "prepared")[1], generator.config)
+    checkpoint = tmp_path / "cyclegan" / "model.pt"
+    torch.save({"G_BA": generator.state_dict(), SPEC_KEY: spec.state_dict()}, checkpoint)
     configs = [str(BUNDLE / "configs" / "baselines.yaml"), str(BUNDLE / "configs" / "cpu.yaml")]
     for run_id in ("flair_threshold", "cyclegan"):
         run(run_id, config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),
-            meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(tmp_path), image_size=24, ngf=4, n_blocks=1)
+            meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(tmp_path), cyclegan_checkpoint=str(checkpoint))
     volumes, preprocess, _ = read_prepared(tmp_path / "prepared")
     for split in ("validation", "test"):
         for item in volumes[split]:

@@ -9,19 +9,35 @@ import pytest
 from tsgm_components.pipeline import demo_steps, run_demo
 
 
-def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path):
-    steps = demo_steps(tmp_path)
+@pytest.mark.parametrize("from_scratch", [False, True])
+def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path, from_scratch):
+    steps = demo_steps(tmp_path, from_scratch=from_scratch)
     assert [s.name for s in steps][-1] == "calibrate on validation, evaluate on test"
     bundle_steps = [s for s in steps if "monai.bundle" in s.command]
-    assert len(bundle_steps) == 16
+    assert len(bundle_steps) == (16 if from_scratch else 10)
     for step in bundle_steps:
         configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
         assert all(Path(c).is_file() for c in configs), step.name
         assert step.command[step.command.index("--work_dir") + 1] == str(tmp_path)
 
 
+def test_shipped_weights_by_default_and_the_trained_ones_from_scratch(tmp_path):
+    """Without --from_scratch nothing is trained and detection names no checkpoint (the bundles' shipped weights);
+    from scratch every detection names the model trained in the work dir."""
+    shipped = demo_steps(tmp_path)
+    assert not any(s.name.startswith(("train", "CEILING train", "pseudo-pairs")) for s in shipped)
+    assert not any("--checkpoint" in s.command or "--cyclegan_checkpoint" in s.command for s in shipped)
+    trained = {s.name: s.command for s in demo_steps(tmp_path, from_scratch=True)}
+    for name, folder in (("TSGM detection, test", "vejp"), ("SDEdit baseline detection, test", "vejp_unconditional"),
+                         ("CEILING VE-JP on true pairs detection, test", "vejp_true_pairs"),
+                         ("pseudo-pairs G_A→B(healthy)", "cyclegan")):
+        assert trained[name][trained[name].index("--checkpoint") + 1] == str(tmp_path / folder / "model.pt")
+    cyclegan = trained["CycleGAN-only baseline detection"]
+    assert cyclegan[cyclegan.index("--cyclegan_checkpoint") + 1] == str(tmp_path / "cyclegan" / "model.pt")
+
+
 def test_training_resumes_only_when_an_interrupted_run_left_checkpoints(tmp_path):
-    vejp = next(s for s in demo_steps(tmp_path) if s.name.startswith("train VE-JP"))
+    vejp = next(s for s in demo_steps(tmp_path, from_scratch=True) if s.name.startswith("train VE-JP"))
     assert "--resume" not in vejp.resolved_command()
     vejp.checkpoint_dir.mkdir(parents=True)
     (vejp.checkpoint_dir / "checkpoint_epoch=2.pt").write_bytes(b"")
@@ -43,7 +59,7 @@ def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch):
 
 
 def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
-    steps = {s.name: s for s in demo_steps(tmp_path)}
+    steps = {s.name: s for s in demo_steps(tmp_path, from_scratch=True)}
     phantom = steps["phantom dataset (+ healthy twins for the ceiling rows)"].command
     assert phantom[phantom.index("--twins_out") + 1] == str(tmp_path / "twins")
     prepare = steps["prepare slices"].command

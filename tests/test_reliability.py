@@ -249,8 +249,8 @@ def run_vejp(assets, out: Path, **inputs) -> None:
 
 
 def run_cyclegan(assets, run_id: str, **inputs) -> None:
-    overrides = dict(
-        image_size=32, **GENERATOR, work_dir=str(assets["root"]), checkpoint=str(assets["cyclegan"]),
+    overrides = dict(  # the generator stated, as the VE-JP helper states its network: a checkpoint must match it
+        image_size=32, generator_config=ResnetGenerator(**GENERATOR).config, work_dir=str(assets["root"]), checkpoint=str(assets["cyclegan"]),
         prepare_config=str(assets["prepare_config"]), direction="AB",
     )
     run(run_id, config_file=CYCLEGAN_CONFIGS, logging_file=False, **{**overrides, **inputs})

@@ -8,7 +8,6 @@ import numpy as np
 import nibabel as nib
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import ModelSpec, training_preprocess
@@ -66,10 +65,8 @@ def bench(prepared_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("bench")
     (work / "prepared").symlink_to(prepared_dir)
     (work / "tiny.yaml").write_text(TINY_YAML)
-    configs = [str(CONFIGS / "inference.yaml"), str(CONFIGS / "cpu.yaml"), str(work / "tiny.yaml")]
-    parser = ConfigParser()
-    parser.read_config(configs)
-    sde = {key: parser.get_parsed_content(key) for key in ("sigma_min", "sigma_max")}  # as the config says
+    configs = [str(CONFIGS / "inference.yaml"), str(work / "tiny.yaml")]
+    sde = {"sigma_min": 0.01, "sigma_max": 20.0}
     torch.manual_seed(0)
     spec = ModelSpec(training_preprocess(prepared_dir, 32), TINY, sde)
     (work / "vejp").mkdir()
@@ -194,8 +191,9 @@ def test_sampling_benchmark_bad_inputs(bench, tmp_path, capsys):
 
 
 def test_gpu_volume_time_runs_on_cpu_and_extrapolates_the_reference(bench, tmp_path):
-    _, configs = bench
-    argv = ["--device", "cpu", "--config_file", *configs, "--slices", "2", "--reference_probe_nfe", "2",
+    work, _ = bench
+    argv = ["--device", "cpu", "--model_config", str(CONFIGS / "train.yaml"), str(work / "tiny.yaml"), "--slices", "2",
+            "--reference_probe_nfe", "2",
             "--samplers", "heun:n_steps=2", "--out_dir", str(tmp_path)]
     assert gpu_volume_time.main(argv) == 0
     info = json.loads((tmp_path / "gpu_volume_time_cpu.json").read_text())

@@ -22,6 +22,7 @@ import torch
 from monai.bundle import ConfigParser, run
 
 import tsgm_components
+from tsgm_components.checkpoints import ModelSpec, read_model_spec
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.errors import TsgmInputError
@@ -36,7 +37,7 @@ PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, normalization="bra
                   lower_percentile=1.0, upper_percentile=99.0)
 N_PAIRS, BATCH = 8, 4
 TINY_TRAIN = dict(image_size=32, max_epochs=1, epoch_length="$None", batch_size=BATCH, warmup_steps=2, log_interval=1)
-TINY_SAMPLER = dict(image_size=32, sampler="heun", n_steps=3, n_draws=2, sample_batch_size=16)
+TINY_SAMPLER = dict(sampler="heun", n_steps=3, n_draws=2, sample_batch_size=16)
 
 
 def run_bundle(run_id: str, configs: list[Path], **overrides) -> None:
@@ -94,9 +95,11 @@ def trained(work_dir) -> Path:
 
 
 def infer(work: Path, *extra_configs: Path, **overrides) -> Path:
-    """Run the inference bundle (CPU sampler: mean of 2 draws of 5 NFE per slice) and return its detection folder."""
+    """Run the inference bundle with the model trained in WORK (mean of 2 draws of 5 NFE per slice) and return its
+    detection folder."""
     out = work / "detections" / overrides.pop("name", "run")
-    run_bundle("inference", [INFER, CPU, *extra_configs], work_dir=str(work), detection_dir=str(out), **{**TINY_SAMPLER, **overrides})
+    overrides = {"checkpoint": str(work / "vejp" / "model.pt"), **TINY_SAMPLER, **overrides}
+    run_bundle("inference", [INFER, *extra_configs], work_dir=str(work), detection_dir=str(out), **overrides)
     return out
 
 
@@ -122,14 +125,30 @@ def test_paper_and_cpu_configs_build_their_networks():
 
 
 @pytest.mark.parametrize("overrides", [[], [CPU], [CPU, UNCONDITIONAL]])
-def test_training_and_inference_configs_describe_the_same_model(overrides):
-    parsed = []
-    for base in (TRAIN, INFER):
-        parser = ConfigParser()
-        parser.read_config([str(base), *map(str, overrides)])
-        parsed.append({k: parser.get_parsed_content(k) for k in ("image_size", "network_args", "sigma_min", "sigma_max", "n_scales", "vejp_dir")})
-    assert parsed[0] == parsed[1]
-    assert parsed[0]["network_args"]["condition_channels"] == (0 if UNCONDITIONAL in overrides else 1)
+def test_inference_builds_the_model_its_checkpoint_records(overrides, tmp_path):
+    """Image size, network and σ range come from the checkpoint's model_spec: one inference config for every scale."""
+    train = ConfigParser()
+    train.read_config([str(TRAIN), *map(str, overrides)])
+    keys = ("image_size", "network_args", "sigma_min", "sigma_max", "n_scales")
+    trained = {k: train.get_parsed_content(k) for k in keys}
+    spec = ModelSpec(dict(PREPROCESS, image_size=trained["image_size"], pad_to=trained["image_size"]),
+                     trained["network_args"], {"sigma_min": trained["sigma_min"], "sigma_max": trained["sigma_max"]})
+    torch.save({"model_spec": spec.state_dict()}, tmp_path / "model.pt")
+    inference = ConfigParser()
+    inference.read_config([str(INFER)])
+    inference.update({"checkpoint": str(tmp_path / "model.pt")})
+    assert {k: inference.get_parsed_content(k) for k in keys} == trained
+    assert inference.get_parsed_content("network_def").condition_channels == (0 if UNCONDITIONAL in overrides else 1)
+
+
+def test_inference_defaults_to_the_shipped_weights():
+    inference = ConfigParser()
+    inference.read_config([str(INFER)])
+    assert Path(inference.get_parsed_content("checkpoint")) == CONFIGS.parent / "models" / "model.pt"
+    for overlay, name in (("sdedit.yaml", "unconditional.pt"), ("true_pairs.yaml", "true_pairs.pt")):
+        inference = ConfigParser()
+        inference.read_config([str(INFER), str(CONFIGS / overlay)])
+        assert Path(inference.get_parsed_content("checkpoint")) == CONFIGS.parent / "models" / name
 
 
 def test_multi_gpu_config_merges():
@@ -238,8 +257,8 @@ def test_monai_label_style_pipeline(trained, subject, tmp_path):
     path = tmp_path / "S001_4ch.nii.gz"
     nib.save(nib.Nifti1Image(stacked, AFFINE), str(path))
     parser = ConfigParser()
-    parser.read_config([str(INFER), str(CPU)])
-    parser.update({"work_dir": str(trained), **TINY_SAMPLER})
+    parser.read_config([str(INFER)])
+    parser.update({"work_dir": str(trained), "checkpoint": str(trained / "vejp" / "model.pt"), **TINY_SAMPLER})
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(parser.get_parsed_content("checkpoint"), weights_only=True)["model"])
     data = parser.get_parsed_content("preprocessing")({"image": str(path)})
@@ -288,7 +307,8 @@ def test_bad_subject_gives_clear_error_and_no_output(trained, case, tmp_path):
 def test_checkpoint_of_another_model_is_named(trained, subject):
     checkpoint = trained / "vejp" / "model.pt"
     with pytest.raises(Exception) as excinfo:
-        infer(trained, subject_dir=str(subject), name="bad_arch", **{"network_args#channels": [32, 32, 64]})
+        network_args = dict(read_model_spec(checkpoint).network, channels=[32, 32, 64])
+        infer(trained, subject_dir=str(subject), name="bad_arch", network_args=network_args)
     error = input_error(excinfo)
     assert error.path == str(checkpoint) and "network.channels" in error.problem
     with pytest.raises(Exception) as excinfo:
@@ -301,10 +321,9 @@ def test_command_line_exits_non_zero_on_bad_input(trained, tmp_path):
     folder = write_subject(tmp_path / "CLI")
     damage(folder, "missing")
     out = tmp_path / "out"
-    configs = str([str(INFER), str(CPU)])
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", configs, "--work_dir", str(trained),
-         "--subject_dir", str(folder), "--detection_dir", str(out), "--image_size", "32"],
+        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(INFER), "--work_dir", str(trained),
+         "--checkpoint", str(trained / "vejp" / "model.pt"), "--subject_dir", str(folder), "--detection_dir", str(out)],
         capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert result.returncode != 0

@@ -52,6 +52,16 @@ class ModelSpec:
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.spec["preprocess"])
 
+    @property
+    def network(self) -> dict[str, Any]:
+        """``ScoreUNet`` keyword arguments."""
+        return dict(self.spec["network"])
+
+    @property
+    def sde(self) -> dict[str, Any]:
+        """``sigma_min``, ``sigma_max`` of the VE SDE the model was trained for."""
+        return dict(self.spec["sde"])
+
     def state_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.spec))
 
@@ -169,6 +179,15 @@ def read_prepare_config(path: str | Path, image_size: int) -> PreprocessConfig:
             path, f"slices were prepared at image_size={preprocess.image_size} but the config has image_size={image_size}"
         )
     return preprocess
+
+
+def read_model_spec(checkpoint: str | Path) -> ModelSpec:
+    """The ``ModelSpec`` stored in a score-model checkpoint: what an inference config builds its network, σ range and
+    preprocessing from, so one config serves checkpoints of every scale. TsgmInputError if there is none."""
+    spec = read_checkpoint(checkpoint).get(SPEC_KEY)
+    if not is_score_spec(spec) or "preprocess" not in spec:
+        raise TsgmInputError(checkpoint, f"no score-model '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
+    return ModelSpec(spec["preprocess"], spec["network"], spec["sde"])
 
 
 def checkpoint_preprocess(checkpoint: str | Path, image_size: int) -> PreprocessConfig:

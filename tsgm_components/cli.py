@@ -70,19 +70,39 @@ def prepare(
 
 
 def demo(
-    work_dir: str = "runs/demo", n_subjects: int = 40, seed: int = 0, image_size: int = 64, split_fraction: float = 0.2
+    work_dir: str = "runs/demo",
+    n_subjects: int = 40,
+    seed: int = 0,
+    image_size: int = 64,
+    split_fraction: float = 0.2,
+    from_scratch: bool = False,
 ) -> None:
-    """Run the whole pipeline on the embedded phantom dataset with the CPU configs, then print the results table.
+    """Run the whole pipeline on the embedded phantom dataset, then print the results table.
 
-    SPLIT_FRACTION of the healthy and of the tumour subjects form the validation split, as many the test split.
-    Rerunning the same command continues after the last finished step.
+    Detection uses the bundles' shipped weights; --from_scratch True trains every model first with the CPU configs
+    (the command that made the shipped weights is `tsgm build_weights`). SPLIT_FRACTION of the healthy and of the
+    tumour subjects form the validation split, as many the test split. Rerunning the same command continues after
+    the last finished step.
     """
     from tsgm_components.pipeline import run_demo
 
-    run_demo(work_dir, n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size), split_fraction=float(split_fraction))
+    run_demo(str(work_dir), n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size),
+             split_fraction=float(split_fraction), from_scratch=bool(from_scratch))
 
 
-COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo}
+def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> None:
+    """Train every model of the demo from scratch in WORK_DIR (`tsgm demo --from_scratch True`) and copy the weights,
+    the TSGM calibration and a provenance file per model into bundles/*/models: the command that made the shipped
+    weights. --overwrite True replaces shipped weights."""
+    from tsgm_components.pipeline import run_demo
+    from tsgm_components.weights import export_weights
+
+    run_demo(str(work_dir), from_scratch=True)
+    for path in export_weights(str(work_dir), overwrite=bool(overwrite)):
+        print(f"wrote {path}")
+
+
+COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo, "build_weights": build_weights}
 
 
 def main(argv: list[str] | None = None) -> None:

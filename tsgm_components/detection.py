@@ -61,6 +61,13 @@ class InfererReconstructor:
         return self.inferer(slices.to(self.device), self.network).float().cpu()
 
 
+def calibration_beside(checkpoint: str | Path) -> str | None:
+    """``<checkpoint stem>_calibration.json`` next to a checkpoint (how the shipped weights carry the weights and
+    threshold chosen on their validation split), or None if there is none: then no mask unless one is asked for."""
+    path = Path(checkpoint).with_name(Path(checkpoint).stem + "_calibration.json")
+    return str(path) if path.is_file() else None
+
+
 def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, str]:
     """Read the evaluation bundle's ``calibration.json``: ``(weights, threshold, mode)``.
 

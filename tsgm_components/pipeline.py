@@ -1,5 +1,6 @@
-"""End-to-end demo: phantom → prepare → CycleGAN → pseudo-pairs → VE-JP → detection (methods, baselines and the
-ceiling rows) → calibration on validation → evaluation on test.
+"""End-to-end demo: phantom → prepare → detection (TSGM, baselines and the ceiling rows) with the shipped weights →
+calibration on validation → evaluation on test; ``from_scratch`` trains every model first (CycleGAN → pseudo-pairs →
+VE-JP, the SDEdit and true-pairs models).
 
 Each step is the exact command a user would type (``tsgm ...`` or ``python -m monai.bundle run ...``), run as a
 subprocess and printed first, so the demo doubles as a worked example. A step whose output already exists is
@@ -8,6 +9,7 @@ skipped, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -18,6 +20,15 @@ from pathlib import Path
 from tsgm_components import REPO_ROOT
 
 BUNDLES = REPO_ROOT / "bundles"
+STEPS_RECORD = "demo_steps.json"  # in the work dir: every step's command and wall time
+PHANTOM_STEP, PREPARE_STEP = "phantom dataset (+ healthy twins for the ceiling rows)", "prepare slices"
+#: run folder in the work dir -> the from-scratch step that trains it
+TRAINING_STEPS = {
+    "cyclegan": "train CycleGAN (stage 1)",
+    "vejp": "train VE-JP score model (stage 2)",
+    "vejp_unconditional": "train unconditional score model (SDEdit baseline)",
+    "vejp_true_pairs": "CEILING train VE-JP on true pairs",
+}
 
 
 @dataclass(frozen=True)
@@ -52,85 +63,108 @@ def bundle_command(run_id: str, bundle: str, configs: list[str], work_dir: Path,
 
 
 def demo_steps(
-    work_dir: Path, n_subjects: int = 40, seed: int = 0, image_size: int = 64, split_fraction: float = 0.2
+    work_dir: Path,
+    n_subjects: int = 40,
+    seed: int = 0,
+    image_size: int = 64,
+    split_fraction: float = 0.2,
+    from_scratch: bool = False,
 ) -> list[Step]:
-    """The demo's commands on the embedded phantom dataset, small (CPU) configs of every bundle.
+    """The demo's commands on the embedded phantom dataset.
 
+    Default: detection with the bundles' shipped weights (``bundles/*/models``, trained on the phantom by
+    ``tsgm build_weights``). ``from_scratch``: train every model first with the CPU configs (CycleGAN, pseudo-pairs,
+    VE-JP, the unconditional SDEdit model, the true-pairs CEILING model) and detect with those.
     ``split_fraction`` of the healthy and of the tumour subjects go to validation, and as many to test
     (stratified split): with the defaults, 6 tumour + 2 healthy subjects in each.
     """
     tsgm = [sys.executable, "-m", "tsgm_components.cli"]
     prepared = work_dir / "prepared"
-    vejp_train = ["train.yaml", "cpu.yaml"]
-    vejp_infer = ["inference.yaml", "cpu.yaml"]
-    unconditional = ["train_unconditional.yaml"]
-    true_pairs = ["train_true_pairs.yaml"]
     splits = ("validation", "test")
 
-    def detect(name: str, extra: list[str]) -> list[Step]:
+    def trained(folder: str) -> dict[str, Path]:
+        return {"checkpoint": work_dir / folder / "model.pt"} if from_scratch else {}
+
+    def detect(name: str, overlay: list[str], folder: str) -> list[Step]:
         return [
             Step(f"{name} detection, {split}",
-                 bundle_command("inference", "vejp_anomaly", vejp_infer + extra, work_dir,
-                                datalist=prepared / "volumes.json", split=split, skip_existing=True),
+                 bundle_command("inference", "vejp_anomaly", ["inference.yaml", *overlay], work_dir,
+                                datalist=prepared / "volumes.json", split=split, skip_existing=True, **trained(folder)),
                  None)
             for split in splits
         ]
 
-    steps = [
-        Step("phantom dataset (+ healthy twins for the ceiling rows)",
+    def train(overlay: list[str], folder: str) -> Step:
+        return Step(TRAINING_STEPS[folder], bundle_command("training", "vejp_anomaly", ["train.yaml", "cpu.yaml", *overlay], work_dir),
+                    work_dir / folder / "model.pt", work_dir / folder / "checkpoints")
+
+    data = [
+        Step(PHANTOM_STEP,
              tsgm + ["phantom", "--out", str(work_dir / "phantom"), "--n_subjects", str(n_subjects), "--seed", str(seed),
                      "--twins_out", str(work_dir / "twins")],
              work_dir / "phantom"),
-        Step("prepare slices", tsgm + ["prepare", "--dataset_dir", str(work_dir / "phantom"), "--out", str(prepared),
+        Step(PREPARE_STEP, tsgm + ["prepare", "--dataset_dir", str(work_dir / "phantom"), "--out", str(prepared),
                                        "--image_size", str(image_size), "--seed", str(seed),
                                        "--val_fraction", str(split_fraction), "--test_fraction", str(split_fraction)],
              prepared),
-        Step("train CycleGAN (stage 1)",
+    ]
+    training = [
+        Step(TRAINING_STEPS["cyclegan"],
              bundle_command("training", "cyclegan_brats", ["train.yaml", "cpu.yaml"], work_dir),
              work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan"),
         Step("pseudo-pairs G_A→B(healthy)",
-             bundle_command("inference", "cyclegan_brats", ["inference.yaml", "cpu.yaml"], work_dir),
+             bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
+                            checkpoint=work_dir / "cyclegan" / "model.pt"),
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
-        Step("train VE-JP score model (stage 2)",
-             bundle_command("training", "vejp_anomaly", vejp_train, work_dir), work_dir / "vejp" / "model.pt",
-             work_dir / "vejp" / "checkpoints"),
-        *detect("TSGM", []),
+        train([], "vejp"),
+        train(["train_unconditional.yaml"], "vejp_unconditional"),
+        Step("CEILING true pairs (twin slice, real slice)",
+             bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir),
+             work_dir / "true_pairs" / "pseudo_pairs.json"),
+        train(["train_true_pairs.yaml"], "vejp_true_pairs"),
+    ]
+    cyclegan = {"cyclegan_checkpoint": work_dir / "cyclegan" / "model.pt"} if from_scratch else {}
+    detection = [
+        *detect("TSGM", [], "vejp"),
         Step("FLAIR-threshold baseline detection",
              bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir,
                             skip_existing=True),
              None),
         Step("CycleGAN-only baseline detection",
              bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", "cpu.yaml"], work_dir,
-                            skip_existing=True),
+                            skip_existing=True, **cyclegan),
              None),
-        Step("train unconditional score model (SDEdit baseline)",
-             bundle_command("training", "vejp_anomaly", vejp_train + unconditional, work_dir),
-             work_dir / "vejp_unconditional" / "model.pt", work_dir / "vejp_unconditional" / "checkpoints"),
-        *detect("SDEdit baseline", unconditional),
+        *detect("SDEdit baseline", ["sdedit.yaml"], "vejp_unconditional"),
         Step("CEILING oracle reconstruction detection (healthy = twin)",
              bundle_command("oracle_reconstruction", "tsgm_evaluation", ["ceilings.yaml"], work_dir, skip_existing=True),
              None),
-        Step("CEILING true pairs (twin slice, real slice)",
-             bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir),
-             work_dir / "true_pairs" / "pseudo_pairs.json"),
-        Step("CEILING train VE-JP on true pairs",
-             bundle_command("training", "vejp_anomaly", vejp_train + true_pairs, work_dir),
-             work_dir / "vejp_true_pairs" / "model.pt", work_dir / "vejp_true_pairs" / "checkpoints"),
-        *detect("CEILING VE-JP on true pairs", true_pairs),
+        *detect("CEILING VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs"),
         Step("calibrate on validation, evaluate on test",
              bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", "cpu.yaml", "ceilings.yaml"], work_dir),
              work_dir / "evaluation" / "summary.json"),
     ]
-    return steps
+    return data + (training if from_scratch else []) + detection
 
 
 def run_demo(
-    work_dir: str = "runs/demo", n_subjects: int = 40, seed: int = 0, image_size: int = 64, split_fraction: float = 0.2
+    work_dir: str = "runs/demo",
+    n_subjects: int = 40,
+    seed: int = 0,
+    image_size: int = 64,
+    split_fraction: float = 0.2,
+    from_scratch: bool = False,
 ) -> None:
-    """Run (or continue) the whole pipeline in WORK_DIR and print the evaluation table."""
+    """Run (or continue) the whole pipeline in WORK_DIR and print the evaluation table.
+
+    Every step's command and wall time go to WORK_DIR/demo_steps.json (``tsgm build_weights`` puts the training
+    steps' times in the weights' provenance).
+    """
     work = Path(work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps = demo_steps(work, n_subjects=n_subjects, seed=seed, image_size=image_size, split_fraction=split_fraction)
+    steps = demo_steps(work, n_subjects=n_subjects, seed=seed, image_size=image_size, split_fraction=split_fraction,
+                       from_scratch=from_scratch)
+    record_path = work / STEPS_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     start = time.perf_counter()
     for index, step in enumerate(steps, 1):
         header = f"[{index}/{len(steps)}] {step.name}"
@@ -144,6 +178,9 @@ def run_demo(
         if result.returncode != 0:
             raise SystemExit(f"tsgm demo: step '{step.name}' failed (exit {result.returncode}); fix it and rerun "
                              "the same command to continue from this step")
-        print(f"{header}: {time.perf_counter() - step_start:.0f} s", flush=True)
+        seconds = time.perf_counter() - step_start
+        record[step.name] = {"command": shlex.join(command), "seconds": round(seconds, 1)}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{header}: {seconds:.0f} s", flush=True)
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Report: {work / 'evaluation'}\n")
     print((work / "evaluation" / "results.md").read_text())

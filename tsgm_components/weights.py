@@ -1,0 +1,122 @@
+"""The bundles' shipped weights: what ``tsgm build_weights`` copies from a from-scratch demo run into ``bundles/*/models``.
+
+Each shipped file holds only what inference needs (EMA weights of a score model, or CycleGAN's two generators) and its
+``model_spec``; next to it, ``<stem>_provenance.json`` records the command that made it, the commit, the data, the
+training iterations and wall time, and the machine. They are trained on the phantom, for the demo, the tests and
+MONAI Label trials, not for real scans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsgm_components import REPO_ROOT
+from tsgm_components.checkpoints import SPEC_KEY, latest_checkpoint, read_checkpoint
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.io import atomic_path, save_json
+from tsgm_components.pipeline import PHANTOM_STEP, PREPARE_STEP, STEPS_RECORD, TRAINING_STEPS
+
+BUNDLES = REPO_ROOT / "bundles"
+BUILD_COMMAND = "tsgm build_weights --work_dir runs/weights"
+#: shipped file -> (run folder in the work dir, entries kept)
+SHIPPED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vejp_anomaly/models/model.pt": ("vejp", ("model",)),
+    "vejp_anomaly/models/unconditional.pt": ("vejp_unconditional", ("model",)),
+    "vejp_anomaly/models/true_pairs.pt": ("vejp_true_pairs", ("model",)),
+    "cyclegan_brats/models/model.pt": ("cyclegan", ("G_AB", "G_BA")),
+}
+#: the TSGM calibration (weights + threshold chosen on the validation split) shipped beside the TSGM weights
+CALIBRATION = ("evaluation/tsgm/calibration.json", "vejp_anomaly/models/model_calibration.json")
+MAX_BYTES = 10 * 2**20
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _commit() -> str:
+    """The repository's commit, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _iterations(run_dir: Path) -> int | None:
+    """Training iterations of a finished run: the trainer state of its newest training checkpoint."""
+    for folder in (run_dir / "checkpoints", run_dir):
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            trainer = read_checkpoint(latest).get("trainer")
+            return int(trainer["iteration"]) if trainer else None
+    return None
+
+
+def export_weights(work_dir: str | os.PathLike, overwrite: bool = False, bundles: Path = BUNDLES) -> list[Path]:
+    """Copy the models of a from-scratch demo run in WORK_DIR into ``bundles/*/models`` with their provenance.
+
+    Refuses (TsgmInputError) if a model or the TSGM calibration is missing, a file would exceed 10 MB, or shipped
+    weights exist and ``overwrite`` is False. Returns the written paths.
+    """
+    work = Path(work_dir).resolve()
+    steps_file = work / STEPS_RECORD
+    steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
+    data = json.loads((work / "prepared" / "prepare_config.json").read_text())
+    machine = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    sources = {}
+    for target, (folder, keys) in SHIPPED.items():  # every source checked before anything is written
+        source = work / folder / "model.pt"
+        state = read_checkpoint(source)
+        missing = [k for k in (*keys, SPEC_KEY) if k not in state]
+        if missing:
+            raise TsgmInputError(source, f"lacks {missing}: not a finished training run of the demo")
+        sources[target] = (folder, {k: state[k] for k in (*keys, SPEC_KEY)})
+    calibration = work / CALIBRATION[0]
+    if not calibration.is_file():
+        raise TsgmInputError(calibration, "no TSGM calibration: the demo's evaluation step has not run")
+    existing = [str(bundles / t) for t in (*SHIPPED, CALIBRATION[1]) if (bundles / t).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: shipped weights exist (pass --overwrite True to replace them)")
+    written = []
+    for target, (folder, state) in sources.items():
+        out = bundles / target
+        with atomic_path(out, overwrite=overwrite) as tmp:
+            torch.save(state, tmp)
+            if tmp.stat().st_size > MAX_BYTES:
+                raise TsgmInputError(work / folder / "model.pt",
+                                     f"{tmp.stat().st_size / 2**20:.1f} MB exceeds the 10 MB limit of shipped weights")
+        step = TRAINING_STEPS[folder]
+        provenance: dict[str, Any] = {
+            "file": target,
+            "sha256": _sha256(out),
+            "trained_on": "the phantom dataset of `tsgm demo` (nilearn's MNI152 brain): for the demo, tests and MONAI "
+                          "Label trials, not for real scans",
+            "command": BUILD_COMMAND,
+            "training_step": steps.get(step, {}).get("command"),
+            "wall_time_s": steps.get(step, {}).get("seconds"),
+            "iterations": _iterations(work / folder),
+            "commit": _commit(),
+            "data": {"phantom": steps.get(PHANTOM_STEP, {}).get("command"),
+                     "prepare": steps.get(PREPARE_STEP, {}).get("command"), "prepare_config": data},
+            "machine": machine,
+        }
+        save_json(provenance, out.with_name(out.stem + "_provenance.json"))
+        written += [out, out.with_name(out.stem + "_provenance.json")]
+    target = bundles / CALIBRATION[1]
+    with atomic_path(target, overwrite=overwrite) as tmp:
+        shutil.copyfile(calibration, tmp)
+    written.append(target)
+    return written
