@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoints = [Path(p) for pattern in patterns for p in sorted(glob.glob(pattern)) or [pattern]]
     config = ConfigParser()
     config.read_config(args.config_file)
-    config.update({"work_dir": str(work), "device": "$torch.device('cpu')"})
+    config.update({"work_dir": str(work), "device": "$torch.device('cpu')", "checkpoint": str(checkpoints[0])})
     size = int(config.get_parsed_content("image_size"))
     items = load_pseudo_pairs(work / args.pairs, "validation", size)
 

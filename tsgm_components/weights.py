@@ -107,6 +107,7 @@ def export_weights(work_dir: str | os.PathLike, overwrite: bool = False, bundles
             "command": BUILD_COMMAND,
             "training_step": steps.get(step, {}).get("command"),
             "wall_time_s": steps.get(step, {}).get("seconds"),
+            "note": steps.get(step, {}).get("note"),
             "iterations": _iterations(work / folder),
             "commit": _commit(),
             "data": {"phantom": steps.get(PHANTOM_STEP, {}).get("command"),
