@@ -17,7 +17,7 @@ from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import read_model_spec
 from tsgm_components.data.brats import MODALITIES, load_subject, subject_files
 from tsgm_components.data.preprocessing import preprocess_volume, volume_to_slices
-from tsgm_components.translation import load_generator, saved_generator_config
+from tsgm_components.translation import load_generator, saved_cyclegan_spec
 from tsgm_components.weights import CALIBRATION, MAX_BYTES, SHIPPED
 
 BUNDLES = REPO_ROOT / "bundles"
@@ -55,7 +55,7 @@ def test_shipped_generators_load_through_the_cyclegan_config():
     checkpoint = BUNDLES / "cyclegan_brats" / "models" / "model.pt"
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / "cyclegan_brats" / "configs" / "inference.yaml"))
-    assert parser.get_parsed_content("network_def").config == saved_generator_config(checkpoint)
+    assert parser.get_parsed_content("network_def").config == saved_cyclegan_spec(checkpoint)["generator"]
     preprocess = read_model_spec(BUNDLES / "vejp_anomaly" / "models" / "model.pt").preprocess
     for direction in ("AB", "BA"):
         load_generator(parser.get_parsed_content("network_def", lazy=False), checkpoint, direction, preprocess)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -25,20 +25,20 @@ from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
 
-__all__ = ["saved_generator_config", "load_generator", "generator_channels", "translate_slices", "translate_modalities", "write_pseudo_pairs", "translate_volume", "translate_subject"]
+__all__ = ["saved_cyclegan_spec", "load_generator", "generator_channels", "translate_slices", "translate_modalities", "write_pseudo_pairs", "translate_volume", "translate_subject"]
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("AB", "BA")
 
 
-def saved_generator_config(checkpoint: str | Path) -> dict[str, int]:
-    """The generator arguments (``ResnetGenerator.config``) a cyclegan_brats checkpoint records in its ``model_spec``:
-    what the configs build the generator from, so one config serves checkpoints of every scale."""
+def saved_cyclegan_spec(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``model_spec`` a cyclegan_brats checkpoint records: ``generator`` (``ResnetGenerator.config``, what the
+    configs build the generator from, so one config serves checkpoints of every scale) and ``preprocess``."""
     spec = read_checkpoint(checkpoint).get(SPEC_KEY)
     if not isinstance(spec, dict) or not isinstance(spec.get("generator"), dict):
         raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry with the generator's arguments: not a cyclegan_brats checkpoint")
-    return dict(spec["generator"])
+    return dict(spec)
 
 
 def load_generator(
