@@ -503,6 +503,31 @@ def test_pipeline_never_modifies_its_inputs(assets, pipeline):
     assert not [p for p in work.rglob(".*")]  # no temporaries left anywhere
 
 
+def test_pipeline_outputs_are_readable_as_the_umask_says(pipeline):
+    """Atomic writes go through mkstemp/mkdtemp (0600 / 0700); the outputs must get the modes a plain write would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {path: path.stat().st_mode & 0o777 for path in pipeline["work"].rglob("*")}
+    wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o777 if p.is_dir() else 0o666) & ~mask}
+    assert not wrong
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_outputs_follow_the_umask(tmp_path, umask):
+    from tsgm_components.io import atomic_dir, save_json
+
+    previous = os.umask(umask)
+    try:
+        save_json({"a": 1}, tmp_path / "record.json")
+        with atomic_dir(tmp_path / "subject") as folder:
+            save_json({"b": 2}, folder / "inner.json")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "subject").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "subject" / "inner.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 #: writer: (call(assets, work, overwrite), output path, files whose bytes may differ on a rerun (timestamps, timings))
 WRITERS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "prepare": (lambda a, w, o: run_prepare(a, a["dataset"], w / "prepared", overwrite=o), "prepared", ()),
@@ -669,6 +694,17 @@ def test_tsgm_prepare_exits_2_with_one_line_error(assets, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"tsgm: error: {damaged}: contains non-finite voxels (1 NaN, 0 Inf)"]
     assert not out.exists()
+
+
+def test_tsgm_unwritable_output_exits_2_naming_the_path(assets, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = blocker / "prepared"
+    args = ["prepare", "--dataset_dir", str(assets["dataset"]), "--out", str(out), "--z_min", "6", "--z_max", "13", "--image_size", "32"]
+    result = subprocess.run([sys.executable, "-m", "tsgm_components.cli", *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tsgm: error: ") and str(blocker) in lines[0], lines
 
 
 def test_bundle_command_exits_non_zero_naming_the_file(assets, tmp_path):

@@ -304,6 +304,13 @@ def test_bad_subject_gives_clear_error_and_no_output(trained, case, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_numeric_subject_id_stays_a_name(trained, subject):
+    """`monai.bundle run` parses `--subject 12345` with fire into an int: it must still name the outputs."""
+    out = infer(trained, subject_dir=str(subject), name="numeric", subject=12345, n_draws=1)
+    assert {p.name for p in out.iterdir()} == {"12345"}
+    assert json.loads((out / "12345" / "12345_detection.json").read_text())["subject"] == "12345"
+
+
 def test_checkpoint_of_another_model_is_named(trained, subject):
     checkpoint = trained / "vejp" / "model.pt"
     with pytest.raises(Exception) as excinfo:

@@ -1,7 +1,8 @@
 """The ``tsgm`` command: ``tsgm <subcommand> --flag value``. Add a subcommand by adding it to COMMANDS.
 
-Bad input (:class:`TsgmInputError`) and refusing to overwrite (``FileExistsError``) print one line on
-stderr and exit with code 2, without a traceback.
+Bad input (:class:`TsgmInputError`), refusing to overwrite (``FileExistsError``) and any other ``OSError`` (an
+unwritable or full output folder, a path through a file: the message names the path) print one line on stderr and
+exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def phantom(
         cfg = PhantomConfig(n_subjects=int(n_subjects), seed=int(seed), healthy_fraction=float(healthy_fraction))
     except ValueError as error:
         raise TsgmInputError("tsgm phantom", str(error)) from error
-    make_phantom(out, cfg, overwrite=bool(overwrite), workers=int(workers), twins_out=None if twins_out is None else str(twins_out))
+    make_phantom(str(out), cfg, overwrite=bool(overwrite), workers=int(workers), twins_out=None if twins_out is None else str(twins_out))
 
 
 def prepare(
@@ -64,8 +65,8 @@ def prepare(
     except ValueError as error:
         raise TsgmInputError("tsgm prepare", str(error)) from error
     run_prepare(
-        dataset_dir, out, cfg, seed=int(seed), val_fraction=float(val_fraction), test_fraction=float(test_fraction),
-        split_file=split_file, overwrite=bool(overwrite),
+        str(dataset_dir), str(out), cfg, seed=int(seed), val_fraction=float(val_fraction), test_fraction=float(test_fraction),
+        split_file=None if split_file is None else str(split_file), overwrite=bool(overwrite),
     )
 
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tsgm`` console script."""
     try:
         fire.Fire(COMMANDS, command=argv, name="tsgm")
-    except (TsgmInputError, FileExistsError) as error:
+    except (TsgmInputError, OSError) as error:
         print(f"tsgm: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -401,7 +401,9 @@ def run_detection(
     Exactly one input form must be given (``files`` counts when any of its paths is set). ``mask_settings`` comes
     from :func:`resolve_mask_settings` (None: paper weights, no mask). Returns the written subject folders.
     """
-    files = {k: v for k, v in (files or {}).items() if v is not None}
+    # `python -m monai.bundle run` parses values with fire: `--subject 12345` or `--subject_dir 2024` arrive as ints
+    files = {k: str(v) for k, v in (files or {}).items() if v is not None}
+    subject, subject_dir, datalist, out_dir = (None if v is None else str(v) for v in (subject, subject_dir, datalist, out_dir))
     given = [name for name, value in (("subject_dir", subject_dir), ("t1/t1ce/t2/flair", files), ("datalist", datalist)) if value]
     if len(given) != 1:
         raise ValueError(f"give exactly one input: subject_dir, the four paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")

@@ -45,13 +45,25 @@ def check_not_over_inputs(output: str | os.PathLike, inputs: Iterable[str | os.P
     return output
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _permissions_as_umask_says(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600 files and 0700 folders; give the output the mode a plain ``open``/``mkdir``
+    would have given it, so colleagues, viewers and servers can read what the umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path`` (atomic on POSIX).
 
     On any exception the temporary file is removed and ``path`` is left as it was.
     The temporary name keeps the suffixes of ``path`` (``.nii.gz``, ``.npy``...) so writers
-    that dispatch on the extension behave.
+    that dispatch on the extension behave. The result gets the mode the umask gives new files (not mkstemp's 0600).
     """
     path = check_can_write(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,6 +73,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _permissions_as_umask_says(tmp_path, directory=False)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -72,13 +85,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """Yield a temporary directory next to ``path``; on success it replaces ``path`` as a whole.
 
     Used for multi-file outputs (a prepared dataset, one subject's detection results): a crash
-    leaves either the old directory or the complete new one, never a mix.
+    leaves either the old directory or the complete new one, never a mix. The folder gets the mode the umask gives
+    new folders (not mkdtemp's 0700).
     """
     path = check_can_write(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _permissions_as_umask_says(tmp, directory=True)
         if path.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, backup / path.name)
