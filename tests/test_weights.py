@@ -76,6 +76,25 @@ def test_export_keeps_inference_entries_and_writes_provenance(demo_run, tmp_path
     export_weights(demo_run, overwrite=True, bundles=bundles)
 
 
+def test_export_of_some_models_leaves_the_others_shipped(demo_run, tmp_path):
+    bundles = tmp_path / "bundles"
+    export_weights(demo_run, bundles=bundles)
+    kept = {t: (bundles / t).read_bytes() for t in ("vejp_anomaly/models/unconditional.pt", "vejp_anomaly/models/model.pt")}
+    kept["calibration"] = (bundles / "vejp_anomaly" / "models" / "model_calibration.json").read_bytes()
+    generator = ResnetGenerator(4, 4, ngf=4, n_blocks=1)  # a retrained stage 1
+    state = torch.load(demo_run / "cyclegan" / "model.pt", weights_only=True)
+    torch.save(dict(state, G_AB=generator.state_dict()), demo_run / "cyclegan" / "model.pt")
+    (demo_run / "vejp_unconditional" / "model.pt").unlink()  # not asked for: not needed
+    written = export_weights(demo_run, overwrite=True, bundles=bundles, models=["cyclegan"])
+    assert [p.name for p in written] == ["model.pt", "model_provenance.json"]
+    shipped = torch.load(bundles / "cyclegan_brats" / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(shipped["G_AB"][k], v) for k, v in generator.state_dict().items())
+    assert kept == {**{t: (bundles / t).read_bytes() for t in kept if t != "calibration"},
+                    "calibration": (bundles / "vejp_anomaly" / "models" / "model_calibration.json").read_bytes()}
+    with pytest.raises(ValueError, match="models must be among"):
+        export_weights(demo_run, bundles=bundles, models=["vjep"])
+
+
 def test_export_refuses_an_unfinished_run(demo_run, tmp_path):
     (demo_run / "vejp_unconditional" / "model.pt").unlink()
     with pytest.raises(TsgmInputError, match="checkpoint not found"):

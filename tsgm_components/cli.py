@@ -103,7 +103,22 @@ def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> No
         print(f"wrote {path}")
 
 
-COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo, "build_weights": build_weights}
+def export_weights(work_dir: str, models: str = "cyclegan,vejp,vejp_unconditional,vejp_true_pairs", overwrite: bool = False) -> None:
+    """Copy the trained models of a from-scratch demo run in WORK_DIR into bundles/*/models with their provenance
+    (the last step of `tsgm build_weights`). MODELS: comma-separated run folders, to re-ship only retrained stages;
+    the other shipped files stay as they are."""
+    from tsgm_components.weights import export_weights as run_export
+
+    names = [m.strip() for m in (models if isinstance(models, str) else ",".join(models)).split(",") if m.strip()]
+    try:
+        written = run_export(str(work_dir), overwrite=bool(overwrite), models=names)
+    except ValueError as error:
+        raise TsgmInputError("tsgm export_weights", str(error)) from error
+    for path in written:
+        print(f"wrote {path}")
+
+
+COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo, "build_weights": build_weights, "export_weights": export_weights}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -64,12 +64,22 @@ def _iterations(run_dir: Path) -> int | None:
     return None
 
 
-def export_weights(work_dir: str | os.PathLike, overwrite: bool = False, bundles: Path = BUNDLES) -> list[Path]:
+def export_weights(
+    work_dir: str | os.PathLike, overwrite: bool = False, bundles: Path = BUNDLES, models: Sequence[str] | None = None
+) -> list[Path]:
     """Copy the models of a from-scratch demo run in WORK_DIR into ``bundles/*/models`` with their provenance.
 
-    Refuses (TsgmInputError) if a model or the TSGM calibration is missing, a file would exceed 10 MB, or shipped
-    weights exist and ``overwrite`` is False. Returns the written paths.
+    MODELS: the run folders to export (``cyclegan``, ``vejp``, ``vejp_unconditional``, ``vejp_true_pairs``; default
+    all), e.g. to re-ship one retrained stage; the others' shipped files and provenance are left as they are. The
+    TSGM calibration goes with ``vejp``. Refuses (TsgmInputError) if a model or the TSGM calibration is missing, a
+    file would exceed 10 MB, or shipped weights exist and ``overwrite`` is False. Returns the written paths.
     """
+    folders = {folder for folder, _ in SHIPPED.values()}
+    models = sorted(folders) if models is None else list(models)
+    unknown = sorted(set(models) - folders)
+    if unknown or not models:
+        raise ValueError(f"models must be among {sorted(folders)}, got {list(models)}")
+    shipped = {target: entry for target, entry in SHIPPED.items() if entry[0] in models}
     work = Path(work_dir).resolve()
     steps_file = work / STEPS_RECORD
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
@@ -77,17 +87,18 @@ def export_weights(work_dir: str | os.PathLike, overwrite: bool = False, bundles
     machine = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     sources = {}
-    for target, (folder, keys) in SHIPPED.items():  # every source checked before anything is written
+    for target, (folder, keys) in shipped.items():  # every source checked before anything is written
         source = work / folder / "model.pt"
         state = read_checkpoint(source)
         missing = [k for k in (*keys, SPEC_KEY) if k not in state]
         if missing:
             raise TsgmInputError(source, f"lacks {missing}: not a finished training run of the demo")
         sources[target] = (folder, {k: state[k] for k in (*keys, SPEC_KEY)})
-    calibration = work / CALIBRATION[0]
-    if not calibration.is_file():
+    calibration = work / CALIBRATION[0] if "vejp" in models else None
+    if calibration is not None and not calibration.is_file():
         raise TsgmInputError(calibration, "no TSGM calibration: the demo's evaluation step has not run")
-    existing = [str(bundles / t) for t in (*SHIPPED, CALIBRATION[1]) if (bundles / t).exists()]
+    targets = [*shipped, *([CALIBRATION[1]] if calibration is not None else [])]
+    existing = [str(bundles / t) for t in targets if (bundles / t).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: shipped weights exist (pass --overwrite True to replace them)")
     written = []
@@ -116,8 +127,9 @@ def export_weights(work_dir: str | os.PathLike, overwrite: bool = False, bundles
         }
         save_json(provenance, out.with_name(out.stem + "_provenance.json"))
         written += [out, out.with_name(out.stem + "_provenance.json")]
-    target = bundles / CALIBRATION[1]
-    with atomic_path(target, overwrite=overwrite) as tmp:
-        shutil.copyfile(calibration, tmp)
-    written.append(target)
+    if calibration is not None:
+        target = bundles / CALIBRATION[1]
+        with atomic_path(target, overwrite=overwrite) as tmp:
+            shutil.copyfile(calibration, tmp)
+        written.append(target)
     return written
