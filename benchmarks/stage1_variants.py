@@ -92,6 +92,22 @@ if a.multichannel:
     byk = {(i["subject"], i["z"], i["modality"]): i for i in d["validation"] + d["training"]}
     exs = torch.cat([torch.cat([load([byk[(i["subject"], i["z"], m)]]) for m in ["t1", "t1ce", "t2", "flair"]], 1) for i in ev])
 em = torch.full((len(ev),), 3)
+# lesion-adding probe (as cyclegan_tumour_probe.py): fraction of brain voxels of G_A→B(healthy FLAIR) brighter than the
+# 99th percentile of healthy brain; healthy slices 0.01 by construction, real tumour slices below (printed once)
+hv = [i for i in d["validation"] + d["training"] if i["modality"] == "flair" and i["tumour"] == 0][:150]
+hx = load(hv)
+if a.multichannel:
+    hxs = torch.cat([torch.cat([load([byk[(i["subject"], i["z"], m)]]) for m in ["t1", "t1ce", "t2", "flair"]], 1) for i in hv])
+bright = torch.quantile(hx[hx > 0], 0.99)
+print(f"[{a.tag}] bright fraction: healthy {float((hx[hx > 0] > bright).float().mean()):.4f} tumour {float((ex[ex > 0] > bright).float().mean()):.4f}", flush=True)
+def probe_ab():
+    gab.eval()
+    with torch.no_grad():
+        if a.multichannel: fb_ = torch.cat([gab(hxs[k:k+50]) for k in range(0, len(hv), 50)])[:, 3:]
+        else: fb_ = torch.cat([gab(cond(hx[k:k+50], em[k:k+50])) for k in range(0, len(hv), 50)])
+    gab.train()
+    brain = hx > 0
+    return float((fb_[brain] > bright).float().mean())
 def probe():
     gba.eval()
     with torch.no_grad():
@@ -127,6 +143,6 @@ for it in range(1, a.iters + 1):
         lda = discriminator_loss(da(cond(ra, ca)).float(), da(qa).float()); ldb = discriminator_loss(db(cond(rb, cb)).float(), db(qb).float())
     (lda + ldb).backward(); do.step()
     if it % 300 == 0 or it == a.iters:
-        ap, ins, outs = probe()
-        print(f"[{a.tag}] it {it} {time.time()-t0:.0f}s gAB {float(L['loss_gan_AB']):.3f} gBA {float(L['loss_gan_BA']):.3f} cyc {float(L['loss_cycle_A']+L['loss_cycle_B']):.3f} dA {float(lda):.3f} dB {float(ldb):.3f} | AUPRC {ap:.3f} in {ins:.3f} out {outs:.3f}", flush=True)
+        ap, ins, outs = probe(); bf = probe_ab()
+        print(f"[{a.tag}] it {it} {time.time()-t0:.0f}s gAB {float(L['loss_gan_AB']):.3f} gBA {float(L['loss_gan_BA']):.3f} cyc {float(L['loss_cycle_A']+L['loss_cycle_B']):.3f} dA {float(lda):.3f} dB {float(ldb):.3f} | AUPRC {ap:.3f} in {ins:.3f} out {outs:.3f} | G_AB bright {bf:.4f}", flush=True)
 torch.save({"G_AB": gab.state_dict(), "G_BA": gba.state_dict()}, f"{a.out}/{a.tag}.pt")
