@@ -31,7 +31,7 @@ from tsgm_components.ensembling import (
     simplex_grid,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import calibrate, load_cases, predict, read_prepared
+from tsgm_components.evaluation import calibrate, load_cases, predict, read_prepared, run_evaluation
 from tsgm_components.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
 
 BUNDLE = REPO_ROOT / "bundles" / "tsgm_evaluation"
@@ -267,6 +267,28 @@ def test_missing_anomaly_map_is_a_clear_error(synthetic, tmp_path):
         load_cases(tmp_path, volumes["validation"], preprocess)
     with pytest.raises(TsgmInputError, match="volumes.json"):
         read_prepared(tmp_path)
+
+
+def test_test_maps_without_weight_need_not_exist(synthetic, tmp_path):
+    """Detection with reconstruct_modalities "weighted" writes no maps for zero-weight modalities: the test split
+    is scored from the weighted ones alone, with the same result; a weighted map missing is still an error."""
+    detections = tmp_path / "good"
+    shutil.copytree(synthetic / "detections" / "good", detections)
+    full = json.loads(run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}],
+                                     tmp_path / "full", weight_step=0.1) and (tmp_path / "full" / "summary.json").read_text())
+    assert json.loads((tmp_path / "full" / "good" / "calibration.json").read_text())["weights"]["t2"] == 1.0
+    for path in (detections / "test").glob("*/*_anomaly_*.nii.gz"):
+        if not path.name.endswith("_t2.nii.gz"):
+            path.unlink()
+    run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "t2", weight_step=0.1)
+    assert json.loads((tmp_path / "t2" / "summary.json").read_text())["good"]["volume"] == full["good"]["volume"]
+    volumes, preprocess, _ = read_prepared(synthetic / "prepared")
+    case = load_cases(detections / "test", volumes["test"], preprocess, modalities=["t2"])[0]
+    assert not case.maps[:, [0, 1, 3]].any() and case.maps[:, 2].any()
+    for path in (detections / "test").glob("*/*_anomaly_t2.nii.gz"):
+        path.unlink()
+    with pytest.raises(TsgmInputError, match="anomaly map missing"):
+        run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "none", weight_step=0.1)
 
 
 def test_bundle_evaluating_writes_calibration_and_report(synthetic):

@@ -100,5 +100,7 @@ def test_single_subject_inference_with_the_shipped_weights_and_calibration(phant
     assert mask.shape == nib.load(str(subject / f"{subject.name}_t1.nii.gz")).shape
     record = json.loads((folder / f"{subject.name}_detection.json").read_text())
     assert record["mask"]["threshold_source"].endswith(Path(CALIBRATION[1]).name)
-    assert all((folder / f"{subject.name}_healthy_{m}.nii.gz").is_file() for m in MODALITIES)
+    weighted = [m for m in MODALITIES if json.loads((REPO_ROOT / "bundles" / CALIBRATION[1]).read_text())["weights"][m] > 0]
+    assert record["reconstructed_modalities"] == weighted and len(weighted) < len(MODALITIES)  # zero weights skipped
+    assert {m for m in MODALITIES if (folder / f"{subject.name}_healthy_{m}.nii.gz").is_file()} == set(weighted)
     assert not (tmp_path / "tsgm_work").exists()  # nothing written outside the detection folder

@@ -251,6 +251,25 @@ def test_inference_with_calibration_writes_mask(trained, subject, tmp_path):
     assert str(calibration) in record["mask"]["threshold_source"]
 
 
+def test_weighted_reconstruction_skips_zero_weight_modalities(trained, subject, tmp_path):
+    calibration = tmp_path / "calibration.json"
+    weights = {"t1": 0.0, "t1ce": 0.0, "t2": 0.4, "flair": 0.6}
+    calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed"}))
+    out = infer(trained, calibration_file=str(calibration), name="weighted", subject_dir=str(subject),
+                reconstruct_modalities="weighted") / "S001"
+    record = json.loads((out / "S001_detection.json").read_text())
+    assert record["reconstructed_modalities"] == ["t2", "flair"]
+    assert {p.name for p in out.glob("S001_*_*.nii.gz")} == {f"S001_{k}_{m}.nii.gz" for k in ("healthy", "anomaly") for m in ("t2", "flair")}
+    maps = {m: nib.load(str(out / f"S001_anomaly_{m}.nii.gz")).get_fdata(dtype=np.float32) for m in ("t2", "flair")}
+    anomaly = nib.load(str(out / "S001_anomaly.nii.gz")).get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(anomaly, 0.4 * maps["t2"] + 0.6 * maps["flair"], atol=1e-6)
+    brain = nib.load(str(subject / "S001_t1.nii.gz")).get_fdata() != 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out / "S001_mask.nii.gz")).dataobj), (anomaly > 0.05) & brain)
+    with pytest.raises(Exception) as excinfo:
+        infer(trained, calibration_file=str(calibration), name="bad", subject_dir=str(subject), reconstruct_modalities="some")
+    assert "reconstruct_modalities must be one of" in str(excinfo.value.__cause__ or excinfo.value)
+
+
 def test_monai_label_style_pipeline(trained, subject, tmp_path):
     """What MONAI Label's BundleInferTask does: preprocessing -> inferer(image[None], network)[0] -> postprocessing."""
     stacked = np.stack([nib.load(str(subject / f"S001_{m}.nii.gz")).get_fdata(dtype=np.float32) for m in MODALITIES], -1)

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 #: modalities (one single-channel model serves all four contrasts): a volume is one call, i.e. one batched sampler run.
 Reconstructor = Callable[[Tensor], Tensor]
 MASK_MODES = ("fixed", "otsu")
+#: "all" modalities, or only the "weighted" ones (non-zero ensemble weight)
+RECONSTRUCT_MODALITIES = ("all", "weighted")
 #: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
 SPLIT_KEYS = {"train": "training", "training": "training", "val": "validation", "validation": "validation", "test": "test"}
 OVERLAY_SLICES = 6
@@ -160,15 +162,16 @@ def residual_volume(slices: np.ndarray, healthy: np.ndarray, support: np.ndarray
 def _reconstruct_volume(
     reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: Mapping[str, Path]
 ) -> dict[str, np.ndarray]:
-    """Run ``reconstruct`` once on the (S, s, s) slices of all modalities, stacked in ``MODALITIES`` order (one
+    """Run ``reconstruct`` once on the (S, s, s) slices of the given modalities, stacked in ``MODALITIES`` order (one
     batched sampler run per volume; with the inferer's per-slice seeds each modality slice also draws its own
     noise); check the output; return modality -> (S, s, s) float32 clipped to [0, 1]."""
-    stacked = np.concatenate([slices[m] for m in MODALITIES])[:, None]
+    modalities = [m for m in MODALITIES if m in slices]
+    stacked = np.concatenate([slices[m] for m in modalities])[:, None]
     healthy = reconstruct(torch.from_numpy(stacked)).detach().float().cpu().numpy()
     if healthy.shape != stacked.shape:
-        raise RuntimeError(f"reconstruction of {files[MODALITIES[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}")
+        raise RuntimeError(f"reconstruction of {files[modalities[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}")
     out, first = {}, 0
-    for modality in MODALITIES:
+    for modality in modalities:
         part = healthy[first : first + len(slices[modality]), 0]
         first += len(slices[modality])
         if not np.isfinite(part).all():
@@ -229,6 +232,7 @@ def detect_subject(
     threshold_source: str | None = None,
     weights_source: str | None = None,
     subject: str | None = None,
+    reconstruct_modalities: str = "all",
 ) -> Path:
     """Detect anomalies in one subject; write ``out_dir/<subject>/`` (see docs/architecture.md); return that folder.
 
@@ -237,6 +241,9 @@ def detect_subject(
     |input − healthy| at the model's resolution, mapped back to the input geometry and zeroed outside the brain
     and the slice range. The weighted map Σ w_m·anomaly_m is thresholded when ``mask_mode`` is "fixed" (needs
     ``threshold``; ``threshold=None`` means no mask) or "otsu"; ``mask_mode=None`` writes no mask.
+    ``reconstruct_modalities``: "all", or "weighted" to reconstruct (and write maps for) only the modalities with a
+    non-zero weight, at a fraction of the sampling time (the same model and sampler; the slices' noise streams
+    follow their position in the stack, so the maps equal an "all" run's up to sampling noise).
     All files appear together or not at all; an existing folder is an error unless ``overwrite``.
     """
     started = time.perf_counter()
@@ -246,6 +253,9 @@ def detect_subject(
         mask_mode = None
     if mask_mode not in (None, *MASK_MODES):
         raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
+    if reconstruct_modalities not in RECONSTRUCT_MODALITIES:
+        raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {reconstruct_modalities!r}")
+    reconstructed = [m for m in MODALITIES if reconstruct_modalities == "all" or weights[m] > 0]
     volumes = load_subject(files)
     subject = subject or _subject_id(files)
     target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.values()), overwrite)
@@ -259,11 +269,11 @@ def detect_subject(
     reconstruction_started = time.perf_counter()
     for modality in MODALITIES:
         normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
-    healthy_slices = _reconstruct_volume(reconstruct, slices, files)
-    for modality in MODALITIES:
+    healthy_slices = _reconstruct_volume(reconstruct, {m: slices[m] for m in reconstructed}, files)
+    for modality in reconstructed:
         healthy[modality] = slices_to_volume(healthy_slices[modality], volumes.reference.shape, preprocess)
         anomaly[modality] = residual_volume(slices[modality], healthy_slices[modality], support, preprocess)
-    logger.info("%s: reconstructed %d slices × %d modalities", subject, len(slices[MODALITIES[0]]), len(MODALITIES))
+    logger.info("%s: reconstructed %d slices × %s", subject, len(slices[MODALITIES[0]]), "/".join(reconstructed))
     reconstruction_seconds = time.perf_counter() - reconstruction_started
     weighted = weighted_anomaly(anomaly, weights)
     mask = _mask(weighted, volumes, preprocess, mask_mode, threshold)
@@ -274,7 +284,7 @@ def detect_subject(
 
     with atomic_dir(target, overwrite=overwrite) as tmp:
         outputs = {}
-        for modality in MODALITIES:
+        for modality in reconstructed:
             outputs[f"healthy_{modality}"] = f"{subject}_healthy_{modality}.nii.gz"
             save_nifti_like(healthy[modality], volumes.reference, tmp / outputs[f"healthy_{modality}"])
             outputs[f"anomaly_{modality}"] = f"{subject}_anomaly_{modality}.nii.gz"
@@ -294,6 +304,7 @@ def detect_subject(
             "outputs": outputs,
             "weights": weights,
             "weights_source": weights_source or "given",
+            "reconstructed_modalities": reconstructed,
             "mask": None
             if mask is None
             else {"mode": mask_mode, "threshold": threshold, "threshold_source": threshold_source or "given"},
@@ -395,6 +406,7 @@ def run_detection(
     skip_existing: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    reconstruct_modalities: str = "all",
 ) -> list[Path]:
     """Bundle entry point: detect one subject folder, four explicit files, or one split of ``volumes.json``.
 
@@ -412,6 +424,7 @@ def run_detection(
         reconstruct=reconstruct, preprocess=preprocess, weights=settings["weights"], threshold=settings["threshold"],
         method=method, overwrite=overwrite, provenance=provenance, mask_mode=settings["mask_mode"],
         threshold_source=settings["threshold_source"], weights_source=settings["weights_source"],
+        reconstruct_modalities=reconstruct_modalities,
     )
     if datalist:
         return detect_datalist(datalist, split, out_dir, skip_existing=skip_existing, rank=rank, world_size=world_size, **kwargs)

@@ -50,13 +50,15 @@ def check_weights(weights: Mapping[str, float], source: str = "weights") -> dict
 
 
 def weighted_anomaly(maps: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Σ_m w_m · maps[m] over the four modalities; maps: modality -> array (any equal shape), float32 out."""
+    """Σ_m w_m · maps[m] over the four modalities; maps: modality -> array (any equal shape), float32 out.
+
+    A modality with weight 0 may be absent from ``maps`` (detection skips reconstructing it)."""
     weights = check_weights(weights)
-    missing = [m for m in MODALITIES if m not in maps]
+    missing = [m for m in MODALITIES if m not in maps and weights[m] > 0]
     if missing:
         raise ValueError(f"anomaly maps missing for modalities {missing}")
-    total = np.zeros(np.shape(maps[MODALITIES[0]]), dtype=np.float32)
-    for modality in MODALITIES:
+    total = np.zeros(np.shape(next(iter(maps.values()))), dtype=np.float32)
+    for modality in maps:
         total += np.float32(weights[modality]) * np.asarray(maps[modality], dtype=np.float32)
     return total
 

@@ -114,14 +114,25 @@ def load_ground_truth(item: Mapping[str, Any], preprocess: PreprocessConfig) -> 
 
 
 def load_case(
-    detection_dir: str | Path, item: Mapping[str, Any], preprocess: PreprocessConfig, truth: GroundTruth | None = None
+    detection_dir: str | Path,
+    item: Mapping[str, Any],
+    preprocess: PreprocessConfig,
+    truth: GroundTruth | None = None,
+    modalities: Sequence[str] = MODALITIES,
 ) -> Case:
-    """One subject: its four anomaly maps from ``detection_dir/<id>/`` and its ground truth (loaded unless given)."""
+    """One subject: its anomaly maps from ``detection_dir/<id>/`` and its ground truth (loaded unless given).
+
+    Only the maps of ``modalities`` are read (and must exist); the others are zero columns (modalities with weight 0
+    under the calibration applied, which detection may not have reconstructed).
+    """
     detection_dir, subject = Path(detection_dir), str(item["subject"])
     truth = truth or load_ground_truth(item, preprocess)
     z = slice(preprocess.z_min, preprocess.z_max + 1)
     columns = []
     for modality in MODALITIES:
+        if modality not in modalities:
+            columns.append(np.zeros(int(truth.brain.sum()), dtype=np.float32))
+            continue
         path = _anomaly_path(detection_dir, subject, modality)
         if not path.is_file():
             raise TsgmInputError(path, f"anomaly map missing: run the detection of this method for subject {subject}")
@@ -150,8 +161,9 @@ def load_cases(
     items: Sequence[Mapping[str, Any]],
     preprocess: PreprocessConfig,
     truths: dict[str, GroundTruth] | None = None,
+    modalities: Sequence[str] = MODALITIES,
 ) -> list[Case]:
-    """:func:`load_case` for every volumes.json item of a split; an empty split is an error.
+    """:func:`load_case` (of ``modalities``) for every volumes.json item of a split; an empty split is an error.
 
     ``truths`` (subject -> GroundTruth) is filled and reused, so several methods read each subject's inputs once.
     """
@@ -165,7 +177,7 @@ def load_cases(
         subject = str(item["subject"])
         if subject not in truths:
             truths[subject] = load_ground_truth(item, preprocess)
-        cases.append(load_case(detection_dir, item, preprocess, truths[subject]))
+        cases.append(load_case(detection_dir, item, preprocess, truths[subject], modalities))
     return cases
 
 
@@ -368,7 +380,8 @@ def run_evaluation(
     optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search),
     optional "ceiling": true (a ceiling row: an upper bound that reads what no method may, labelled so)}]``.
     Writes ``out_dir/<name>/calibration.json`` per method (what VE-JP inference reads for "tsgm") and the report
-    files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically.
+    files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically. Validation
+    needs every modality's maps (the weight search); test only those the calibration weights.
     """
     volumes, preprocess, min_brain_fraction = read_prepared(prepared_dir)
     names = [str(method["name"]) for method in methods]
@@ -389,7 +402,9 @@ def run_evaluation(
             save_json(calibration, tmp / name / "calibration.json")
             logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), calibration["weights"])
             del validation
-            test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess, truths)
+            # the test maps a method's calibration gives no weight are not needed (detection may have skipped them)
+            weighted = [m for m in MODALITIES if calibration["weights"][m] > 0]
+            test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess, truths, weighted)
             results.append(evaluate_cases(name, test, calibration, min_brain_fraction, bool(method.get("ceiling", False))))
             if example is None:
                 example = example_slice(test)

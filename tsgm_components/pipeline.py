@@ -89,7 +89,8 @@ def demo_steps(
         return [
             Step(f"{name} detection, {split}",
                  bundle_command("inference", "vejp_anomaly", ["inference.yaml", *overlay], work_dir,
-                                datalist=prepared / "volumes.json", split=split, skip_existing=True, **trained(folder)),
+                                datalist=prepared / "volumes.json", split=split, skip_existing=True,
+                                reconstruct_modalities="all", **trained(folder)),
                  None)
             for split in splits
         ]
