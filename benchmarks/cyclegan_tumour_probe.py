@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     brain_a, brain_b = x_a > 0, x_b > 0
     preprocess = training_preprocess(prepared, size)
     # lazy=False: two generator objects (the parser caches parsed content, so a second plain get_parsed_content would
-    # return the first object and G_BA's weights would overwrite G_AB's: until 0.6 this probe reported G_B→A(healthy)
-    # as "G_A→B(healthy)")
+    # return the first object and G_BA's weights would overwrite G_AB's: this probe once reported G_B→A(healthy) as
+    # "G_A→B(healthy)")
     g_ab = load_generator(config.get_parsed_content("network_def", lazy=False), checkpoint, "AB", preprocess)
     g_ba = load_generator(config.get_parsed_content("network_def", lazy=False), checkpoint, "BA", preprocess)
     if g_ab is g_ba:

@@ -38,6 +38,7 @@ p.add_argument("--multichannel", action="store_true")
 p.add_argument("--bf16", action="store_true")
 p.add_argument("--decay_from", type=int, default=0)
 p.add_argument("--min_tumour_fraction", type=float, default=0.0, help="domain B: only slices whose lesion covers this fraction of the brain")
+p.add_argument("--content", type=float, default=0.0, help="weight of L1(G_AB(x_A), x_A): a sparse-change prior for the pseudo-pair direction")
 p.add_argument("--threads", type=int, default=1)
 p.add_argument("--tag", default="x")
 a = p.parse_args()
@@ -107,7 +108,10 @@ def probe_ab():
         else: fb_ = torch.cat([gab(cond(hx[k:k+50], em[k:k+50])) for k in range(0, len(hv), 50)])
     gab.train()
     brain = hx > 0
-    return float((fb_[brain] > bright).float().mean())
+    change = (fb_ - hx).abs()[brain]
+    # bright fraction; median and mean |G_AB(x_A) − x_A| over the brain (the median ignores sparse added lesions: the
+    # change to normal tissue, which pseudo-pairs pass on to VE-JP as a condition that differs from x_A everywhere)
+    return float((fb_[brain] > bright).float().mean()), float(change.median()), float(change.mean())
 def probe():
     gba.eval()
     with torch.no_grad():
@@ -134,7 +138,8 @@ for it in range(1, a.iters + 1):
     with ac:
         L = W.generator_losses(ra, rb, rec_a.float(), rec_b.float(), gab(cond(rb, cb)).float() if a.identity else None, gba(cond(ra, ca)).float() if a.identity else None, db(cond(fb, ca)).float(), da(cond(fa, cb)).float())
     fb, fa = fb.float(), fa.float()
-    L["loss_G"].backward(); go.step()
+    loss_g = L["loss_G"] + (a.content * (fb - ra).abs().mean() if a.content else 0.0)
+    loss_g.backward(); go.step()
     for n in (da, db): n.requires_grad_(True)
     do.zero_grad()
     qa = pa.query(torch.cat([fa.detach(), cond(fa, cb)[:, 1:]], 1) if a.modality_channels else fa.detach())
@@ -143,6 +148,6 @@ for it in range(1, a.iters + 1):
         lda = discriminator_loss(da(cond(ra, ca)).float(), da(qa).float()); ldb = discriminator_loss(db(cond(rb, cb)).float(), db(qb).float())
     (lda + ldb).backward(); do.step()
     if it % 300 == 0 or it == a.iters:
-        ap, ins, outs = probe(); bf = probe_ab()
-        print(f"[{a.tag}] it {it} {time.time()-t0:.0f}s gAB {float(L['loss_gan_AB']):.3f} gBA {float(L['loss_gan_BA']):.3f} cyc {float(L['loss_cycle_A']+L['loss_cycle_B']):.3f} dA {float(lda):.3f} dB {float(ldb):.3f} | AUPRC {ap:.3f} in {ins:.3f} out {outs:.3f} | G_AB bright {bf:.4f}", flush=True)
+        ap, ins, outs = probe(); bf, dmed, dmean = probe_ab()
+        print(f"[{a.tag}] it {it} {time.time()-t0:.0f}s gAB {float(L['loss_gan_AB']):.3f} gBA {float(L['loss_gan_BA']):.3f} cyc {float(L['loss_cycle_A']+L['loss_cycle_B']):.3f} dA {float(lda):.3f} dB {float(ldb):.3f} | AUPRC {ap:.3f} in {ins:.3f} out {outs:.3f} | G_AB bright {bf:.4f} tissue change median {dmed:.4f} mean {dmean:.4f}", flush=True)
 torch.save({"G_AB": gab.state_dict(), "G_BA": gba.state_dict()}, f"{a.out}/{a.tag}.pt")
