@@ -12,7 +12,8 @@ VE-JP to copy its condition, tumour included, and no sampler can fix that. On FL
 - the mean brain intensity outside tumours of the same four (per-volume percentile normalisation makes the normal
   tissue of tumour volumes darker; a generator may learn that global shift instead of lesions);
 - mean |G_B→A(x) − x| inside and outside the tumour of tumour slices (a tumour-removing G_B→A changes the inside far
-  more than the outside);
+  more than the outside), and the median |G_A→B(x) − x| over the brain of healthy slices (what G_A→B does to normal
+  tissue: the pseudo-pairs pass it on to VE-JP as a condition that differs from x_A everywhere);
 - AUPRC of |x − G_B→A(x)| for the tumour voxels over brain voxels (the CycleGAN-only baseline's FLAIR map), next to
   that of the FLAIR intensity itself (what thresholding gets) and the tumour prevalence (chance level).
 
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "normal_tissue_mean": {"healthy": mean(x_a, brain_a), "tumour": mean(x_b, brain_b & ~seg_b),
                                "G_AB(healthy)": mean(fake_b, brain_a), "G_BA(tumour)": mean(fake_a, brain_b & ~seg_b)},
         "G_BA_change": {"inside_tumour": float(residual[seg_b].mean()), "outside": float(residual[brain_b & ~seg_b].mean())},
+        "G_AB_change_median": float((fake_b - x_a).abs()[brain_a].median()),
         "auprc": {"G_BA_residual": average_precision(residual[brain_b].numpy(), target),
                   "flair_intensity": average_precision(x_b[brain_b].numpy(), target), "chance": float(target.mean())},
     }
@@ -128,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"mean brain intensity outside tumours: healthy {m['healthy']:.3f}, tumour slices {m['tumour']:.3f}, "
         f"G_A→B(healthy) {m['G_AB(healthy)']:.3f}, G_B→A(tumour) {m['G_BA(tumour)']:.3f}",
         f"mean |G_B→A(x) − x| on tumour slices: inside the tumour {c['inside_tumour']:.4f}, outside {c['outside']:.4f}",
+        f"median |G_A→B(x) − x| over the brain of healthy slices (change to normal tissue): {record['G_AB_change_median']:.4f}",
         f"AUPRC over brain voxels: |x − G_B→A(x)| {a['G_BA_residual']:.3f}, FLAIR intensity {a['flair_intensity']:.3f}, "
         f"chance {a['chance']:.3f}",
     ]

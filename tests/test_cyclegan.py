@@ -181,6 +181,20 @@ def test_loss_weights_identity_off():
     assert "loss_idt_AB" not in losses and losses["loss_G"] == 1
 
 
+def test_change_term_penalises_what_g_ab_changes():
+    x = torch.rand(1, 1, 8, 8)
+    scores = (torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    plain = CycleGANLossWeights(identity=0.0).generator_losses(x, x, x, x, None, None, *scores)
+    weights = CycleGANLossWeights(identity=0.0, change_ab=2.0)
+    same = weights.generator_losses(x, x, x, x, None, None, *scores, fake_b=x)
+    moved = weights.generator_losses(x, x, x, x, None, None, *scores, fake_b=x + 0.25)
+    assert "loss_change_AB" not in plain and same["loss_change_AB"] == 0 and same["loss_G"] == plain["loss_G"]
+    # 2 · (reference [-1, 1] scale: 2 × 0.25)
+    assert torch.isclose(moved["loss_change_AB"], torch.tensor(1.0)) and torch.isclose(moved["loss_G"], plain["loss_G"] + 1)
+    with pytest.raises(ValueError, match="fake_b"):
+        weights.generator_losses(x, x, x, x, None, None, *scores)
+
+
 def run_bundle(run_id: str, config: str, **overrides) -> None:
     """Run the bundle in this process (no second `import monai`), leaving the test session's logging alone."""
     files = [str(CONFIGS / config)]

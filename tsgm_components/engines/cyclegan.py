@@ -141,6 +141,7 @@ class CycleGANTrainer(Trainer):
             idt_b=run(engine.g_ba, real_a) if with_identity else None,
             d_b_fake_b=run(_unwrap(engine.d_b), fake_b),
             d_a_fake_a=run(_unwrap(engine.d_a), fake_a),
+            fake_b=fake_b,
         )
         check_finite_losses(engine, losses)
         losses["loss_G"].backward()

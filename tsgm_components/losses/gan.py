@@ -35,15 +35,17 @@ def l1_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class CycleGANLossWeights:
-    """Loss weights: cycle λ_A, λ_B and identity weight (identity term = identity · λ · L1).
+    """Loss weights: cycle λ_A, λ_B, identity weight (identity term = identity · λ · L1) and ``change_ab``.
 
-    Defaults are the reference ones (λ_A = λ_B = 10, identity 0.5).
+    Defaults are the reference ones (λ_A = λ_B = 10, identity 0.5, change_ab 0). ``change_ab`` > 0 adds
+    change_ab · L1(G_AB(real_a), real_a), not in the paper: an L1 penalty on what G_AB changes in a healthy slice,
+    which favours sparse changes (a lesion) over rewriting the whole slice (see ``benchmarks/stage1_variants.py``).
     """
 
-    def __init__(self, lambda_a: float = 10.0, lambda_b: float = 10.0, identity: float = 0.5):
-        if min(lambda_a, lambda_b, identity) < 0:
-            raise ValueError(f"loss weights must be >= 0, got {lambda_a}, {lambda_b}, {identity}")
-        self.lambda_a, self.lambda_b, self.identity = lambda_a, lambda_b, identity
+    def __init__(self, lambda_a: float = 10.0, lambda_b: float = 10.0, identity: float = 0.5, change_ab: float = 0.0):
+        if min(lambda_a, lambda_b, identity, change_ab) < 0:
+            raise ValueError(f"loss weights must be >= 0, got {lambda_a}, {lambda_b}, {identity}, {change_ab}")
+        self.lambda_a, self.lambda_b, self.identity, self.change_ab = lambda_a, lambda_b, identity, change_ab
 
     def generator_losses(
         self,
@@ -55,12 +57,14 @@ class CycleGANLossWeights:
         idt_b: torch.Tensor | None,
         d_b_fake_b: torch.Tensor,
         d_a_fake_a: torch.Tensor,
+        fake_b: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """All generator terms and their sum ``loss_G`` (scalars).
 
         ``rec_a = G_BA(G_AB(real_a))``, ``rec_b = G_AB(G_BA(real_b))``; ``idt_a = G_AB(real_b)`` and
         ``idt_b = G_BA(real_a)`` (identity mappings; None when the identity weight is 0);
-        ``d_b_fake_b = D_B(G_AB(real_a))``, ``d_a_fake_a = D_A(G_BA(real_b))``. D_A judges domain A, D_B domain B
+        ``d_b_fake_b = D_B(G_AB(real_a))``, ``d_a_fake_a = D_A(G_BA(real_b))``; ``fake_b = G_AB(real_a)`` (needed
+        when ``change_ab`` > 0). D_A judges domain A, D_B domain B
         (the reference calls G_AB "G_A" and D_B "D_A"; the names here say which domain each one belongs to).
         """
         losses = {
@@ -74,6 +78,10 @@ class CycleGANLossWeights:
                 raise ValueError("identity outputs are required when the identity weight is > 0")
             losses["loss_idt_AB"] = self.identity * self.lambda_b * l1_loss(idt_a, real_b)
             losses["loss_idt_BA"] = self.identity * self.lambda_a * l1_loss(idt_b, real_a)
+        if self.change_ab > 0:
+            if fake_b is None:
+                raise ValueError("fake_b = G_AB(real_a) is required when change_ab > 0")
+            losses["loss_change_AB"] = self.change_ab * l1_loss(fake_b, real_a)
         losses["loss_G"] = sum(losses.values())
         return losses
 
