@@ -6,7 +6,8 @@ Times one Heun-4 draw (7 NFE per slice) through ``DiffusionSamplerInferer`` on a
 the cpu.yaml network (random weights: the cost does not depend on them), for each chunk size and memory layout,
 interleaved over ``--repeats`` rounds, and extrapolates to one volume (49 slices × 4 modalities) at each setting's
 draws per slice: the 0.5.0 demo (mean of 4 draws = 28 NFE, chunks of 256, default layout), the same sampler in
-chunks of 32 and channels-last, the current default (2 draws = 14 NFE, chunks of 32, channels-last) and 1 draw. Prints a table
+chunks of 32 and channels-last, 2 draws (14 NFE) of all 4 modalities (the demo), the inference default (2 draws of the
+2 modalities the shipped calibration weighs, ``reconstruct_modalities: weighted``) and 1 draw. Prints a table
 with the ratio to the 0.5.0 demo and writes ``benchmarks/results/cpu_detection_speed.{md,json}``.
 """
 
@@ -29,15 +30,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: cpu.yaml's network
 NETWORK = dict(condition_channels=1, channels=[16, 32, 64], attention_levels=[False] * 3, num_res_blocks=1,
                num_head_channels=16, norm_num_groups=8, sigma_data=0.5)
-#: setting -> (inferer arguments, draws per slice)
+#: setting -> (inferer arguments, draws per slice, modalities sampled per volume)
 SETTINGS = {
-    "0.5.0 demo: 4 draws, chunks of 256, default layout": (dict(batch_size=256, channels_last=False), 4),
-    "4 draws, chunks of 32, default layout": (dict(batch_size=32, channels_last=False), 4),
-    "4 draws, chunks of 32, channels-last": (dict(batch_size=32, channels_last=True), 4),
-    "default: 2 draws, chunks of 32, channels-last": (dict(batch_size=32, channels_last=True), 2),
-    "1 draw, chunks of 32, channels-last": (dict(batch_size=32, channels_last=True), 1),
+    "0.5.0 demo: 4 draws, chunks of 256, default layout, 4 modalities": (dict(batch_size=256, channels_last=False), 4, 4),
+    "4 draws, chunks of 32, default layout, 4 modalities": (dict(batch_size=32, channels_last=False), 4, 4),
+    "4 draws, chunks of 32, channels-last, 4 modalities": (dict(batch_size=32, channels_last=True), 4, 4),
+    "2 draws, chunks of 32, channels-last, 4 modalities (the demo: reconstruct_modalities all)": (dict(batch_size=32, channels_last=True), 2, 4),
+    "default: 2 draws, chunks of 32, channels-last, the 2 modalities the shipped calibration weighs": (dict(batch_size=32, channels_last=True), 2, 2),
+    "1 draw, chunks of 32, channels-last, 2 modalities": (dict(batch_size=32, channels_last=True), 1, 2),
 }
-SLICES_PER_VOLUME = 49 * 4
+SLICES_PER_MODALITY = 49
+
+
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions (the speed differs several-fold between machines of this project)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({vector})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,42 +64,48 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     inputs = torch.rand(args.slices, 1, 64, 64)
     sde = VESDE(sigma_min=0.01, sigma_max=20.0)
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    # one timing per distinct inferer setting (rows differ only in draws and modalities share it)
+    timed = {tuple(sorted(setting.items())): setting for setting, _, _ in SETTINGS.values()}
+    times: dict[tuple, list[float]] = {key: [] for key in timed}
     nfe = 0
     for _ in range(args.repeats):
-        for name, (setting, _) in SETTINGS.items():
+        for key, setting in timed.items():
             network = ScoreUNet(**NETWORK).eval()  # a fresh one: channels_last converts the network in place
             inferer = DiffusionSamplerInferer(sde, sampler="heun", n_steps=4, n_draws=1, **setting)
             nfe = inferer.nfe_per_slice
             start = time.perf_counter()
             inferer(inputs, network)
-            times[name].append(time.perf_counter() - start)
+            times[key].append(time.perf_counter() - start)
     rows = []
-    for name, values in times.items():
+    for name, (setting, _, _) in SETTINGS.items():
+        values = times[tuple(sorted(setting.items()))]
         per_slice_nfe_ms = 1000 * min(values) / (args.slices * nfe)
-        nfe_per_slice = nfe * SETTINGS[name][1]
+        _, draws, modalities = SETTINGS[name]
+        nfe_per_slice = nfe * draws
         rows.append({
             "setting": name,
             "ms_per_slice_nfe": round(per_slice_nfe_ms, 2),
             "nfe_per_slice": nfe_per_slice,
-            "s_per_volume": round(per_slice_nfe_ms * nfe_per_slice * SLICES_PER_VOLUME / 1000, 1),
+            "slices_per_volume": SLICES_PER_MODALITY * modalities,
+            "s_per_volume": round(per_slice_nfe_ms * nfe_per_slice * SLICES_PER_MODALITY * modalities / 1000, 1),
         })
     for row in rows:
         row["speed_up"] = round(rows[0]["s_per_volume"] / row["s_per_volume"], 2)
-    machine = f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+    machine = f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}"
     lines = [
         f"# CPU sampling speed of the demo's score network ({machine})",
         "",
         f"`python benchmarks/cpu_detection_speed.py --threads {args.threads} --slices {args.slices} --repeats {args.repeats}`; "
         f"Heun, 4 levels ({nfe} NFE per draw), {args.slices} random 64² slices per call, best of {args.repeats} "
-        "interleaved rounds; per volume = 49 slices × 4 modalities × the setting's NFE per slice.",
+        "interleaved rounds; per volume = 49 slices × the modalities sampled × the setting's NFE per slice.",
         "",
-        "| setting | ms per slice per NFE | NFE per slice | s per volume | speed-up |",
-        "|---|---:|---:|---:|---:|",
+        "| setting | ms per slice per NFE | NFE per slice | slices per volume | s per volume | speed-up |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['setting']} | {r['ms_per_slice_nfe']} | {r['nfe_per_slice']} | {r['s_per_volume']} | {r['speed_up']}× |"
+    lines += [f"| {r['setting']} | {r['ms_per_slice_nfe']} | {r['nfe_per_slice']} | {r['slices_per_volume']} | {r['s_per_volume']} | {r['speed_up']}× |"
               for r in rows]
-    save_report("\n".join(lines) + "\n", {"machine": machine, "rows": rows, "times_s": times}, RESULTS, "cpu_detection_speed")
+    record = {"machine": machine, "rows": rows, "times_s": {str(dict(key)): values for key, values in times.items()}}
+    save_report("\n".join(lines) + "\n", record, RESULTS, "cpu_detection_speed")
     print("\n".join(lines))
     return 0
 
