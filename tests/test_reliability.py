@@ -512,6 +512,30 @@ def test_pipeline_outputs_are_readable_as_the_umask_says(pipeline):
     assert not wrong
 
 
+def test_two_runs_writing_one_output_never_replace_each_other(tmp_path):
+    """The output is checked at the start; another run may create it before this one finishes: without overwrite the
+    first one kept wins, the second fails naming the path, and no temporary is left (files and folders)."""
+    from tsgm_components.io import atomic_dir, atomic_path
+
+    target = tmp_path / "record.json"
+    with pytest.raises(FileExistsError, match="appeared while this run was writing it"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("second run")
+            target.write_text("first run")  # the other run commits first
+    assert target.read_text() == "first run"
+    folder = tmp_path / "S001"
+    with pytest.raises(FileExistsError, match=f"{folder}: output appeared"):
+        with atomic_dir(folder) as tmp:
+            (tmp / "mask.nii.gz").write_text("second run")
+            folder.mkdir()
+            (folder / "mask.nii.gz").write_text("first run")
+    assert (folder / "mask.nii.gz").read_text() == "first run"
+    with atomic_path(target, overwrite=True) as tmp:  # asked for: replaced
+        tmp.write_text("third run")
+    assert target.read_text() == "third run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["S001", "record.json"]
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_atomic_outputs_follow_the_umask(tmp_path, umask):
     from tsgm_components.io import atomic_dir, save_json

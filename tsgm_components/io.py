@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -57,11 +58,32 @@ def _permissions_as_umask_says(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _appeared_meanwhile(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path}: output appeared while this run was writing it (another run writing the same "
+                           "output?); kept it and discarded this run's (pass overwrite=True to replace it)")
+
+
+def _link_without_replacing(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` atomically unless ``path`` exists by then (two runs writing the same output must not
+    silently replace each other): a hard link fails on an existing name, where a rename would replace it."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError as error:
+        raise _appeared_meanwhile(path) from error
+    except OSError:  # a file system without hard links: check, then rename (a small window remains)
+        if path.exists():
+            raise _appeared_meanwhile(path)
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path`` (atomic on POSIX).
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. Without ``overwrite``, a ``path``
+    that another run created meanwhile is kept and this run's result discarded (FileExistsError), never replaced.
     The temporary name keeps the suffixes of ``path`` (``.nii.gz``, ``.npy``...) so writers
     that dispatch on the extension behave. The result gets the mode the umask gives new files (not mkstemp's 0600).
     """
@@ -74,7 +96,10 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     try:
         yield tmp_path
         _permissions_as_umask_says(tmp_path, directory=False)
-        os.replace(tmp_path, path)
+        if overwrite:
+            os.replace(tmp_path, path)
+        else:
+            _link_without_replacing(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -94,13 +119,20 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
         _permissions_as_umask_says(tmp, directory=True)
+        if path.exists() and not overwrite:
+            raise _appeared_meanwhile(path)
         if path.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, backup / path.name)
             os.replace(tmp, path)
             shutil.rmtree(backup)
         else:
-            os.replace(tmp, path)
+            try:
+                os.rename(tmp, path)  # refuses a non-empty folder that appeared since the check above
+            except OSError as error:
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise _appeared_meanwhile(path) from error
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
