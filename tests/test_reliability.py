@@ -536,6 +536,27 @@ def test_two_runs_writing_one_output_never_replace_each_other(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["S001", "record.json"]
 
 
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, caplog):
+    import socket
+
+    from tsgm_components.io import save_json
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, host = int(finished.stdout), socket.gethostname()
+    stale_file = tmp_path / f".record.json.tsgm-{host}-{dead}-abc.tmp.json"
+    stale_dir = tmp_path / f".record.json.tsgm-{host}-{dead}-def.tmp"
+    live = tmp_path / f".record.json.tsgm-{host}-{os.getpid()}-ghi.tmp.json"  # a run still writing: kept
+    other = tmp_path / f".record.json.tsgm-otherhost-{dead}-jkl.tmp.json"  # another host's: cannot tell, kept
+    stale_file.write_text("half")
+    stale_dir.mkdir()
+    for path in (live, other):
+        path.write_text("writing")
+    with caplog.at_level("WARNING", logger="tsgm_components.io"):
+        save_json({"a": 1}, tmp_path / "record.json")
+    assert not stale_file.exists() and not stale_dir.exists() and live.exists() and other.exists()
+    assert "left by a killed run" in caplog.text and str(stale_file) in caplog.text
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_atomic_outputs_follow_the_umask(tmp_path, umask):
     from tsgm_components.io import atomic_dir, save_json
@@ -703,6 +724,7 @@ def test_prepare_killed_with_sigkill_leaves_no_output_and_reruns(assets, tmp_pat
     assert len(orphans) == 1 and orphans[0].startswith(".prepared.") and orphans[0].endswith(".tmp")
     run_prepare(assets, assets["dataset"], out)
     assert (out / "datalist.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # the rerun removed the killed run's temporary
 
 
 # ---------------------------------------------------------------- command lines: non-zero exit, one-line error

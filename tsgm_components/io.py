@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -16,6 +18,8 @@ import nibabel as nib
 import numpy as np
 
 from tsgm_components.errors import TsgmInputError
+
+logger = logging.getLogger(__name__)
 
 
 def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -58,6 +62,40 @@ def _permissions_as_umask_says(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _temporary_prefix(path: Path) -> str:
+    """Prefix of the temporaries of ``path`` written by this process: host and pid, so that a later run can tell
+    those of a killed run (pid gone on this host) from those of a run still writing."""
+    return f".{path.name}.tsgm-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove (and log) the temporaries next to ``path`` left by killed runs on this host; return them."""
+    stem = f".{path.name}.tsgm-{socket.gethostname()}-"
+    stale = []
+    if not path.parent.is_dir():
+        return stale
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(stem):
+            continue
+        pid = entry.name[len(stem):].split("-", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        logger.warning("%s: removing a temporary left by a killed run (pid %s): %s", path, pid, entry)
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        stale.append(entry)
+    return stale
+
+
 def _appeared_meanwhile(path: Path) -> FileExistsError:
     return FileExistsError(f"{path}: output appeared while this run was writing it (another run writing the same "
                            "output?); kept it and discarded this run's (pass overwrite=True to replace it)")
@@ -89,8 +127,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     """
     path = check_can_write(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -115,14 +154,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """
     path = check_can_write(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         _permissions_as_umask_says(tmp, directory=True)
         if path.exists() and not overwrite:
             raise _appeared_meanwhile(path)
         if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            backup = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".old", dir=path.parent))
             os.replace(path, backup / path.name)
             os.replace(tmp, path)
             shutil.rmtree(backup)
