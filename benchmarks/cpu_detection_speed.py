@@ -77,10 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             inferer(inputs, network)
             times[key].append(time.perf_counter() - start)
     rows = []
-    for name, (setting, _, _) in SETTINGS.items():
+    for name, (setting, draws, modalities) in SETTINGS.items():
         values = times[tuple(sorted(setting.items()))]
         per_slice_nfe_ms = 1000 * min(values) / (args.slices * nfe)
-        _, draws, modalities = SETTINGS[name]
         nfe_per_slice = nfe * draws
         rows.append({
             "setting": name,

@@ -62,10 +62,14 @@ def _permissions_as_umask_says(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _temporary_stem(path: Path) -> str:
+    """Start of the names of ``path``'s temporaries on this host; the writer's pid follows (``<stem><pid>-...``), so
+    that a later run can tell those of a killed run (pid gone on this host) from those of a run still writing."""
+    return f".{path.name}.tsgm-{socket.gethostname()}-"
+
+
 def _temporary_prefix(path: Path) -> str:
-    """Prefix of the temporaries of ``path`` written by this process: host and pid, so that a later run can tell
-    those of a killed run (pid gone on this host) from those of a run still writing."""
-    return f".{path.name}.tsgm-{socket.gethostname()}-{os.getpid()}-"
+    return f"{_temporary_stem(path)}{os.getpid()}-"
 
 
 def _process_alive(pid: int) -> bool:
@@ -80,7 +84,7 @@ def _process_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove (and log) the temporaries next to ``path`` left by killed runs on this host; return them."""
-    stem = f".{path.name}.tsgm-{socket.gethostname()}-"
+    stem = _temporary_stem(path)
     stale = []
     if not path.parent.is_dir():
         return stale
