@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tsgm_components.data.brats import find_subjects, load_subject, subject_files
+from tsgm_components.data.brats import find_dataset, load_subject
 from tsgm_components.data.preprocessing import NORMALIZATIONS, PreprocessConfig, normalize_volume
 from tsgm_components.ensembling import BrainVoxels, select_threshold
 from tsgm_components.io import save_report
@@ -38,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     preprocess = PreprocessConfig(z_min=args.z_min, z_max=args.z_max, normalization=args.normalization)
     z = slice(preprocess.z_min, preprocess.z_max + 1)
     volumes, names, lesion_fraction = [], [], []
-    for subject in args.subjects or find_subjects(dataset):
-        loaded = load_subject(subject_files(dataset / subject, require_seg=True))
+    found = find_dataset(dataset).subjects
+    for subject in args.subjects or list(found):
+        loaded = load_subject(found[subject], preprocess)
         brain = loaded.brain_mask[:, :, z]
         target = (loaded.seg > 0)[:, :, z][brain]
         if not target.any():

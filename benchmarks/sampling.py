@@ -52,7 +52,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.data.brats import MODALITIES, SEG, load_subject
+from tsgm_components.data.brats import MODALITIES, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.data.preprocessing import preprocess_volume
 from tsgm_components.detection import anomaly_support, load_calibration, residual_volume
@@ -226,8 +226,7 @@ def load_subjects(
     """Subjects with ``per_subject`` of their (tumour-bearing) slices chosen; subjects without any are skipped."""
     subjects = []
     for item in items:
-        files = {key: Path(item[key]) for key in (*MODALITIES, SEG) if item.get(key)}
-        volumes = load_subject(files)
+        volumes = load_subject(item, preprocess)
         candidates = candidate_slices(volumes.seg, volumes.brain_mask, preprocess, min_brain_fraction, tumour_only)
         chosen = evenly_spaced(candidates, per_subject)
         if not chosen:

@@ -11,13 +11,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tsgm_components.data.brats import MODALITIES, find_subjects, load_subject, subject_files
+from tsgm_components.data.brats import MODALITIES, find_dataset, load_subject, subject_files
 from tsgm_components.data.phantom import PhantomConfig, generate_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.errors import TsgmInputError
 
 SMALL_SHAPE = (12, 10, 8)
 AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: preprocessing whose slice range and padding fit SMALL_SHAPE (no training grid: volumes used as stored)
+SMALL = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16)
 
 
 def write_subject(root: Path, name: str = "S001", shape=SMALL_SHAPE, seg: bool = True, suffix: str = ".nii.gz") -> Path:
@@ -50,24 +52,25 @@ def test_find_subjects_and_files(tmp_path):
     write_subject(tmp_path, "S002")
     write_subject(tmp_path, "S001", seg=False, suffix=".nii")
     (tmp_path / "notes").mkdir()
-    assert find_subjects(tmp_path) == ["S001", "S002"]
+    dataset = find_dataset(tmp_path)
+    assert list(dataset.subjects) == ["S001", "S002"] and dataset.layout == "brats2020" and dataset.skipped == ["notes"]
     files = subject_files(tmp_path / "S001", require_seg=False)
-    assert sorted(files) == sorted(MODALITIES) and files["t1"].name == "S001_t1.nii"
-    assert "seg" in subject_files(tmp_path / "S002", require_seg=True)
+    assert sorted(files.paths) == sorted(MODALITIES) and files.paths["t1"].name == "S001_t1.nii"
+    assert "seg" in subject_files(tmp_path / "S002", require_seg=True).paths
     with pytest.raises(TsgmInputError, match="S001_seg.nii.gz: missing seg file for subject S001"):
         subject_files(tmp_path / "S001", require_seg=True)
 
 
 def test_find_subjects_missing_or_empty(tmp_path):
     with pytest.raises(TsgmInputError, match="does not exist"):
-        find_subjects(tmp_path / "nope")
-    with pytest.raises(TsgmInputError, match="no BraTS subjects"):
-        find_subjects(tmp_path)
+        find_dataset(tmp_path / "nope")
+    with pytest.raises(TsgmInputError, match="no BraTS subjects found .*supported layouts: brats2020: .*brats2023: .*msd_task01"):
+        find_dataset(tmp_path)
 
 
 def test_load_subject_valid(tmp_path):
     folder = write_subject(tmp_path)
-    subject = load_subject(subject_files(folder, require_seg=True))
+    subject = load_subject(subject_files(folder, require_seg=True), SMALL)
     assert set(subject.arrays) == set(MODALITIES)
     assert all(a.dtype == np.float32 and a.shape == SMALL_SHAPE for a in subject.arrays.values())
     assert subject.seg.dtype == np.uint8 and set(np.unique(subject.seg)) == {0, 2, 4}
@@ -79,23 +82,22 @@ def test_integer_volume_loads_as_float_without_overflow(tmp_path):
     folder = write_subject(tmp_path)
     data = np.full(SMALL_SHAPE, 30000, np.int16)
     replace_volume(folder, "t2", data)
-    subject = load_subject(subject_files(folder, require_seg=True))
+    subject = load_subject(subject_files(folder, require_seg=True), SMALL)
     assert subject.arrays["t2"].dtype == np.float32
     assert float(subject.arrays["t2"].sum()) == pytest.approx(30000.0 * data.size)
 
 
 def _bad_inputs():
     """(name, function that damages a subject folder and returns the damaged file, expected message)."""
-    shape4 = SMALL_SHAPE + (1,)
     return [
         ("shape", lambda f: replace_volume(f, "t2", np.ones((12, 10, 9), np.float32)), "shape"),
         ("affine", lambda f: replace_volume(f, "flair", np.ones(SMALL_SHAPE, np.float32), np.diag([1.0, -1, 1, 1])), "affine differs"),
         ("nan", lambda f: replace_volume(f, "t1ce", np.where(np.eye(12, 10)[..., None] > 0, np.nan, 1.0).astype(np.float32) * np.ones(SMALL_SHAPE, np.float32)), "NaN"),
         ("inf", lambda f: replace_volume(f, "t1", np.full(SMALL_SHAPE, np.inf, np.float32)), "Inf"),
         ("2d", lambda f: replace_volume(f, "t1", np.ones((12, 10), np.float32)), "2D"),
-        ("4d", lambda f: replace_volume(f, "t1ce", np.ones(shape4, np.float32)), "4D"),
+        ("4d", lambda f: replace_volume(f, "t1ce", np.ones(SMALL_SHAPE + (2,), np.float32)), "4D"),
         ("zero", lambda f: replace_volume(f, "t2", np.zeros(SMALL_SHAPE, np.float32)), "all zero"),
-        ("labels", lambda f: replace_volume(f, "seg", np.full(SMALL_SHAPE, 3, np.uint8)), "not BraTS labels"),
+        ("labels", lambda f: replace_volume(f, "seg", np.full(SMALL_SHAPE, 3, np.uint8)), "are not brats2020 labels"),
         ("truncated", _truncate, "truncated or corrupt|cannot read"),
         ("unreadable", _garbage, "cannot read as NIfTI"),
     ]
@@ -119,7 +121,7 @@ def test_bad_input_names_the_file(tmp_path, name, damage, message):
     folder = write_subject(tmp_path)
     damaged = damage(folder)
     with pytest.raises(TsgmInputError, match=message) as info:
-        load_subject(subject_files(folder, require_seg=True))
+        load_subject(subject_files(folder, require_seg=True), SMALL)
     assert info.value.path == str(damaged)
 
 
@@ -257,12 +259,12 @@ def test_phantom_layout_and_geometry(phantom_dir):
     from conftest import PHANTOM_CONFIG
     from tsgm_components.data.phantom import AFFINE, SHAPE, healthy_subjects, subject_id
 
-    subjects = find_subjects(phantom_dir)
+    subjects = list(find_dataset(phantom_dir).subjects)
     assert subjects == [subject_id(i) for i in range(PHANTOM_CONFIG.n_subjects)]
     healthy = {subject_id(i) for i in healthy_subjects(PHANTOM_CONFIG)}
     assert len(healthy) == 1
     for name in subjects:
-        volumes = load_subject(subject_files(phantom_dir / name, require_seg=True))  # passes all validation
+        volumes = load_subject(subject_files(phantom_dir / name, require_seg=True), PreprocessConfig())  # passes all validation
         assert volumes.reference.shape == SHAPE
         np.testing.assert_allclose(volumes.reference.affine, AFFINE)
         assert volumes.reference.get_data_dtype() == np.int16
@@ -305,7 +307,7 @@ def test_healthy_twin_equals_subject_outside_lesions(phantom_dir, twins_dir):
     # on disk: one twin per tumour subject, no segmentation, identical to the generated twin
     healthy = {subject_id(i) for i in healthy_subjects(PHANTOM_CONFIG)}
     record = json.loads((twins_dir / TWINS_RECORD).read_text())
-    assert record["subjects"] == [s for s in find_subjects(phantom_dir) if s not in healthy]
+    assert record["subjects"] == [s for s in find_dataset(phantom_dir).subjects if s not in healthy]
     assert sorted(p.name for p in twins_dir.iterdir() if p.is_dir()) == record["subjects"]
     name = subject_id(0)
     assert sorted(p.name for p in (twins_dir / name).iterdir()) == sorted(f"{name}_{m}.nii.gz" for m in MODALITIES)
@@ -361,10 +363,13 @@ def test_prepared_layout(prepared_dir, phantom_dir):
 
     split = json.loads((prepared_dir / "split.json").read_text())
     ids = [s for name in ("train", "val", "test") for s in split[name]]
-    assert sorted(ids) == find_subjects(phantom_dir) and len(set(ids)) == len(ids)
+    assert sorted(ids) == list(find_dataset(phantom_dir).subjects) and len(set(ids)) == len(ids)
     assert [len(split[n]) for n in ("train", "val", "test")] == [3, 1, 1]
     config = json.loads((prepared_dir / "prepare_config.json").read_text())
-    assert PreprocessConfig.from_dict(config) == PREPARE_CONFIG and config["seed"] == 0
+    # the training grid is recorded from the data: the phantom is on the BraTS grid
+    grid = dict(orientation="LPS", voxel_size=(1.0, 1.0, 1.0), volume_shape=(240, 240, 155))
+    assert PreprocessConfig.from_dict(config) == dataclasses.replace(PREPARE_CONFIG, **grid) and config["seed"] == 0
+    assert config["layout"] == "brats2020"
     datalist = json.loads((prepared_dir / "datalist.json").read_text())
     volumes = json.loads((prepared_dir / "volumes.json").read_text())
     n_tumour = n_healthy = 0
@@ -373,7 +378,7 @@ def test_prepared_layout(prepared_dir, phantom_dir):
         assert {it["subject"] for it in items} == set(split[split_name])
         assert [v["subject"] for v in volumes[key]] == split[split_name]
         for entry in volumes[key]:
-            assert set(entry) == {"subject", *MODALITIES, "seg"} and all(Path(entry[m]).is_file() for m in MODALITIES)
+            assert set(entry) == {"subject", *MODALITIES, "seg", "labels"} and entry["labels"] == "brats2020" and all(Path(entry[m]).is_file() for m in MODALITIES)
         for subject in split[split_name]:
             seg = np.asarray(nib.load(str(phantom_dir / subject / f"{subject}_seg.nii.gz")).dataobj)
             mine = [it for it in items if it["subject"] == subject]
@@ -405,7 +410,7 @@ def test_prepared_slices_values(prepared_dir, phantom_dir):
     assert not labels[~tumour].any() and labels[tumour].any(axis=(1, 2)).mean() > 0.8
     # One slice recomputed independently from the NIfTI: same normalisation and geometry.
     item = next(it for it in items if it["tumour"] and it["modality"] == "flair")
-    subject = load_subject(subject_files(phantom_dir / item["subject"], require_seg=True))
+    subject = load_subject(subject_files(phantom_dir / item["subject"], require_seg=True), PREPARE_CONFIG)
     expected = volume_to_slices(normalize_volume(subject.arrays["flair"], subject.brain_mask, PREPARE_CONFIG), PREPARE_CONFIG)
     np.testing.assert_allclose(np.load(prepared_dir / item["image"]), expected[item["z"] - PREPARE_CONFIG.z_min], atol=1e-6)
 
@@ -429,11 +434,10 @@ def test_shipped_manifests_are_reproducible():
     assert brats["counts"] == {"train": 295, "val": 37, "test": 37}
     ids = [s for n in ("train", "val", "test") for s in brats["split"][n]]
     assert len(set(ids)) == 369 and min(ids) == "BraTS20_Training_001" and max(ids) == "BraTS20_Training_369"
-    from tsgm_components.data.prepare import BRATS2020_SPLIT, _shipped_manifest_applies
+    from tsgm_components.data.prepare import BRATS2020_SPLIT, shipped_split
 
-    assert _shipped_manifest_applies(BRATS2020_SPLIT, sorted(ids), 0, 0.1, 0.1)
-    assert not _shipped_manifest_applies(BRATS2020_SPLIT, sorted(ids), 1, 0.1, 0.1)  # another seed: seeded split
-    assert not _shipped_manifest_applies(BRATS2020_SPLIT, sorted(ids)[:-1], 0, 0.1, 0.1)
+    assert shipped_split(BRATS2020_SPLIT, sorted(ids), 0, 0.1, 0.1) == (brats["split"], None)
+    assert shipped_split(BRATS2020_SPLIT, sorted(ids), 1, 0.1, 0.1)[0] is None  # another seed: seeded split
 
 
 # ---------------------------------------------------------------- prepare on bad input, CLI

@@ -240,7 +240,8 @@ def synthetic(tmp_path_factory) -> Path:
     prepared = root / "prepared"
     prepared.mkdir()
     (prepared / "volumes.json").write_text(json.dumps(volumes))
-    config = {"z_min": Z_MIN, "z_max": Z_MAX, "image_size": 24, "pad_to": 24, "lower_percentile": 1, "upper_percentile": 99, "min_brain_fraction": 0.01}
+    config = {"z_min": Z_MIN, "z_max": Z_MAX, "image_size": 24, "pad_to": 24, "lower_percentile": 1, "upper_percentile": 99, "min_brain_fraction": 0.01,
+              "orientation": None, "voxel_size": None, "volume_shape": None}  # no training grid recorded
     (prepared / "prepare_config.json").write_text(json.dumps(config))
     for method, strength in (("good", 0.25), ("weak", 0.1)):
         for split in ("validation", "test"):

@@ -68,3 +68,45 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     assert ast.literal_eval(evaluate[evaluate.index("--config_file") + 1])[-1].endswith("ceilings.yaml")
     ceiling_steps = [name for name in steps if name.startswith("CEILING")]
     assert len(ceiling_steps) == 5
+
+
+def test_own_dataset_pipeline_trains_everything_with_the_scale_configs_and_torchrun_on_several_gpus(tmp_path):
+    from tsgm_components.pipeline import dataset_steps
+
+    data = tmp_path / "MICCAI_BraTS2020_TrainingData"
+    paper = dataset_steps(tmp_path, data, "paper", processes=4)
+    names = [s.name for s in paper]
+    assert names[0] == "prepare slices" and names[-1] == "calibrate on validation, evaluate on test"
+    assert not any("CEILING" in name or "phantom" in name for name in names)  # no twins on real data
+    prepare = paper[0].command
+    assert prepare[prepare.index("--dataset_dir") + 1] == str(data) and prepare[prepare.index("--image_size") + 1] == "256"
+    for step in paper:
+        if "monai.bundle" not in step.command:
+            continue
+        configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
+        assert all(Path(c).is_file() for c in configs) and not any(c.endswith("cpu.yaml") for c in configs), step.name
+        distributed = "torch.distributed.run" in step.command
+        if step.name.startswith("train"):
+            assert distributed and "--nproc_per_node=4" in step.command and configs[-1].endswith("multi_gpu_train.yaml")
+        elif step.name.startswith(("TSGM detection", "SDEdit baseline detection")):
+            assert distributed and step.command[step.command.index("--checkpoint") + 1].startswith(str(tmp_path))
+        else:
+            assert not distributed, step.name
+    cpu = dataset_steps(tmp_path, data, "cpu")
+    assert [s.name for s in cpu] == names
+    assert not any("torch.distributed.run" in s.command for s in cpu)
+    train = next(s for s in cpu if s.name.startswith("train VE-JP"))
+    assert [Path(c).name for c in ast.literal_eval(train.command[train.command.index("--config_file") + 1])] == ["train.yaml", "cpu.yaml"]
+    assert cpu[0].command[cpu[0].command.index("--image_size") + 1] == "64"
+    with pytest.raises(ValueError, match="scale must be one of"):
+        dataset_steps(tmp_path, data, "huge")
+
+
+def test_own_dataset_run_stops_at_a_failing_step_and_ends_with_the_published_figures(tmp_path, monkeypatch, capsys):
+    from tsgm_components.pipeline import published_comparison, run_dataset
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 2))
+    with pytest.raises(SystemExit, match=r"tsgm run: step 'prepare slices' failed \(exit 2\)"):
+        run_dataset(str(tmp_path / "data"), str(tmp_path / "w"), "cpu", gpus=0)
+    text = published_comparison()
+    assert "DSC 0.859" in text and "validation split" in text and "not directly comparable" in text

@@ -52,7 +52,7 @@ def test_detection_reconstructs_all_modalities_of_a_volume_in_one_call(phantom_d
     files = subject_files(phantom_dir / "BraTS20_Training_001", require_seg=False)
     out = detect_subject(files, tmp_path, reconstruct, preprocess, PAPER_WEIGHTS, None, "blocks")
     assert reconstruct.shapes == [(4 * n_slices, 1, 32, 32)]
-    brain = np.asarray(nib.load(str(files["t1"])).dataobj) != 0  # any modality: t1 covers the phantom brain
+    brain = np.asarray(nib.load(str(files.paths["t1"])).dataobj) != 0  # any modality: t1 covers the phantom brain
     for index, modality in enumerate(MODALITIES):  # the stack is split back in MODALITIES order
         healthy = np.asarray(nib.load(str(out / f"{out.name}_healthy_{modality}.nii.gz")).dataobj)
         inside = healthy[:, :, preprocess.z_min : preprocess.z_max + 1][brain[:, :, preprocess.z_min : preprocess.z_max + 1]]

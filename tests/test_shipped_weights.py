@@ -71,8 +71,8 @@ def test_shipped_model_reconstructs_a_phantom_brain_and_removes_its_lesion(phant
     network, inferer = parser.get_parsed_content("network"), parser.get_parsed_content("slice_inferer")
     preprocess = parser.get_parsed_content("preprocess")
     subject = sorted(p.name for p in twins_dir.iterdir() if p.is_dir())[0]
-    real = load_subject(subject_files(phantom_dir / subject, require_seg=True))
-    twin = load_subject(subject_files(twins_dir / subject, require_seg=False))
+    real = load_subject(subject_files(phantom_dir / subject, require_seg=True), preprocess)
+    twin = load_subject(subject_files(twins_dir / subject, require_seg=False), preprocess)
     flair = preprocess_volume(real.arrays["flair"], real.brain_mask, preprocess)[1]
     healthy_twin = preprocess_volume(twin.arrays["flair"], twin.brain_mask, preprocess)[1]
     lesion = volume_to_slices((real.seg > 0).astype(np.uint8), preprocess, is_mask=True) > 0

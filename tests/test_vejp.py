@@ -34,7 +34,7 @@ UNCONDITIONAL, MULTI_GPU = CONFIGS / "train_unconditional.yaml", CONFIGS / "mult
 SHAPE = (20, 24, 8)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0, 1]])
 PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, normalization="brain_median", median_target=0.4,
-                  lower_percentile=1.0, upper_percentile=99.0)
+                  lower_percentile=1.0, upper_percentile=99.0, orientation=None, voxel_size=None, volume_shape=None)
 N_PAIRS, BATCH = 8, 4
 TINY_TRAIN = dict(image_size=32, max_epochs=1, epoch_length="$None", batch_size=BATCH, warmup_steps=2, log_interval=1)
 TINY_SAMPLER = dict(sampler="heun", n_steps=3, n_draws=2, sample_batch_size=16)
@@ -369,3 +369,21 @@ def test_multi_gpu_config_trains_with_one_gloo_process(work_dir, tmp_path, monke
     assert "unet.conv_in.conv.weight" in model
     final = torch.load(tmp_path / "ddp" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 1
+
+
+def test_numeric_work_dir_stays_a_path():
+    """`--work_dir 2024` arrives as an int through fire: every folder a config derives from it is still a path."""
+    checked = 0
+    for config in sorted((tsgm_components.REPO_ROOT / "bundles").glob("*/configs/*.yaml")):
+        parser = ConfigParser()
+        try:
+            parser.read_config(str(config))
+        except KeyError:  # an overlay of another config (keys such as `train#...`), read only on top of it
+            continue
+        keys = [k for k, v in parser.get().items() if isinstance(v, str) and v.startswith("$str(@work_dir) + '/") and "@" not in v[16:]]
+        parser["work_dir"] = 2024
+        for key in keys:
+            value = parser.get_parsed_content(key)
+            assert isinstance(value, str) and value.startswith("2024/"), (config.name, key, value)
+            checked += 1
+    assert checked >= 15

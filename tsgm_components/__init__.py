@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from tsgm_components.errors import install_excepthook
+
 __version__ = "0.1.0"
 
 #: Root of the repository checkout (bundles live in ``REPO_ROOT / "bundles"``).
@@ -31,3 +33,7 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+# bundle runs (`python -m monai.bundle run ...`) that die of bad input end with the project's one-line message, exit 2
+install_excepthook()

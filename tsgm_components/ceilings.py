@@ -15,6 +15,7 @@ Healthy subjects have no twin file: they are their own twins.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tsgm_components.data.brats import MODALITIES, load_subject, subject_files
+from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, subject_files
 from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume
 from tsgm_components.detection import detect_datalist, read_volumes_split
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 ORACLE_METHOD = "oracle_reconstruction"
 
 
-def twin_files(twins_dir: str | Path, subject: str, files: Mapping[str, str | Path]) -> dict[str, Path]:
+def twin_files(twins_dir: str | Path, subject: str, files: SubjectFiles | Mapping[str, Any]) -> SubjectFiles:
     """The four modality files of ``subject``'s healthy twin; a subject without a twin is its own (healthy subject)."""
     twins_dir = Path(twins_dir)
     if not (twins_dir / TWINS_RECORD).is_file():
@@ -50,12 +51,13 @@ def twin_files(twins_dir: str | Path, subject: str, files: Mapping[str, str | Pa
     listed = json.loads((twins_dir / TWINS_RECORD).read_text()).get("subjects", [])
     if subject in listed:
         raise TsgmInputError(folder, f"twin of tumour subject {subject} is missing")
-    return {m: Path(files[m]) for m in MODALITIES}
+    files = SubjectFiles.from_record(files, subject)
+    return dataclasses.replace(files, paths={m: files.paths[m] for m in MODALITIES})
 
 
-def twin_slices(twins_dir: str | Path, subject: str, files: Mapping[str, str | Path], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
+def twin_slices(twins_dir: str | Path, subject: str, files: SubjectFiles | Mapping[str, Any], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
     """modality -> (S, s, s) slices of the twin in [0, 1], preprocessed exactly as the real volume."""
-    twin = load_subject(twin_files(twins_dir, subject, files))
+    twin = load_subject(twin_files(twins_dir, subject, files), preprocess)
     return {m: preprocess_volume(twin.arrays[m], twin.brain_mask, preprocess)[1] for m in MODALITIES}
 
 

@@ -68,6 +68,8 @@ class ModelSpec:
     def differences(self, other: Mapping[str, Any]) -> list[str]:
         """``"section.key: checkpoint X, config Y"`` for every setting where ``other`` (a saved spec) differs."""
         other = _plain(dict(other))
+        if isinstance(other.get("preprocess"), Mapping):  # a record of an older version compares by what it means
+            other["preprocess"] = _plain(PreprocessConfig.from_dict(other["preprocess"]).to_dict())
         found = []
         for section in ("preprocess", "network", "sde"):
             mine, theirs = self.spec.get(section, {}), other.get(section, {})

@@ -91,6 +91,22 @@ def demo(
              split_fraction=float(split_fraction), from_scratch=bool(from_scratch))
 
 
+def run(dataset_dir: str, work_dir: str, scale: str = "paper", gpus: str = "auto", seed: int = 0, split_file: str | None = None) -> None:
+    """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
+    pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
+    validation, evaluate on test, print the table next to the published BraTS2020 figures. --scale paper (256², the
+    paper's networks; GPUs) or cpu (64², the small configs). --gpus auto uses every visible GPU (torchrun when more
+    than one). Rerunning the same command continues after the last finished step."""
+    from tsgm_components.pipeline import SCALES, run_dataset
+
+    if str(scale) not in SCALES:
+        raise TsgmInputError("tsgm run", f"--scale must be one of {sorted(SCALES)}, got {scale!r}")
+    if str(gpus) != "auto" and not str(gpus).isdigit():
+        raise TsgmInputError("tsgm run", f"--gpus must be 'auto' or a number, got {gpus!r}")
+    run_dataset(str(dataset_dir), str(work_dir), str(scale), str(gpus) if str(gpus) == "auto" else int(gpus), int(seed),
+                None if split_file is None else str(split_file))
+
+
 def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> None:
     """Train every model of the demo from scratch in WORK_DIR (`tsgm demo --from_scratch True`) and copy the weights,
     the TSGM calibration and a provenance file per model into bundles/*/models: the command that made the shipped
@@ -118,7 +134,7 @@ def export_weights(work_dir: str, models: str = "cyclegan,vejp,vejp_unconditiona
         print(f"wrote {path}")
 
 
-COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo, "build_weights": build_weights, "export_weights": export_weights}
+COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo, "run": run, "build_weights": build_weights, "export_weights": export_weights}
 
 
 def main(argv: list[str] | None = None) -> None:

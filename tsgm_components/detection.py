@@ -7,6 +7,7 @@ slices of all four modalities in one call, and writes the detection output of ``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from monai.transforms import MapTransform
 from torch import Tensor
 
 import tsgm_components
-from tsgm_components.data.brats import MODALITIES, SubjectVolumes, load_subject, open_subject, subject_files
+from tsgm_components.data.brats import MODALITIES, SubjectFiles, SubjectVolumes, VolumeGeometry, load_subject, open_subject, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.ensembling import (
     OTSU_MIN_COMPONENT_MM2,
@@ -35,7 +36,7 @@ from tsgm_components.ensembling import (
     weighted_anomaly,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
+from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ RECONSTRUCT_MODALITIES = ("all", "weighted")
 #: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
 SPLIT_KEYS = {"train": "training", "training": "training", "val": "validation", "validation": "validation", "test": "test"}
 OVERLAY_SLICES = 6
+#: gzip keeps about 13 % of the raw size of these float32 maps (zero outside the brain; 46 MB for a phantom subject's
+#: ten maps); the free-space check asks for this fraction, an upper estimate
+NIFTI_GZIP_BOUND = 0.25
 
 
 class InfererReconstructor:
@@ -137,13 +141,10 @@ def resolve_mask_settings(
     }
 
 
-def _subject_id(files: Mapping[str, Path]) -> str:
-    """``BraTS20_Training_001`` from ``.../BraTS20_Training_001_t1.nii.gz``, else the file stem."""
-    name = Path(files[MODALITIES[0]]).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name[: -len(f"_{MODALITIES[0]}")] if name.endswith(f"_{MODALITIES[0]}") else name
+def output_bytes(geometry: VolumeGeometry, n_reconstructed: int) -> int:
+    """Upper estimate of one subject's output size: healthy + anomaly maps per reconstructed modality, the weighted map
+    and the mask as float32 NIfTI at ``NIFTI_GZIP_BOUND`` of their raw size, plus 1 MB for the overlay and record."""
+    return int((2 * n_reconstructed + 2) * np.prod(geometry.shape) * 4 * NIFTI_GZIP_BOUND) + 1_000_000
 
 
 def anomaly_support(brain_mask: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
@@ -160,7 +161,7 @@ def residual_volume(slices: np.ndarray, healthy: np.ndarray, support: np.ndarray
 
 
 def _reconstruct_volume(
-    reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: Mapping[str, Path]
+    reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: SubjectFiles
 ) -> dict[str, np.ndarray]:
     """Run ``reconstruct`` once on the (S, s, s) slices of the given modalities, stacked in ``MODALITIES`` order (one
     batched sampler run per volume; with the inferer's per-slice seeds each modality slice also draws its own
@@ -169,13 +170,13 @@ def _reconstruct_volume(
     stacked = np.concatenate([slices[m] for m in modalities])[:, None]
     healthy = reconstruct(torch.from_numpy(stacked)).detach().float().cpu().numpy()
     if healthy.shape != stacked.shape:
-        raise RuntimeError(f"reconstruction of {files[modalities[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}")
+        raise RuntimeError(f"reconstruction of {files.paths[modalities[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}")
     out, first = {}, 0
     for modality in modalities:
         part = healthy[first : first + len(slices[modality]), 0]
         first += len(slices[modality])
         if not np.isfinite(part).all():
-            raise RuntimeError(f"reconstruction of {files[modality]} contains non-finite values (diverged sampler?)")
+            raise RuntimeError(f"reconstruction of {files.paths[modality]} contains non-finite values (diverged sampler?)")
         out[modality] = np.clip(part, 0.0, 1.0)
     return out
 
@@ -185,7 +186,7 @@ def _mask(weighted: np.ndarray, subject: SubjectVolumes, preprocess: PreprocessC
         return None
     if mode == "fixed":
         return fixed_mask(weighted, threshold, subject.brain_mask)
-    spacing = subject.reference.header.get_zooms()[:2]
+    spacing = subject.geometry.training_voxel_size[:2]
     return otsu_mask(weighted, subject.brain_mask, min_component_pixels(spacing), preprocess.z_range)
 
 
@@ -219,7 +220,7 @@ def save_overlay(flair: np.ndarray, anomaly: np.ndarray, mask: np.ndarray | None
 
 
 def detect_subject(
-    files: Mapping[str, str | Path],
+    files: SubjectFiles | Mapping[str, Any],
     out_dir: str | Path,
     reconstruct: Reconstructor,
     preprocess: PreprocessConfig,
@@ -236,7 +237,7 @@ def detect_subject(
 ) -> Path:
     """Detect anomalies in one subject; write ``out_dir/<subject>/`` (see docs/architecture.md); return that folder.
 
-    files: modality -> NIfTI path for the four modalities (extra keys such as ``seg`` are ignored).
+    files: the subject's :class:`SubjectFiles` (or a volumes.json item / ``{modality: path}``; ``seg`` is ignored).
     Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s); ``reconstruct`` all 4·S slices in one call; residual
     |input − healthy| at the model's resolution, mapped back to the input geometry and zeroed outside the brain
     and the slice range. The weighted map Σ w_m·anomaly_m is thresholded when ``mask_mode`` is "fixed" (needs
@@ -247,7 +248,9 @@ def detect_subject(
     All files appear together or not at all; an existing folder is an error unless ``overwrite``.
     """
     started = time.perf_counter()
-    files = {m: Path(files[m]) for m in MODALITIES if m in files}
+    files = SubjectFiles.from_record(files, subject)
+    if subject:
+        files = dataclasses.replace(files, subject=str(subject))
     weights = check_weights(weights, source=f"{method} weights")
     if mask_mode == "fixed" and threshold is None:
         mask_mode = None
@@ -256,13 +259,11 @@ def detect_subject(
     if reconstruct_modalities not in RECONSTRUCT_MODALITIES:
         raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {reconstruct_modalities!r}")
     reconstructed = [m for m in MODALITIES if reconstruct_modalities == "all" or weights[m] > 0]
-    volumes = load_subject(files)
-    subject = subject or _subject_id(files)
-    target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.values()), overwrite)
-    try:
-        preprocess.check_volume_shape(volumes.reference.shape)
-    except ValueError as error:
-        raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
+    subject = files.subject
+    files = dataclasses.replace(files, paths={k: Path(v) for k, v in files.paths.items() if k in MODALITIES})
+    target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.paths.values()), overwrite)
+    check_writable(target, output_bytes(open_subject(files, preprocess)[1], len(reconstructed)))
+    volumes = load_subject(files, preprocess)
 
     support = anomaly_support(volumes.brain_mask, preprocess)
     normalised, slices, healthy, anomaly = {}, {}, {}, {}
@@ -271,7 +272,7 @@ def detect_subject(
         normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
     healthy_slices = _reconstruct_volume(reconstruct, {m: slices[m] for m in reconstructed}, files)
     for modality in reconstructed:
-        healthy[modality] = slices_to_volume(healthy_slices[modality], volumes.reference.shape, preprocess)
+        healthy[modality] = slices_to_volume(healthy_slices[modality], volumes.brain_mask.shape, preprocess)
         anomaly[modality] = residual_volume(slices[modality], healthy_slices[modality], support, preprocess)
     logger.info("%s: reconstructed %d slices × %s", subject, len(slices[MODALITIES[0]]), "/".join(reconstructed))
     reconstruction_seconds = time.perf_counter() - reconstruction_started
@@ -286,21 +287,23 @@ def detect_subject(
         outputs = {}
         for modality in reconstructed:
             outputs[f"healthy_{modality}"] = f"{subject}_healthy_{modality}.nii.gz"
-            save_nifti_like(healthy[modality], volumes.reference, tmp / outputs[f"healthy_{modality}"])
+            volumes.save(healthy[modality], tmp / outputs[f"healthy_{modality}"])
             outputs[f"anomaly_{modality}"] = f"{subject}_anomaly_{modality}.nii.gz"
-            save_nifti_like(anomaly[modality], volumes.reference, tmp / outputs[f"anomaly_{modality}"])
+            volumes.save(anomaly[modality], tmp / outputs[f"anomaly_{modality}"])
         outputs["anomaly"] = f"{subject}_anomaly.nii.gz"
-        save_nifti_like(weighted, volumes.reference, tmp / outputs["anomaly"])
+        volumes.save(weighted, tmp / outputs["anomaly"])
         if mask is not None:
             outputs["mask"] = f"{subject}_mask.nii.gz"
-            save_nifti_like(mask, volumes.reference, tmp / outputs["mask"], dtype=np.uint8)
+            volumes.save(mask, tmp / outputs["mask"], dtype=np.uint8)
         outputs["overlay"] = f"{subject}_overlay.png"
         save_overlay(normalised["flair"], weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
         outputs["detection"] = f"{subject}_detection.json"
         record = {
             "method": method,
             "subject": subject,
-            "inputs": {m: str(files[m].resolve()) for m in MODALITIES},
+            "inputs": {m: str(Path(files.paths[m]).resolve()) for m in MODALITIES},
+            **({"input_channels": dict(files.channels)} if files.channels else {}),
+            "input_geometry": volumes.geometry.record(),
             "outputs": outputs,
             "weights": weights,
             "weights_source": weights_source or "given",
@@ -370,22 +373,26 @@ def detect_datalist(
     folder may exist (unless ``overwrite``), so a bad datalist fails at once. Returns the folders this rank wrote.
     """
     items = read_volumes_split(volumes, split)
-    todo = []
+    n_reconstructed = len(MODALITIES)
+    if detect_kwargs.get("reconstruct_modalities") == "weighted":
+        n_reconstructed = sum(float(weights[m]) > 0 for m in MODALITIES)
+    todo, needed = [], 0
     for item in items[rank::world_size]:
         target = Path(out_dir) / item["subject"]
         if skip_existing and target.exists() and not overwrite:
             logger.info("%s exists, skipped", target)
             continue
         check_can_write(target, overwrite)
-        open_subject({m: Path(item[m]) for m in MODALITIES})  # headers of every subject before the first is processed
-        todo.append(item)
+        files = SubjectFiles.from_record(item)
+        # headers and geometry of every subject, and room for all outputs, before the first is processed
+        needed += output_bytes(open_subject(files, preprocess)[1], n_reconstructed)
+        todo.append(files)
+    if todo:
+        check_writable(Path(out_dir) / todo[0].subject, needed)
     written = []
-    for item in todo:
+    for files in todo:
         written.append(
-            detect_subject(
-                {m: item[m] for m in MODALITIES}, out_dir, reconstruct, preprocess, weights, threshold, method,
-                overwrite=overwrite, subject=item["subject"], **detect_kwargs,
-            )
+            detect_subject(files, out_dir, reconstruct, preprocess, weights, threshold, method, overwrite=overwrite, **detect_kwargs)
         )
     return written
 
@@ -430,6 +437,8 @@ def run_detection(
         return detect_datalist(datalist, split, out_dir, skip_existing=skip_existing, rank=rank, world_size=world_size, **kwargs)
     if subject_dir:
         files = subject_files(subject_dir, require_seg=False)
+        for note in files.notes:
+            logger.info(note)
     else:
         missing = [m for m in MODALITIES if m not in files]
         if missing:

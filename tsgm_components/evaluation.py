@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
-from tsgm_components.data.brats import MODALITIES, SEG, load_subject
+from tsgm_components.data.brats import MODALITIES, SEG, VolumeGeometry, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
 from tsgm_components.ensembling import (
     OBJECTIVES,
@@ -89,12 +89,14 @@ def _anomaly_path(detection_dir: Path, subject: str, modality: str) -> Path:
 
 @dataclass
 class GroundTruth:
-    """A subject's evaluation region: brain and whole-tumour masks (H, W, Z) cropped to z_min..z_max, spacing (mm)."""
+    """A subject's evaluation region: brain and whole-tumour masks (H, W, Z) cropped to z_min..z_max (model orientation),
+    spacing (mm) and the input geometry (maps are read in the input's voxel order and reoriented with it)."""
 
     shape: tuple[int, int, int]
     brain: np.ndarray
     target: np.ndarray
     spacing: tuple[float, float, float]
+    geometry: VolumeGeometry
 
 
 def load_ground_truth(item: Mapping[str, Any], preprocess: PreprocessConfig) -> GroundTruth:
@@ -102,15 +104,10 @@ def load_ground_truth(item: Mapping[str, Any], preprocess: PreprocessConfig) -> 
     subject = str(item["subject"])
     if not item.get(SEG):
         raise TsgmInputError(f"{subject} (volumes.json)", "no 'seg' path: evaluation needs the ground truth")
-    inputs = load_subject({key: Path(item[key]) for key in (*MODALITIES, SEG)})
-    shape = inputs.reference.shape
-    try:
-        preprocess.check_volume_shape(shape)
-    except ValueError as error:
-        raise TsgmInputError(item[MODALITIES[0]], str(error)) from error
+    inputs = load_subject(item, preprocess)
     z = slice(preprocess.z_min, preprocess.z_max + 1)
-    spacing = tuple(float(v) for v in inputs.reference.header.get_zooms()[:3])
-    return GroundTruth(tuple(shape), inputs.brain_mask[:, :, z], inputs.seg[:, :, z] > 0, spacing)
+    geometry = inputs.geometry
+    return GroundTruth(geometry.shape, inputs.brain_mask[:, :, z], inputs.seg[:, :, z] > 0, geometry.training_voxel_size, geometry)
 
 
 def load_case(
@@ -140,7 +137,7 @@ def load_case(
             image = nib.load(str(path))
             if image.shape != truth.shape:
                 raise TsgmInputError(path, f"shape {image.shape} differs from the subject's input shape {truth.shape}")
-            array = np.asarray(image.dataobj[:, :, z], dtype=np.float32)
+            array = truth.geometry.to_training(np.asarray(image.dataobj, dtype=np.float32))[:, :, z]
         except TsgmInputError:
             raise
         except Exception as error:  # nibabel raises many types for bad files
@@ -345,13 +342,14 @@ def example_slice(cases: Sequence[Case]) -> tuple[str, int]:
 
 
 def example_panels(
-    case: Case, calibration: Mapping[str, Any], detection_dir: str | Path, flair: np.ndarray, z: int
+    case: Case, calibration: Mapping[str, Any], detection_dir: str | Path, flair: np.ndarray, z: int, geometry: VolumeGeometry
 ) -> dict[str, np.ndarray | None]:
-    """The five 2D panels of one method at input slice ``z``: flair is the normalised (H, W, D) input FLAIR."""
+    """The five 2D panels of one method at slice ``z``: flair is the normalised (H, W, D) input FLAIR (model orientation),
+    ``geometry`` the subject's (the written healthy map is in the input's voxel order)."""
     k = case.z_indices.index(z)
     score, mask = predict(case, calibration)
     healthy_path = Path(detection_dir) / case.subject / f"{case.subject}_healthy_flair.nii.gz"
-    healthy = np.asarray(nib.load(str(healthy_path)).dataobj[:, :, z], dtype=np.float32) if healthy_path.is_file() else None
+    healthy = geometry.to_training(np.asarray(nib.load(str(healthy_path)).dataobj, dtype=np.float32))[:, :, z] if healthy_path.is_file() else None
     return {
         "input FLAIR": flair[:, :, z],
         "healthy FLAIR": healthy,
@@ -409,10 +407,10 @@ def run_evaluation(
             if example is None:
                 example = example_slice(test)
                 item = next(i for i in volumes["test"] if i["subject"] == example[0])
-                example_case = load_subject({m: Path(item[m]) for m in MODALITIES})
+                example_case = load_subject({**item, SEG: None}, preprocess)
                 flair = normalize_volume(example_case.arrays["flair"], example_case.brain_mask, preprocess)
             case = next(c for c in test if c.subject == example[0])
-            examples[name] = example_panels(case, calibration, detection_dir / "test", flair, example[1])
+            examples[name] = example_panels(case, calibration, detection_dir / "test", flair, example[1], example_case.geometry)
             logger.info("%s: evaluated %d test subjects", name, len(test))
         markdown = write_report(results, tmp, examples, f"test subject {example[0]}, axial slice z={example[1]}")
     return markdown

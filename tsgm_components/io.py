@@ -30,6 +30,29 @@ def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
+    """Before the expensive work: ``path`` (to be created) can be written and its file system has ``needed_bytes``
+    free. Probes by creating and removing a file in the nearest existing folder above it (permissions, read-only
+    mounts, ACLs); raises ``OSError`` naming the path otherwise. Returns ``path`` as a Path."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot create the output below {folder}: it is not a folder", str(path))
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.tsgm-probe-"):
+            pass
+    except OSError as error:
+        raise PermissionError(error.errno, f"cannot write the output here ({folder}: {error.strerror})", str(path)) from error
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OSError(
+            errno.ENOSPC, f"only {free / 1e6:.0f} MB free at {folder}; the outputs need about {needed_bytes / 1e6:.0f} MB", str(path)
+        )
+    return path
+
+
 def check_not_over_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> Path:
     """Return ``output`` as a Path; raise TsgmInputError if writing it could replace or delete an input.
 

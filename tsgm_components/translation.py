@@ -213,13 +213,9 @@ def translate_volume(
         raise TsgmInputError(image, "input volume not found")
     check_can_write(check_not_over_inputs(output, [image, prepare_config]), overwrite)
     cfg = _preprocess_config(prepare_config)
-    reference, volume = load_volume(image)
-    try:
-        cfg.check_volume_shape(volume.shape)
-    except ValueError as error:
-        raise TsgmInputError(image, str(error)) from error
+    reference, geometry, volume = load_volume(image, cfg)
     translated = _translate_arrays(generator, {"volume": volume}, volume != 0, cfg, batch_size)["volume"]
-    save_nifti_like(translated, reference, output, overwrite=overwrite)
+    save_nifti_like(geometry.to_input(translated), reference, output, overwrite=overwrite)
 
 
 def translate_subject(
@@ -243,16 +239,12 @@ def translate_subject(
     check_can_write(check_not_over_inputs(output_dir, [subject_dir, prepare_config]), overwrite)
     cfg = _preprocess_config(prepare_config)
     files = subject_files(subject_dir, require_seg=False)
-    volumes = load_subject(files)
-    try:
-        cfg.check_volume_shape(volumes.reference.shape)
-    except ValueError as error:
-        raise TsgmInputError(files[MODALITIES[0]], str(error)) from error
+    volumes = load_subject(files, cfg)
     translated = _translate_arrays(generator, {m: volumes.arrays[m] for m in MODALITIES}, volumes.brain_mask, cfg, batch_size)
     written = []
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
         for modality in MODALITIES:
-            name = f"{subject_dir.name}_{modality}_{direction}.nii.gz"
-            save_nifti_like(translated[modality], volumes.reference, tmp / name)
+            name = f"{files.subject}_{modality}_{direction}.nii.gz"
+            volumes.save(translated[modality], tmp / name)
             written.append(str(Path(output_dir) / name))
     return written

@@ -62,6 +62,8 @@ TISSUE_TABLE: dict[str, tuple[float, ...]] = {
 
 #: File in a twins folder that says what it holds.
 TWINS_RECORD = "twins.json"
+#: The generation record next to the subjects of a phantom dataset.
+PHANTOM_RECORD = "phantom.json"
 
 # Crop of the output grid that holds the (deformed) brain; everything outside it is background.
 _CROP = (slice(30, 210), slice(10, 230), slice(0, 155))
@@ -564,7 +566,7 @@ def make_phantom(
                 summary = _write_subject(job)
                 if verbose:
                     print(f"  {summary}  [{time.perf_counter() - start:.1f} s]", flush=True)
-        (tmp / "phantom.json").write_text(json.dumps(phantom_record(cfg), indent=2) + "\n")
+        (tmp / PHANTOM_RECORD).write_text(json.dumps(phantom_record(cfg), indent=2) + "\n")
         if twins_tmp is not None:
             record = {
                 "what": "healthy twins of the tumour subjects of the phantom dataset: same anatomy, deformation, "

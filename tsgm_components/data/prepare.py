@@ -9,6 +9,7 @@ output is written through :func:`tsgm_components.io.atomic_dir`, so a failure le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.data.brats import MODALITIES, SEG, find_subjects, has_tumour, open_subject, load_subject, subject_files
+from tsgm_components.data.brats import MODALITIES, SEG, SubjectFiles, find_dataset, has_tumour, load_subject, open_subject
+from tsgm_components.data.phantom import PHANTOM_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, volume_to_slices
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write
@@ -71,9 +73,9 @@ def split_subjects(
     return {name: sorted(ids) for name, ids in split.items()}
 
 
-def subject_strata(files: Mapping[str, Mapping[str, Path]]) -> dict[str, str]:
+def subject_strata(files: Mapping[str, SubjectFiles]) -> dict[str, str]:
     """subject -> "healthy" (no tumour label anywhere in its segmentation) or "tumour": the split's strata."""
-    return {subject: "tumour" if has_tumour(paths[SEG]) else "healthy" for subject, paths in files.items()}
+    return {subject: "tumour" if has_tumour(subject_files) else "healthy" for subject, subject_files in files.items()}
 
 
 def load_split_file(path: str | Path, subjects: list[str]) -> dict[str, list[str]]:
@@ -102,7 +104,7 @@ def load_split_file(path: str | Path, subjects: list[str]) -> dict[str, list[str
 
 
 def _slice_records(
-    subject: str, files: dict[str, Path], cfg: PreprocessConfig, min_brain_fraction: float
+    subject: str, files: SubjectFiles, cfg: PreprocessConfig, min_brain_fraction: float
 ) -> tuple[dict[str, np.ndarray], list[int], list[int]]:
     """Normalised slices of one subject, the kept z indices and their tumour flags.
 
@@ -110,7 +112,7 @@ def _slice_records(
     when the brain (any modality non-zero) covers at least ``min_brain_fraction`` of it; it is a tumour
     slice when the full-resolution segmentation has any voxel > 0 (all classes merged).
     """
-    volumes = load_subject(files)
+    volumes = load_subject(files, cfg)
     slices = {m: preprocess_volume(volumes.arrays[m], volumes.brain_mask, cfg)[1] for m in MODALITIES}
     whole_tumour = (volumes.seg > 0).astype(np.uint8)
     slices[SEG] = volume_to_slices(whole_tumour, cfg, is_mask=True)
@@ -143,23 +145,34 @@ def prepare(
     if out == dataset_dir or dataset_dir in out.parents or out in dataset_dir.parents:
         raise TsgmInputError(out, f"output must be outside the input dataset {dataset_dir} (inputs are never modified)")
     check_can_write(out, overwrite)
-    subjects = find_subjects(dataset_dir)
-    skipped = sorted(d.name for d in dataset_dir.iterdir() if d.is_dir() and d.name not in subjects)
-    if skipped and verbose:
-        print(f"prepare: skipping {len(skipped)} folders without <name>_<modality>.nii[.gz] files: {skipped[:5]}")
-    files = {s: subject_files(dataset_dir / s, require_seg=True) for s in subjects}
+    dataset = find_dataset(dataset_dir, require_seg=True)
+    files, subjects = dataset.subjects, list(dataset.subjects)
+    if verbose:
+        print(f"prepare: layout {dataset.layout} ({dataset.release}), {len(subjects)} subjects", flush=True)
+        for note in dataset.notes:
+            print(f"prepare: {note}", flush=True)
+        if dataset.skipped:
+            print(f"prepare: skipping {len(dataset.skipped)} folders without subject files: {dataset.skipped[:5]}")
+    cfg = training_grid(files[subjects[0]], cfg)
+    reoriented = 0
     for subject in subjects:
-        shape = open_subject(files[subject])[MODALITIES[0]].shape
-        try:
-            cfg.check_volume_shape(shape)
-        except ValueError as error:
-            raise TsgmInputError(files[subject][MODALITIES[0]], str(error)) from error
+        reoriented += open_subject(files[subject], cfg)[1].axcodes != cfg.orientation
+    if verbose:
+        print(
+            f"prepare: training grid {cfg.orientation}, {'×'.join(f'{v:g}' for v in cfg.voxel_size)} mm, "
+            f"{'×'.join(map(str, cfg.volume_shape))} voxels (from {subjects[0]}); {reoriented} subjects reoriented to it",
+            flush=True,
+        )
     strata = subject_strata(files)
-    if split_file is None and _shipped_manifest_applies(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction):
-        split_file = BRATS2020_SPLIT
-    if split_file is not None:
-        split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
+    split, split_source = None, None
+    if split_file is None:
+        split, note = shipped_split(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction)
+        if note and verbose and not (dataset_dir / PHANTOM_RECORD).is_file():  # the phantom borrows BraTS ids
+            print(f"prepare: WARNING: {note}", flush=True)
+        split_source = str(BRATS2020_SPLIT) if split is not None else None
     else:
+        split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
+    if split is None:
         try:
             split = split_subjects(subjects, seed, val_fraction, test_fraction, strata)
         except ValueError as error:
@@ -200,7 +213,7 @@ def prepare(
                 counts[name]["tumour_slices"] += sum(tumour)
                 counts[name]["healthy_slices"] += len(tumour) - sum(tumour)
                 counts[name]["discarded_blank"] += len(cfg.z_range) - len(kept)
-                volumes[key].append({"subject": subject, **{k: str(p) for k, p in files[subject].items()}})
+                volumes[key].append(files[subject].record())
                 if verbose:
                     print(f"  {name:5s} {subject}: {len(kept)} slices, {sum(tumour)} tumour  [{time.perf_counter() - start:.1f} s]", flush=True)
         config = {
@@ -211,6 +224,8 @@ def prepare(
             "split_source": split_source,
             "min_brain_fraction": min_brain_fraction,
             "dataset_dir": str(dataset_dir),
+            "layout": dataset.layout,
+            "release": dataset.release,
             "counts": counts,
         }
         for filename, obj in [
@@ -226,14 +241,61 @@ def prepare(
     return counts
 
 
-def _shipped_manifest_applies(path: Path, subjects: list[str], seed: int, val_fraction: float, test_fraction: float) -> bool:
-    """A shipped manifest is used for exactly its subjects and split settings (it is that seeded split, recorded)."""
+def training_grid(first: SubjectFiles, cfg: PreprocessConfig) -> PreprocessConfig:
+    """``cfg`` with the training grid filled in from the first subject where not given: its orientation, and its
+    voxel size and grid shape in that orientation (every other subject must match them, reoriented if needed)."""
+    orientation = cfg.orientation or open_subject(first, cfg)[1].axcodes
+    geometry = open_subject(first, dataclasses.replace(cfg, orientation=orientation))[1]
+    return dataclasses.replace(
+        cfg, orientation=orientation, voxel_size=cfg.voxel_size or geometry.training_voxel_size,
+        volume_shape=cfg.volume_shape or geometry.training_shape,
+    )
+
+
+#: The shipped split is applied to a dataset holding at least this fraction of its subjects (and no others).
+SHIPPED_SPLIT_MIN_FRACTION = 0.9
+
+
+def shipped_split(
+    path: Path, subjects: list[str], seed: int, val_fraction: float, test_fraction: float
+) -> tuple[dict[str, list[str]] | None, str | None]:
+    """The shipped manifest's split for a dataset of its subjects (it is that seeded split, recorded), and a warning.
+
+    Applied when every subject of the dataset is in the manifest, at least ``SHIPPED_SPLIT_MIN_FRACTION`` of the
+    manifest's subjects are present and the split settings are the manifest's. Manifest subjects missing from the
+    dataset are dropped from their split (the others keep theirs; the warning names them), so removing a subject never
+    reshuffles the test set. Otherwise not applied, with a warning saying why whenever the datasets overlap.
+    Returns ``(split or None, warning or None)``.
+    """
     if not path.exists():
-        return False
+        return None, None
     record = json.loads(path.read_text())
-    listed = sorted(s for name in SPLITS for s in record["split"][name])
-    settings = (record["seed"], record["val_fraction"], record["test_fraction"])
-    return listed == sorted(subjects) and settings == (seed, val_fraction, test_fraction)
+    listed = {s for name in SPLITS for s in record["split"][name]}
+    present = listed & set(subjects)
+    if not present:
+        return None, None
+    name, missing = path.name, sorted(listed - present)
+    if len(present) < len(subjects) or len(present) < SHIPPED_SPLIT_MIN_FRACTION * len(listed):
+        others = sorted(set(subjects) - listed)
+        return None, (
+            f"the shipped split {name} is not applied: the dataset holds {len(present)} of its {len(listed)} subjects"
+            + (f" and {len(others)} others (e.g. {others[:3]})" if others else "")
+            + "; the split is seeded (pass --split_file to fix one)"
+        )
+    if (record["seed"], record["val_fraction"], record["test_fraction"]) != (seed, val_fraction, test_fraction):
+        return None, (
+            f"the shipped split {name} (seed={record['seed']}, val_fraction={record['val_fraction']}, test_fraction="
+            f"{record['test_fraction']}) is not applied: other split settings were given"
+        )
+    split = {split_name: sorted(set(record["split"][split_name]) & present) for split_name in SPLITS}
+    warning = None
+    if missing:
+        counts = ", ".join(f"{len(set(record['split'][n]) - present)} {n}" for n in SPLITS)
+        warning = (
+            f"{len(missing)} subjects of the shipped split {name} are not in the dataset ({counts}; e.g. {missing[:3]}): "
+            "the shipped split is applied to the others, so results are not comparable with the full test split"
+        )
+    return split, warning
 
 
 def format_counts(counts: dict[str, dict[str, int]]) -> str:

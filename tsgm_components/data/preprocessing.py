@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 
+#: The grid of every BraTS release and of the phantom: how records written before the grid was recorded read.
+BRATS_GRID: dict[str, Any] = {"orientation": "LPS", "voxel_size": (1.0, 1.0, 1.0), "volume_shape": (240, 240, 155)}
 #: Intensity normalisations of :func:`normalize_volume` (module doc).
 NORMALIZATIONS = ("brain_median", "percentile")
 
@@ -39,6 +41,10 @@ class PreprocessConfig:
 
     ``normalization``: ``"brain_median"`` (default, lesion-robust: brain median -> ``median_target``) or
     ``"percentile"`` (the paper's: ``lower_percentile``/``upper_percentile`` clip + min-max); see the module doc.
+
+    The training grid (``tsgm prepare`` records it from the data; None: not checked, volumes used as stored):
+    ``orientation`` axis codes the volumes are processed in (e.g. ``"LPS"`` for BraTS; others are reoriented to it),
+    ``voxel_size`` (mm, in that orientation) and ``volume_shape`` that inputs must have (see ``data/brats.py``).
     """
 
     z_min: int = 80
@@ -49,8 +55,17 @@ class PreprocessConfig:
     median_target: float = 0.4
     lower_percentile: float = 1.0
     upper_percentile: float = 99.0
+    orientation: str | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    volume_shape: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.voxel_size is not None:
+            object.__setattr__(self, "voxel_size", tuple(float(v) for v in self.voxel_size))
+        if self.volume_shape is not None:
+            object.__setattr__(self, "volume_shape", tuple(int(v) for v in self.volume_shape))
+        if self.orientation is not None and (len(self.orientation) != 3 or set(self.orientation.upper()) - set("LRAPSI")):
+            raise ValueError(f"orientation must be three axis codes such as 'LPS' or 'RAS', got {self.orientation!r}")
         if not 0 <= self.z_min <= self.z_max:
             raise ValueError(f"need 0 <= z_min <= z_max, got z_min={self.z_min}, z_max={self.z_max}")
         if self.image_size < 1 or self.pad_to < 1:
@@ -77,10 +92,14 @@ class PreprocessConfig:
         """Build from a dict; keys that are not fields (e.g. the seed in ``prepare_config.json``) are ignored.
 
         A dict without ``normalization`` was written before the option existed, when the percentile scheme was
-        the only one: it reads as ``"percentile"``, so old prepared data and checkpoints keep their meaning.
+        the only one: it reads as ``"percentile"``, so old prepared data and checkpoints keep their meaning. A dict
+        without ``orientation`` was written before the training grid was recorded, when every dataset was on the
+        BraTS grid (BraTS and the phantom: LPS, 1 mm, 240×240×155): it reads as that grid.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         values = {"normalization": "percentile", **values}
+        if "orientation" not in values:
+            values = {**values, **BRATS_GRID}
         return cls(**{k: v for k, v in values.items() if k in names})
 
     def check_volume_shape(self, shape: tuple[int, ...]) -> None:

@@ -7,6 +7,7 @@ real images and on fakes drawn from the image pools. All images are in [0, 1] (s
 
 from __future__ import annotations
 
+import json
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -310,7 +311,7 @@ class CycleGANSpec:
         self.spec: dict[str, Any] = {"generator": dict(generator)}
         if preprocess is not None:
             config = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
-            self.spec["preprocess"] = config.to_dict()
+            self.spec["preprocess"] = json.loads(json.dumps(config.to_dict()))  # JSON form: compares with a stored spec
         if discriminator is not None:
             self.spec["discriminator"] = dict(discriminator)
 
@@ -320,6 +321,9 @@ class CycleGANSpec:
     def differences(self, saved: Mapping[str, Any]) -> list[str]:
         """``"key: checkpoint X, config Y"`` for every setting of this spec that ``saved`` (a stored spec) differs in."""
         found = []
+        saved = dict(saved)
+        if isinstance(saved.get("preprocess"), Mapping):  # a record of an older version compares by what it means
+            saved["preprocess"] = json.loads(json.dumps(PreprocessConfig.from_dict(saved["preprocess"]).to_dict()))
         for section, mine in self.spec.items():
             theirs = saved.get(section)
             if isinstance(mine, dict):
