@@ -4,6 +4,7 @@ split on a partial dataset, and output checks before the expensive work."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -256,3 +257,53 @@ def test_outputs_are_checked_for_writability_and_free_space_before_the_work(tmp_
         locked.mkdir(mode=0o500)
         with pytest.raises(PermissionError, match="cannot write the output here"):
             check_writable(locked / "out")
+
+
+# ---------------------------------------------------------------- the phantom in every release's layout
+
+
+def _as_release(phantom_dir: Path, root: Path, layout: str) -> Path:
+    """The phantom rewritten as a release is downloaded: BraTS 2023 naming and labels (4 -> 3), or MSD Task01
+    (4D FLAIR/T1w/t1gd/T2w in RAS voxel order, labels 1 oedema / 2 non-enhancing / 3 enhancing)."""
+    for files in find_dataset(phantom_dir).subjects.values():
+        image = {k: nib.load(str(p)) for k, p in files.paths.items()}
+        data = {k: np.asarray(i.dataobj) for k, i in image.items()}
+        affine = image["t1"].affine
+        if layout == "brats2023":
+            name = f"BraTS-GLI-{files.subject[-3:]}00-000"
+            for key, release_key in zip((*MODALITIES, "seg"), ("t1n", "t1c", "t2w", "t2f", "seg")):
+                array = np.where(data[key] == 4, 3, data[key]).astype(data[key].dtype) if key == "seg" else data[key]
+                save(array, root / name / f"{name}-{release_key}.nii", affine)
+        else:
+            ras = np.array([[0, -1], [1, -1], [2, 1]])
+            stacked = np.stack([data[m] for m in ("flair", "t1", "t1ce", "t2")], axis=-1)
+            moved = nib.Nifti1Image(stacked, affine).as_reoriented(ras)
+            save(np.asarray(moved.dataobj), root / "imagesTr" / f"{files.subject}.nii", moved.affine)
+            lookup = np.array([0, 2, 1, 0, 3], np.uint8)  # BraTS 2020 label -> MSD label
+            label = nib.Nifti1Image(lookup[data["seg"].astype(np.int64)], affine).as_reoriented(ras)
+            save(np.asarray(label.dataobj), root / "labelsTr" / f"{files.subject}.nii", label.affine)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["brats2023", "msd_task01"])
+def test_the_phantom_in_each_release_layout_prepares_to_the_same_slices(phantom_dir, prepared_dir, tmp_path, layout):
+    from conftest import PREPARE_CONFIG
+    from tsgm_components.data.prepare import prepare
+
+    dataset = _as_release(phantom_dir, tmp_path / layout, layout)
+    split = json.loads((prepared_dir / "split.json").read_text())
+    rename = {s: f"BraTS-GLI-{s[-3:]}00-000" for s in find_dataset(phantom_dir).subjects} if layout == "brats2023" else {}
+    (tmp_path / "split.json").write_text(json.dumps({k: [rename.get(s, s) for s in v] for k, v in split.items()}))
+    # the phantom's training grid (LPS): MSD's RAS volumes are reoriented to it
+    cfg = dataclasses.replace(PREPARE_CONFIG, orientation="LPS")
+    prepare(dataset, tmp_path / "prepared", cfg, split_file=tmp_path / "split.json", verbose=False)
+    config = json.loads((tmp_path / "prepared" / "prepare_config.json").read_text())
+    assert config["layout"] == layout and config["volume_shape"] == [240, 240, 155]
+    original = json.loads((prepared_dir / "datalist.json").read_text())
+    mine = json.loads((tmp_path / "prepared" / "datalist.json").read_text())
+    assert [(rename.get(i["subject"], i["subject"]), i["z"], i["modality"], i["tumour"]) for i in original["test"]] == [
+        (i["subject"], i["z"], i["modality"], i["tumour"]) for i in mine["test"]
+    ]
+    for before, after in zip(original["test"], mine["test"]):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(np.load(prepared_dir / before[key]), np.load(tmp_path / "prepared" / after[key]))
