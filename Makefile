@@ -21,3 +21,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Optional: MONAI Label (bundles/vejp_anomaly/docs/README.md). The constraints keep the CPU torch, numpy >= 2 and
+# jsonschema >= 4; monailabel and pydicom-seg go in without their dependencies (pydicom-seg pins numpy < 2 and
+# jsonschema < 4; numpymaxflow and sam2 serve only scribbles and SAM2 apps), then a .pth hook lets the PyPI
+# torchvision (a CUDA build) import next to the CPU torch (bundles/vejp_anomaly/monailabel_app/tsgm_torchvision_cpu_fix.py).
+.PHONY: install-monailabel
+install-monailabel: install
+	$(PY) -m pip install -q -c constraints/monailabel.txt -e ".[test,monailabel]"
+	$(PY) -m pip install -q -c constraints/monailabel.txt --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	$(PY) bundles/vejp_anomaly/monailabel_app/tsgm_torchvision_cpu_fix.py --install

@@ -19,6 +19,7 @@ from monai.bundle import verify_metadata
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import training_preprocess
+from tsgm_components.data.pseudo_pairs import blend_lesions, lesion_weights
 from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
 from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec, CycleGANTrainer, LinearDecayLR
 from tsgm_components.errors import TsgmInputError
@@ -305,6 +306,47 @@ def test_pseudo_pairs_from_bundle(prepared_dir, tiny_checkpoint, tmp_path):
         run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
                    image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"])
     assert isinstance(error.value.__cause__, FileExistsError)
+    # lesion blending: per axial slice, x_A where G_AB's smoothed FLAIR/T2 change stays below the threshold (here the
+    # median FLAIR change of the first slices, so that both cases occur with this untrained generator)
+    by_slice: dict = {}
+    for p in pairs["training"]:
+        by_slice.setdefault((p["subject"], p["z"]), {})[p["modality"]] = p
+    groups = list(by_slice.values())[:6]
+    threshold = float(np.median([np.load(pairs_dir / g["flair"]["condition"]) - np.load(g["flair"]["image"]) for g in groups]))
+    run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
+               image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"], pseudo_pairs_dir=str(tmp_path / "blended"),
+               lesion_blend_threshold=threshold)
+    blended = json.loads((tmp_path / "blended" / "pseudo_pairs.json").read_text())
+    assert blended == pairs
+    untouched = blended_pixels = 0
+    for group in groups:
+        healthy = {m: np.load(p["image"]) for m, p in group.items()}
+        raw = {m: np.load(pairs_dir / p["condition"]) for m, p in group.items()}
+        weights = lesion_weights({m: raw[m] - healthy[m] for m in raw}, threshold)
+        blended_pixels += int((weights > 0).sum())
+        for m, p in group.items():
+            mine = np.load(tmp_path / "blended" / p["condition"])
+            np.testing.assert_allclose(mine, np.clip(healthy[m] + weights * (raw[m] - healthy[m]), 0, 1), atol=1e-6)
+            np.testing.assert_array_equal(mine[weights == 0], healthy[m][weights == 0])
+            untouched += int((weights == 0).sum())
+    assert untouched > 0 and blended_pixels > 0
+
+
+def test_lesion_weights_find_a_compact_added_lesion_and_ignore_texture():
+    rng = np.random.default_rng(0)
+    texture = {m: 0.05 * rng.standard_normal((64, 64)).astype(np.float32) for m in ("t1", "t1ce", "t2", "flair")}
+    lesion = np.zeros((64, 64), np.float32)
+    lesion[20:28, 30:40] = 0.4  # a bright blob on FLAIR only
+    changes = dict(texture, flair=texture["flair"] + lesion)
+    weights = lesion_weights(changes, threshold=0.1)
+    assert weights.dtype == np.float32 and 0 <= weights.min() and weights.max() <= 1
+    assert (weights[22:26, 32:38] > 0.99).all()  # the lesion core is taken whole
+    assert not weights[:10].any() and not weights[45:].any()  # texture alone is never a lesion
+    assert weights[12:37, 22:48].sum() == weights.sum()  # only around the blob (smoothing, 2-px margin, 4-px feather)
+    healthy = {m: np.full((64, 64), 0.4, np.float32) for m in changes}
+    out = blend_lesions(healthy, {m: healthy[m] + changes[m] for m in changes}, 0.1)
+    np.testing.assert_array_equal(out["t1"][:10], healthy["t1"][:10])
+    np.testing.assert_allclose(out["flair"][24, 35], 0.4 + changes["flair"][24, 35], atol=1e-6)
 
 
 def test_translate_slices_batching_and_errors(tiny_checkpoint, tmp_path):

@@ -307,3 +307,34 @@ def test_the_phantom_in_each_release_layout_prepares_to_the_same_slices(phantom_
     for before, after in zip(original["test"], mine["test"]):
         for key in ("image", "label"):
             np.testing.assert_array_equal(np.load(prepared_dir / before[key]), np.load(tmp_path / "prepared" / after[key]))
+
+
+def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp_path):
+    """The MONAI Label path (LoadImaged -> MultiModalSlicesd -> inferer -> AnomalyFromHealthyd) on one 4-channel
+    volume stored in two voxel orders: the model sees the same slices, the label comes back in each input's order."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+
+    from tsgm_components.detection import AnomalyFromHealthyd, MultiModalSlicesd
+    from tsgm_components.ensembling import PAPER_WEIGHTS
+
+    grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
+    data = volumes()
+    stacked = nib.Nifti1Image(np.stack([data[m] for m in MODALITIES], -1), LPS)
+    paths = {"LPS": save(np.asarray(stacked.dataobj), tmp_path / "lps.nii.gz")}
+    ras = stacked.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    paths["RAS"] = save(np.asarray(ras.dataobj), tmp_path / "ras.nii.gz", ras.affine)
+    load = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), MultiModalSlicesd("image", grid)])
+    settings = {"weights": PAPER_WEIGHTS, "mask_mode": "fixed", "threshold": 0.05}
+    seen, labels = {}, {}
+    for name, path in paths.items():
+        item = load({"image": str(path)})
+        seen[name] = np.asarray(item["image"])
+        item["pred"] = item["image"] * 0.5  # a "healthy" reconstruction: half the input
+        labels[name] = AnomalyFromHealthyd("pred", "image", grid, settings)(item)["pred"]
+    np.testing.assert_array_equal(seen["RAS"], seen["LPS"])  # the network input does not depend on the voxel order
+    for name, path in paths.items():
+        source = nib.load(str(path))
+        assert labels[name].shape == (1, *source.shape[:3]) and np.allclose(labels[name].affine.numpy(), source.affine)
+    assert labels["LPS"].any()
+    expected = nib.Nifti1Image(np.asarray(labels["LPS"][0]), LPS).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    np.testing.assert_array_equal(np.asarray(labels["RAS"][0]), np.asarray(expected.dataobj))

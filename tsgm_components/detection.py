@@ -24,7 +24,9 @@ from monai.transforms import MapTransform
 from torch import Tensor
 
 import tsgm_components
-from tsgm_components.data.brats import MODALITIES, SubjectFiles, SubjectVolumes, VolumeGeometry, load_subject, open_subject, subject_files
+from tsgm_components.data.brats import (
+    MODALITIES, SubjectFiles, SubjectVolumes, VolumeGeometry, grid_geometry, load_subject, open_subject, subject_files,
+)
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.ensembling import (
     OTSU_MIN_COMPONENT_MM2,
@@ -469,8 +471,10 @@ class SliceStackInferer(Inferer):
 class MultiModalSlicesd(MapTransform):
     """(M, H, W, D) multi-modal volume -> (M, S, s, s) preprocessed slices in [0, 1] (same as training).
 
-    Also stores ``<key>_brain`` ((H, W, D) bool) for :class:`AnomalyFromHealthyd`; the output keeps the
-    input's metadata (affine), so the restored prediction overlays the input.
+    The volume is checked against the model's training grid and reoriented to it, from the MetaTensor's affine
+    (:func:`~tsgm_components.data.brats.grid_geometry`; a plain array is taken as already in that orientation). Also
+    stores ``<key>_brain`` ((H, W, D) bool, model orientation) and ``<key>_geometry`` for :class:`AnomalyFromHealthyd`;
+    the output keeps the input's metadata (affine), so the restored prediction overlays the input.
     """
 
     def __init__(self, keys: str, preprocess: PreprocessConfig, channel_modalities: Sequence[str] = MODALITIES):
@@ -485,21 +489,28 @@ class MultiModalSlicesd(MapTransform):
         for key in self.key_iterator(data):
             image = data[key]
             volume = np.asarray(image.detach().cpu() if isinstance(image, Tensor) else image, dtype=np.float32)
-            source = getattr(image, "meta", {}).get("filename_or_obj", key)
+            meta = getattr(image, "meta", {})
+            source = meta.get("filename_or_obj", key)
             if volume.ndim != 4 or volume.shape[0] != len(self.channel_modalities):
                 raise TsgmInputError(source, f"expected a ({len(self.channel_modalities)}, H, W, D) volume (channels {self.channel_modalities}), got shape {volume.shape}")
             if not np.isfinite(volume).all():
                 raise TsgmInputError(source, "contains non-finite voxels")
+            geometry = None
+            if meta.get("affine") is not None:
+                geometry = grid_geometry(np.asarray(torch.as_tensor(meta["affine"]).cpu()), volume.shape[1:], self.preprocess, source)
+                volume = np.stack([geometry.to_training(channel) for channel in volume])
             brain = volume.any(axis=0)
             slices = np.stack([preprocess_volume(channel, brain, self.preprocess)[1] for channel in volume])
             data[key] = MetaTensor(torch.from_numpy(slices), meta=getattr(image, "meta", None))
             data[f"{key}_brain"] = brain
+            data[f"{key}_geometry"] = geometry
         return data
 
 
 class AnomalyFromHealthyd(MapTransform):
     """``pred`` (M, S, s, s) healthy slices -> (1, H, W, D) weighted anomaly map, or the uint8 mask when a mask
-    rule is given (``mask_settings`` from :func:`resolve_mask_settings`), in the input geometry."""
+    rule is given (``mask_settings`` from :func:`resolve_mask_settings`), in the input geometry (mapped back from the
+    model's orientation with the ``<image_key>_geometry`` :class:`MultiModalSlicesd` stored)."""
 
     def __init__(
         self,
@@ -518,6 +529,7 @@ class AnomalyFromHealthyd(MapTransform):
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         data = dict(data)
         image = data[self.image_key]
+        geometry = data.get(f"{self.image_key}_geometry")
         slices = np.asarray(torch.as_tensor(image).detach().cpu(), dtype=np.float32)
         support = anomaly_support(data[f"{self.image_key}_brain"], self.preprocess)
         for key in self.key_iterator(data):
@@ -531,9 +543,10 @@ class AnomalyFromHealthyd(MapTransform):
             if mode == "fixed":
                 out = fixed_mask(weighted, self.mask_settings["threshold"], support)
             elif mode == "otsu":
-                pixdim = getattr(image, "meta", {}).get("pixdim", (1.0, 1.0, 1.0))  # NIfTI pixdim[1:3]: in-plane mm
-                out = otsu_mask(weighted, support, min_component_pixels(tuple(pixdim)[1:3]), self.preprocess.z_range)
+                spacing = geometry.training_voxel_size[:2] if geometry is not None else (1.0, 1.0)
+                out = otsu_mask(weighted, support, min_component_pixels(spacing), self.preprocess.z_range)
             else:
                 out = weighted
-            data[key] = MetaTensor(torch.from_numpy(out[None]), meta=getattr(image, "meta", None))
+            out = geometry.to_input(out) if geometry is not None else out
+            data[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(out)[None]), meta=getattr(image, "meta", None))
         return data

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
+from tsgm_components.data.pseudo_pairs import blend_lesions
 from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
 from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
@@ -117,6 +118,7 @@ def write_pseudo_pairs(
     batch_size: int = 16,
     num_workers: int = 0,
     overwrite: bool = False,
+    lesion_blend_threshold: float | None = None,
 ) -> dict[str, int]:
     """Write the pseudo-pair set (docs/architecture.md) for every healthy slice of ``splits``.
 
@@ -126,6 +128,9 @@ def write_pseudo_pairs(
     relative to ``output_dir``. A 4-channel generator translates the modalities of each axial slice together
     and its channels are written as the four modalities' pairs. The folder is written atomically (complete or
     not at all). Returns the number of pairs per split.
+
+    ``lesion_blend_threshold``: None (the paper) keeps x_B~ = G_AB(x_A); a value replaces every axial slice's four
+    conditions by :func:`~tsgm_components.data.pseudo_pairs.blend_lesions` of it (x_A outside G_AB's lesion).
     """
     output_dir = check_can_write(check_not_over_inputs(output_dir, [prepared_dir]), overwrite)
     datalist = Path(prepared_dir) / "datalist.json"
@@ -159,8 +164,25 @@ def write_pseudo_pairs(
                         np.save(tmp / condition, fake[channel].astype(np.float32))
                         pairs[split].append({"image": path, "condition": condition, "subject": subject, "modality": modality, "z": z})
             logger.info("pseudo-pairs: %d %s slices translated", len(pairs[split]), split)
+        if lesion_blend_threshold is not None:
+            _blend_in_place(tmp, [item for items in pairs.values() for item in items], float(lesion_blend_threshold))
         save_json(pairs, tmp / "pseudo_pairs.json")
     return {split: len(p) for split, p in pairs.items()}
+
+
+def _blend_in_place(folder: Path, items: Sequence[Mapping[str, Any]], threshold: float) -> None:
+    """Replace the written conditions of every axial slice (its four modalities together) by their lesion blend."""
+    slices: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
+    for item in items:
+        slices.setdefault((item["subject"], int(item["z"])), {})[item["modality"]] = item
+    for (subject, z), by_modality in slices.items():
+        if sorted(by_modality) != sorted(MODALITIES):
+            raise TsgmInputError(f"{subject} z={z}", f"lesion blending needs all four modalities of a slice, got {sorted(by_modality)}")
+        healthy = {m: np.load(item["image"]) for m, item in by_modality.items()}
+        blended = blend_lesions(healthy, {m: np.load(folder / item["condition"]) for m, item in by_modality.items()}, threshold)
+        for modality, item in by_modality.items():
+            np.save(folder / item["condition"], blended[modality])
+    logger.info("pseudo-pairs: conditions of %d axial slices blended (threshold %g)", len(slices), threshold)
 
 
 def _preprocess_config(prepare_config: str | Path) -> PreprocessConfig:

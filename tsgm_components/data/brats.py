@@ -406,12 +406,19 @@ class VolumeGeometry:
 
 def volume_geometry(image: nib.Nifti1Image, preprocess: PreprocessConfig, path: str | Path) -> VolumeGeometry:
     """The geometry of ``image`` checked against the training grid of ``preprocess`` (TsgmInputError naming ``path``)."""
-    codes = orientations.aff2axcodes(image.affine)
+    return grid_geometry(image.affine, image.shape[:3], preprocess, path)
+
+
+def grid_geometry(affine: Any, shape: tuple[int, ...], preprocess: PreprocessConfig, path: str | Path) -> VolumeGeometry:
+    """The geometry of an (H, W, D) grid with this 4×4 ``affine`` (voxel sizes are its column norms), checked against
+    the training grid of ``preprocess``: the voxel size and grid shape must be the training grid's, naming ``path``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    codes = orientations.aff2axcodes(affine)
     if None in codes:
         raise TsgmInputError(path, f"affine has no defined axis directions (axis codes {codes}): fix the NIfTI header")
     axcodes = "".join(codes)
     geometry = VolumeGeometry(
-        tuple(int(n) for n in image.shape[:3]), axcodes, tuple(float(v) for v in image.header.get_zooms()[:3]),
+        tuple(int(n) for n in shape[:3]), axcodes, tuple(float(v) for v in nib.affines.voxel_sizes(affine)[:3]),
         preprocess.orientation or axcodes,
     )
     if preprocess.voxel_size is not None and not np.allclose(geometry.training_voxel_size, preprocess.voxel_size, rtol=VOXEL_SIZE_RTOL):

@@ -22,7 +22,7 @@ from tsgm_components.data.brats import MODALITIES, SEG, SubjectFiles, find_datas
 from tsgm_components.data.phantom import PHANTOM_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, volume_to_slices
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.io import atomic_dir, check_can_write
+from tsgm_components.io import atomic_dir, check_can_write, check_writable
 
 SPLITS = ("train", "val", "test")
 #: split.json key -> MONAI datalist key
@@ -163,6 +163,9 @@ def prepare(
             f"{'×'.join(map(str, cfg.volume_shape))} voxels (from {subjects[0]}); {reoriented} subjects reoriented to it",
             flush=True,
         )
+    # every slice file (.npy: 128-byte header + data): float32 per modality, uint8 for the segmentation
+    n_slices = len(subjects) * len(cfg.z_range)
+    check_writable(out, n_slices * ((len(MODALITIES) * 4 + 1) * cfg.image_size**2 + (len(MODALITIES) + 1) * 128))
     strata = subject_strata(files)
     split, split_source = None, None
     if split_file is None:

@@ -2,17 +2,24 @@
 
 ``PAIRS/pseudo_pairs.json`` (docs/architecture.md): ``{"training": [...], "validation": [...]}`` with items
 ``{"image": x_A .npy, "condition": x_B~ .npy, "subject", "modality", "z"}``, paths relative to ``PAIRS``.
+
+Lesion blending (:func:`blend_lesions`, off by default; the paper uses G_A→B(x_A) as it is): at the 64² demo scale
+G_A→B adds a lesion but also rewrites the texture of all normal tissue (median change 0.057 on a brain median of
+0.4, ``benchmarks/results/cyclegan_probe_shipped.md``), so VE-JP learns not to copy its condition finely and normal
+tissue becomes false positives (``benchmarks/results/probe_shipped_on_pseudo_pairs.md``). Blending keeps x_A outside
+the region where G_A→B put its hyperintense lesion and G_A→B's output inside it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
+from scipy import ndimage as ndi
 
 from tsgm_components.errors import TsgmInputError
 
@@ -63,3 +70,38 @@ def pair_transforms(keys: tuple[str, ...] = PAIR_KEYS) -> Compose:
             EnsureTyped(keys=list(keys), dtype=torch.float32, track_meta=False),
         ]
     )
+
+
+#: Modalities in which G_A→B's synthetic lesions are hyperintense: where they change, the lesion is (module doc).
+LESION_EVIDENCE = ("flair", "t2")
+
+
+def lesion_weights(
+    changes: Mapping[str, np.ndarray], threshold: float, sigma: float = 2.0, min_pixels: int = 10, margin: int = 2
+) -> np.ndarray:
+    """Where G_A→B put a lesion into one axial slice: (H, W) float32 weights in [0, 1].
+
+    changes: modality -> (H, W) signed change G_A→B(x_A) − x_A (only :data:`LESION_EVIDENCE` are read). A pixel is
+    lesion where a Gaussian-smoothed (``sigma`` px) FLAIR or T2 change exceeds ``threshold``; components of at least
+    ``min_pixels`` are kept, dilated by ``margin`` px, and their edge feathered (Gaussian σ 1 px, cut at 4 px) so the
+    blend has no seam; weights are exactly 0 further than ``margin`` + 4 px from the evidence.
+    """
+    evidence = np.zeros(next(iter(changes.values())).shape, dtype=bool)
+    for modality in LESION_EVIDENCE:
+        evidence |= ndi.gaussian_filter(changes[modality].astype(np.float32), sigma) > threshold
+    labels, n = ndi.label(evidence)
+    if n:
+        sizes = ndi.sum(evidence, labels, index=np.arange(1, n + 1))
+        evidence = np.isin(labels, 1 + np.flatnonzero(sizes >= min_pixels))
+    if margin:
+        evidence = ndi.binary_dilation(evidence, iterations=margin)
+    return np.clip(ndi.gaussian_filter(evidence.astype(np.float32), 1.0), 0.0, 1.0)
+
+
+def blend_lesions(healthy: Mapping[str, np.ndarray], translated: Mapping[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    """Pseudo-pair conditions that keep x_A's normal tissue exactly and take G_A→B's lesion:
+    ``x_A + w · (G_A→B(x_A) − x_A)`` with ``w`` = :func:`lesion_weights` of the slice, the same region in every
+    modality. healthy, translated: modality -> (H, W) in [0, 1]; returns modality -> (H, W) float32 in [0, 1]."""
+    changes = {m: translated[m] - healthy[m] for m in translated}
+    weights = lesion_weights(changes, threshold)
+    return {m: np.clip(healthy[m] + weights * changes[m], 0.0, 1.0).astype(np.float32) for m in translated}
