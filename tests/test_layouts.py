@@ -147,7 +147,7 @@ def _stored(data: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> tupl
     ids=["RAS", "axial-first"],
 )
 def test_other_orientations_are_processed_in_the_training_orientation_and_written_back(tmp_path, transform):
-    from tsgm_components.detection import detect_subject
+    from tsgm_components.detection import MaskSettings, detect_subject
     from tsgm_components.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
@@ -174,7 +174,8 @@ def test_other_orientations_are_processed_in_the_training_orientation_and_writte
 
     outputs = {}
     for name in ("LPSX", "OTHR"):
-        folder = detect_subject(subject_files(tmp_path / "in" / name, False), tmp_path / "out", darken, grid, PAPER_WEIGHTS, 0.05, "half")
+        settings = MaskSettings(PAPER_WEIGHTS, "fixed", 0.05)
+        folder = detect_subject(subject_files(tmp_path / "in" / name, False), tmp_path / "out", darken, grid, settings, "half")
         outputs[name] = {key: nib.load(str(folder / f"{name}_{key}.nii.gz")) for key in ("anomaly", "mask", "anomaly_flair")}
         assert json.loads((folder / f"{name}_detection.json").read_text())["input_geometry"]["reoriented"] == (name == "OTHR")
     source = nib.load(str(tmp_path / "in" / "OTHR" / "OTHR_t1.nii.gz"))
@@ -314,7 +315,7 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     volume stored in two voxel orders: the model sees the same slices, the label comes back in each input's order."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from tsgm_components.detection import AnomalyFromHealthyd, MultiModalSlicesd
+    from tsgm_components.detection import AnomalyFromHealthyd, MaskSettings, MultiModalSlicesd
     from tsgm_components.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
@@ -324,7 +325,7 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     ras = stacked.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
     paths["RAS"] = save(np.asarray(ras.dataobj), tmp_path / "ras.nii.gz", ras.affine)
     load = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), MultiModalSlicesd("image", grid)])
-    settings = {"weights": PAPER_WEIGHTS, "mask_mode": "fixed", "threshold": 0.05}
+    settings = MaskSettings(PAPER_WEIGHTS, "fixed", 0.05)
     seen, labels = {}, {}
     for name, path in paths.items():
         item = load({"image": str(path)})

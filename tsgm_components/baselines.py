@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import Reconstructor, detect_datalist
+from tsgm_components.detection import MAPS_ONLY, MaskSettings, Reconstructor, detect_datalist
 from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.translation import translate_modalities
 
@@ -77,8 +77,8 @@ def detect_splits(
     written = []
     for split in splits:
         written += detect_datalist(
-            volumes, split, Path(detections_dir) / method / split, reconstruct, preprocess, weights, None, method,
-            overwrite=overwrite, skip_existing=skip_existing, provenance=provenance, mask_mode=None,
-            weights_source="baseline default (the evaluation bundle calibrates)",
+            volumes, split, Path(detections_dir) / method / split, reconstruct, preprocess,
+            MaskSettings(weights, weights_source=MAPS_ONLY.weights_source), method,
+            overwrite=overwrite, skip_existing=skip_existing, provenance=provenance,
         )
     return written

@@ -28,8 +28,7 @@ from torch import Tensor
 from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, subject_files
 from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume
-from tsgm_components.detection import detect_datalist, read_volumes_split
-from tsgm_components.ensembling import PAPER_WEIGHTS
+from tsgm_components.detection import MAPS_ONLY, detect_datalist, read_volumes_split
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import read_prepared
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json
@@ -96,8 +95,7 @@ def detect_oracle_splits(
                 continue
             reconstruct = TwinReconstructor(twin_slices(twins_dir, subject, item, preprocess))
             written += detect_datalist(
-                [item], None, out_dir, reconstruct, preprocess, PAPER_WEIGHTS, None, ORACLE_METHOD,
-                overwrite=overwrite, mask_mode=None, weights_source="baseline default (the evaluation bundle calibrates)",
+                [item], None, out_dir, reconstruct, preprocess, MAPS_ONLY, ORACLE_METHOD, overwrite=overwrite,
                 provenance={"reconstruction": "healthy twin (CEILING: reads the twins, which no method sees)",
                             "twins_dir": str(Path(twins_dir).resolve()), "nfe_per_slice": 0},
             )

@@ -25,18 +25,10 @@ from torch import Tensor
 
 import tsgm_components
 from tsgm_components.data.brats import (
-    MODALITIES, SubjectFiles, SubjectVolumes, VolumeGeometry, grid_geometry, load_subject, open_subject, subject_files,
+    MODALITIES, SubjectFiles, VolumeGeometry, grid_geometry, load_subject, open_subject, subject_files,
 )
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
-from tsgm_components.ensembling import (
-    OTSU_MIN_COMPONENT_MM2,
-    PAPER_WEIGHTS,
-    check_weights,
-    fixed_mask,
-    min_component_pixels,
-    otsu_mask,
-    weighted_anomaly,
-)
+from tsgm_components.ensembling import MASK_MODES, OTSU_MIN_COMPONENT_MM2, PAPER_WEIGHTS, check_weights, score_to_mask, weighted_anomaly
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
 
@@ -45,7 +37,6 @@ logger = logging.getLogger(__name__)
 #: reconstruct(slices (N, 1, s, s) float32 in [0, 1]) -> healthy slices (N, 1, s, s) in [0, 1]. The N slices mix
 #: modalities (one single-channel model serves all four contrasts): a volume is one call, i.e. one batched sampler run.
 Reconstructor = Callable[[Tensor], Tensor]
-MASK_MODES = ("fixed", "otsu")
 #: "all" modalities, or only the "weighted" ones (non-zero ensemble weight)
 RECONSTRUCT_MODALITIES = ("all", "weighted")
 #: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
@@ -104,15 +95,49 @@ def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, 
     return weights, (None if threshold is None else float(threshold)), mode
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskSettings:
+    """Ensemble weights and mask rule of a detection, with where each came from (recorded in ``_detection.json``).
+
+    weights: modality -> w (Σ = 1); mode: "fixed" (``threshold`` needed), "otsu", or None (anomaly maps only, no mask).
+    """
+
+    weights: Mapping[str, float]
+    mode: str | None = None
+    threshold: float | None = None
+    weights_source: str = "given"
+    threshold_source: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", check_weights(self.weights, source=f"weights ({self.weights_source})"))
+        if self.mode not in (None, *MASK_MODES):
+            raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {self.mode!r}")
+        if self.mode == "fixed" and self.threshold is None:
+            raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
+
+    def mask(self, score: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], z_indices: range) -> np.ndarray | None:
+        """uint8 (H, W, D) mask of an ensemble ``score`` by :func:`~tsgm_components.ensembling.score_to_mask`, or None."""
+        return None if self.mode is None else score_to_mask(score, brain, self.mode, self.threshold, spacing_mm, z_indices)
+
+    def record(self) -> dict[str, Any]:
+        """The ``weights``, ``weights_source`` and ``mask`` entries of ``_detection.json``."""
+        mask = None if self.mode is None else {"mode": self.mode, "threshold": self.threshold, "threshold_source": self.threshold_source or "given"}
+        return {"weights": dict(self.weights), "weights_source": self.weights_source, "mask": mask}
+
+
+#: Maps without a mask, paper weights for the stored combined map: what baselines and ceilings write (the evaluation
+#: bundle calibrates weights and threshold on validation)
+MAPS_ONLY = MaskSettings(PAPER_WEIGHTS, weights_source="baseline default (the evaluation bundle calibrates)")
+
+
 def resolve_mask_settings(
     calibration_file: str | Path | None = None,
     weights: Mapping[str, float] | None = None,
     threshold: float | None = None,
     mask_mode: str | None = None,
-) -> dict[str, Any]:
+) -> MaskSettings:
     """Ensemble weights and mask rule from a calibration file and/or explicit values (explicit values win).
 
-    Returns ``{"weights", "threshold", "mask_mode" (None = no mask), "weights_source", "threshold_source"}``.
     Without calibration, threshold or Otsu mode no mask is made, and the paper's weights are used unless given.
     """
     resolved_weights, weights_source = dict(PAPER_WEIGHTS), "paper (T1 .07, T1ce .19, T2 .30, FLAIR .44)"
@@ -128,19 +153,9 @@ def resolve_mask_settings(
         resolved_weights, weights_source = check_weights(dict(weights), source="explicit weights"), "explicit"
     if mask_mode is None and threshold is not None:
         mask_mode = "fixed"
-    if mask_mode not in (None, *MASK_MODES):
-        raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
-    if mask_mode == "fixed" and threshold is None:
-        raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
     if mask_mode == "otsu":
         threshold, threshold_source = None, f"per-slice Otsu + components > {OTSU_MIN_COMPONENT_MM2:g} mm²"
-    return {
-        "weights": resolved_weights,
-        "threshold": None if threshold is None else float(threshold),
-        "mask_mode": mask_mode,
-        "weights_source": weights_source,
-        "threshold_source": threshold_source,
-    }
+    return MaskSettings(resolved_weights, mask_mode, None if threshold is None else float(threshold), weights_source, threshold_source)
 
 
 def output_bytes(geometry: VolumeGeometry, n_reconstructed: int) -> int:
@@ -183,15 +198,6 @@ def _reconstruct_volume(
     return out
 
 
-def _mask(weighted: np.ndarray, subject: SubjectVolumes, preprocess: PreprocessConfig, mode: str | None, threshold: float | None) -> np.ndarray | None:
-    if mode is None:
-        return None
-    if mode == "fixed":
-        return fixed_mask(weighted, threshold, subject.brain_mask)
-    spacing = subject.geometry.training_voxel_size[:2]
-    return otsu_mask(weighted, subject.brain_mask, min_component_pixels(spacing), preprocess.z_range)
-
-
 def save_overlay(flair: np.ndarray, anomaly: np.ndarray, mask: np.ndarray | None, z_indices: Sequence[int], path: Path, title: str) -> None:
     """PNG of the ``OVERLAY_SLICES`` axial slices with the most anomaly: FLAIR (grey), anomaly (heat), mask (contour).
 
@@ -226,14 +232,10 @@ def detect_subject(
     out_dir: str | Path,
     reconstruct: Reconstructor,
     preprocess: PreprocessConfig,
-    weights: Mapping[str, float],
-    threshold: float | None,
+    mask_settings: MaskSettings,
     method: str,
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
-    mask_mode: str | None = "fixed",
-    threshold_source: str | None = None,
-    weights_source: str | None = None,
     subject: str | None = None,
     reconstruct_modalities: str = "all",
 ) -> Path:
@@ -242,8 +244,8 @@ def detect_subject(
     files: the subject's :class:`SubjectFiles` (or a volumes.json item / ``{modality: path}``; ``seg`` is ignored).
     Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s); ``reconstruct`` all 4·S slices in one call; residual
     |input − healthy| at the model's resolution, mapped back to the input geometry and zeroed outside the brain
-    and the slice range. The weighted map Σ w_m·anomaly_m is thresholded when ``mask_mode`` is "fixed" (needs
-    ``threshold``; ``threshold=None`` means no mask) or "otsu"; ``mask_mode=None`` writes no mask.
+    and the slice range. The weighted map Σ w_m·anomaly_m (``mask_settings.weights``) becomes a mask by
+    ``mask_settings.mode`` ("fixed", "otsu"; None: no mask).
     ``reconstruct_modalities``: "all", or "weighted" to reconstruct (and write maps for) only the modalities with a
     non-zero weight, at a fraction of the sampling time (the same model and sampler; the slices' noise streams
     follow their position in the stack, so the maps equal an "all" run's up to sampling noise).
@@ -253,11 +255,7 @@ def detect_subject(
     files = SubjectFiles.from_record(files, subject)
     if subject:
         files = dataclasses.replace(files, subject=str(subject))
-    weights = check_weights(weights, source=f"{method} weights")
-    if mask_mode == "fixed" and threshold is None:
-        mask_mode = None
-    if mask_mode not in (None, *MASK_MODES):
-        raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {mask_mode!r}")
+    weights = mask_settings.weights
     if reconstruct_modalities not in RECONSTRUCT_MODALITIES:
         raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {reconstruct_modalities!r}")
     reconstructed = [m for m in MODALITIES if reconstruct_modalities == "all" or weights[m] > 0]
@@ -279,7 +277,7 @@ def detect_subject(
     logger.info("%s: reconstructed %d slices × %s", subject, len(slices[MODALITIES[0]]), "/".join(reconstructed))
     reconstruction_seconds = time.perf_counter() - reconstruction_started
     weighted = weighted_anomaly(anomaly, weights)
-    mask = _mask(weighted, volumes, preprocess, mask_mode, threshold)
+    mask = mask_settings.mask(weighted, volumes.brain_mask, volumes.geometry.training_voxel_size, preprocess.z_range)
     if mask is None:
         logger.warning(
             "%s: no calibration file, threshold or Otsu mode given: wrote the anomaly maps only, NO binary mask", subject
@@ -307,12 +305,10 @@ def detect_subject(
             **({"input_channels": dict(files.channels)} if files.channels else {}),
             "input_geometry": volumes.geometry.record(),
             "outputs": outputs,
-            "weights": weights,
-            "weights_source": weights_source or "given",
+            "weights": mask_settings.record()["weights"],
+            "weights_source": mask_settings.weights_source,
             "reconstructed_modalities": reconstructed,
-            "mask": None
-            if mask is None
-            else {"mode": mask_mode, "threshold": threshold, "threshold_source": threshold_source or "given"},
+            "mask": mask_settings.record()["mask"],
             "preprocess": preprocess.to_dict(),
             "reconstruction": dict(provenance or {}),
             "seconds": {
@@ -358,8 +354,7 @@ def detect_datalist(
     out_dir: str | Path,
     reconstruct: Reconstructor,
     preprocess: PreprocessConfig,
-    weights: Mapping[str, float],
-    threshold: float | None,
+    mask_settings: MaskSettings,
     method: str,
     overwrite: bool = False,
     skip_existing: bool = False,
@@ -377,7 +372,7 @@ def detect_datalist(
     items = read_volumes_split(volumes, split)
     n_reconstructed = len(MODALITIES)
     if detect_kwargs.get("reconstruct_modalities") == "weighted":
-        n_reconstructed = sum(float(weights[m]) > 0 for m in MODALITIES)
+        n_reconstructed = sum(mask_settings.weights[m] > 0 for m in MODALITIES)
     todo, needed = [], 0
     for item in items[rank::world_size]:
         target = Path(out_dir) / item["subject"]
@@ -394,7 +389,7 @@ def detect_datalist(
     written = []
     for files in todo:
         written.append(
-            detect_subject(files, out_dir, reconstruct, preprocess, weights, threshold, method, overwrite=overwrite, **detect_kwargs)
+            detect_subject(files, out_dir, reconstruct, preprocess, mask_settings, method, overwrite=overwrite, **detect_kwargs)
         )
     return written
 
@@ -409,7 +404,7 @@ def run_detection(
     datalist: str | Path | None = None,
     split: str | None = "test",
     subject: str | None = None,
-    mask_settings: Mapping[str, Any] | None = None,
+    mask_settings: MaskSettings | None = None,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     skip_existing: bool = False,
@@ -428,12 +423,9 @@ def run_detection(
     given = [name for name, value in (("subject_dir", subject_dir), ("t1/t1ce/t2/flair", files), ("datalist", datalist)) if value]
     if len(given) != 1:
         raise ValueError(f"give exactly one input: subject_dir, the four paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
-    settings = dict(mask_settings or resolve_mask_settings())
     kwargs = dict(
-        reconstruct=reconstruct, preprocess=preprocess, weights=settings["weights"], threshold=settings["threshold"],
-        method=method, overwrite=overwrite, provenance=provenance, mask_mode=settings["mask_mode"],
-        threshold_source=settings["threshold_source"], weights_source=settings["weights_source"],
-        reconstruct_modalities=reconstruct_modalities,
+        reconstruct=reconstruct, preprocess=preprocess, mask_settings=mask_settings or resolve_mask_settings(),
+        method=method, overwrite=overwrite, provenance=provenance, reconstruct_modalities=reconstruct_modalities,
     )
     if datalist:
         return detect_datalist(datalist, split, out_dir, skip_existing=skip_existing, rank=rank, world_size=world_size, **kwargs)
@@ -517,13 +509,13 @@ class AnomalyFromHealthyd(MapTransform):
         keys: str,
         image_key: str,
         preprocess: PreprocessConfig,
-        mask_settings: Mapping[str, Any],
+        mask_settings: MaskSettings,
         channel_modalities: Sequence[str] = MODALITIES,
     ):
         super().__init__(keys)
         self.image_key = image_key
         self.preprocess = preprocess
-        self.mask_settings = dict(mask_settings)
+        self.mask_settings = mask_settings
         self.channel_modalities = tuple(channel_modalities)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -531,22 +523,18 @@ class AnomalyFromHealthyd(MapTransform):
         image = data[self.image_key]
         geometry = data.get(f"{self.image_key}_geometry")
         slices = np.asarray(torch.as_tensor(image).detach().cpu(), dtype=np.float32)
-        support = anomaly_support(data[f"{self.image_key}_brain"], self.preprocess)
+        brain = data[f"{self.image_key}_brain"]
+        support = anomaly_support(brain, self.preprocess)
         for key in self.key_iterator(data):
             healthy = np.asarray(torch.as_tensor(data[key]).detach().cpu(), dtype=np.float32)
             maps = {
                 m: residual_volume(slices[i], np.clip(healthy[i], 0, 1), support, self.preprocess)
                 for i, m in enumerate(self.channel_modalities)
             }
-            weighted = weighted_anomaly(maps, self.mask_settings["weights"])
-            mode = self.mask_settings.get("mask_mode")
-            if mode == "fixed":
-                out = fixed_mask(weighted, self.mask_settings["threshold"], support)
-            elif mode == "otsu":
-                spacing = geometry.training_voxel_size[:2] if geometry is not None else (1.0, 1.0)
-                out = otsu_mask(weighted, support, min_component_pixels(spacing), self.preprocess.z_range)
-            else:
-                out = weighted
+            weighted = weighted_anomaly(maps, self.mask_settings.weights)
+            spacing = geometry.training_voxel_size if geometry is not None else (1.0, 1.0, 1.0)
+            mask = self.mask_settings.mask(weighted, brain, spacing, self.preprocess.z_range)
+            out = weighted if mask is None else mask
             out = geometry.to_input(out) if geometry is not None else out
             data[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(out)[None]), meta=getattr(image, "meta", None))
         return data

@@ -28,6 +28,8 @@ OTSU_MIN_COMPONENT_MM2 = 400.0
 WEIGHT_SUM_ATOL = 1e-6
 #: Weight-search objectives (see :func:`search_weights`).
 OBJECTIVES = ("dice", "auprc")
+#: Binarisation modes (module doc): the one definition every reader of a calibration or mask setting checks against.
+MASK_MODES = ("fixed", "otsu")
 
 
 def check_weights(weights: Mapping[str, float], source: str = "weights") -> dict[str, float]:
@@ -121,6 +123,25 @@ def fixed_mask(anomaly: np.ndarray, threshold: float, brain_mask: np.ndarray | N
     if brain_mask is not None:
         mask &= brain_mask
     return mask.astype(np.uint8)
+
+
+def score_to_mask(
+    score: np.ndarray, brain: np.ndarray, mode: str, threshold: float | None, spacing_mm: Sequence[float],
+    z_indices: range | None = None,
+) -> np.ndarray:
+    """The one path from an ensemble score to a mask (detection, the MONAI Label transforms and evaluation use it).
+
+    score, brain: (H, W, D); ``mode`` "fixed" (``score > threshold`` in the brain) or "otsu" (per slice of
+    ``z_indices``, all when None; components smaller than 400 mm² at the in-plane ``spacing_mm[:2]`` dropped).
+    Returns uint8 (H, W, D) in {0, 1}.
+    """
+    if mode == "fixed":
+        if threshold is None:
+            raise ValueError('mask mode "fixed" needs a threshold')
+        return fixed_mask(score, float(threshold), brain)
+    if mode == "otsu":
+        return otsu_mask(score, brain, min_component_pixels(spacing_mm[:2]), z_indices)
+    raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
 
 
 def min_component_pixels(pixel_spacing_mm: Sequence[float]) -> float:

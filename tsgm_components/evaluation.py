@@ -21,13 +21,12 @@ import numpy as np
 from tsgm_components.data.brats import MODALITIES, SEG, VolumeGeometry, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
 from tsgm_components.ensembling import (
+    MASK_MODES,
     OBJECTIVES,
     OTSU_MIN_COMPONENT_MM2,
     BrainVoxels,
     check_weights,
-    fixed_mask,
-    min_component_pixels,
-    otsu_mask,
+    score_to_mask,
     search_weights,
     select_threshold,
 )
@@ -38,7 +37,6 @@ from tsgm_components.report import write_report
 
 logger = logging.getLogger(__name__)
 
-MODES = ("fixed", "otsu")
 
 
 @dataclass
@@ -181,9 +179,7 @@ def load_cases(
 def predict(case: Case, calibration: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(score float32, mask uint8) of a case, both (H, W, Z), under a calibration dict."""
     score = case.score(calibration["weights"])
-    if calibration["mode"] == "otsu":
-        return score, otsu_mask(score, case.brain, min_component_pixels(case.spacing[:2]))
-    return score, fixed_mask(score, float(calibration["threshold"]), case.brain)
+    return score, score_to_mask(score, case.brain, calibration["mode"], calibration.get("threshold"), case.spacing)
 
 
 def mean_volume_dice(cases: Sequence[Case], calibration: Mapping[str, Any]) -> float:
@@ -215,8 +211,8 @@ def calibrate(
     the mask rule in ``"fixed"`` mode and recorded (but unused) in ``"otsu"`` mode, which thresholds per slice.
     ``validation_dice`` is the exact mean per-volume Dice of the final rule on these cases.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in MASK_MODES:
+        raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     voxels = [case.voxels() for case in cases]
