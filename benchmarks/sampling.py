@@ -121,7 +121,7 @@ class SamplerSpec:
                 raise ValueError(f"sampler spec {text!r}: expected key=value with keys {sorted(SPEC_KEYS)}, got {part!r}")
             overrides[key] = None if value in ("None", "null") else SPEC_KEYS[key](value)
         if name.strip() not in SAMPLERS:
-            raise ValueError(f"sampler spec {text!r}: the sampler must be one of {SAMPLERS}")
+            raise ValueError(f"sampler spec {text!r}: the sampler must be one of {sorted(SAMPLERS)}")
         return cls(text, name.strip(), overrides)
 
 

@@ -272,6 +272,40 @@ def test_inferer_chunking_seed_and_nfe(kwargs):
     assert (out - inputs).abs().mean() < 0.2
 
 
+def test_a_sampler_is_one_registry_entry(monkeypatch):
+    """Adding a sampler = one SAMPLERS entry: the inferer validates, grids, runs and counts it from the entry alone,
+    and refuses a run whose reported NFE differs from the entry's (the recorded nfe_per_slice must be what ran)."""
+    from tsgm_components import inferers
+    from tsgm_components.sampling import SampleOutput
+
+    def euler(inf, score_fn, chunk, generators, progress):  # probability-flow Euler from the prior
+        x = inf.sde.prior_sample(chunk.shape, generators, chunk.device)
+        levels = [*inf.sigmas.tolist(), 0.0]
+        for sigma, below in zip(levels[:-1], levels[1:]):
+            x = x + (sigma - below) * sigma * score_fn(x, torch.full((x.shape[0],), sigma))
+        return SampleOutput(x, len(inf.sigmas))
+
+    monkeypatch.setitem(inferers.SAMPLERS, "euler", inferers.Sampler(
+        sigmas=lambda sde, n_steps, start: karras_sigmas(n_steps or 40, sde.sigma_min, sde.sigma_max)[:-1],
+        run=euler, nfe=lambda inf: len(inf.sigmas),
+    ))
+    inputs = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    network = ConditionalGaussianScore()
+    inferer = DiffusionSamplerInferer(VESDE(), sampler="euler", n_steps=200, seed=1)
+    out = inferer(inputs, network)
+    assert network.calls == inferer.nfe_per_slice == 200
+    assert (out - inputs).abs().mean() < 0.2  # it follows the condition like the other samplers
+    with pytest.raises(ValueError, match=r"churn .* is for sampler in \['heun'\] only"):
+        DiffusionSamplerInferer(VESDE(), sampler="euler", churn=1.0)
+    with pytest.raises(ValueError, match=r"unconditional model reconstructs only with sampler in \['sdedit'\]"):
+        DiffusionSamplerInferer(VESDE(), sampler="euler", conditional=False)
+    monkeypatch.setitem(inferers.SAMPLERS, "euler", inferers.Sampler(
+        sigmas=inferers.SAMPLERS["euler"].sigmas, run=euler, nfe=lambda inf: len(inf.sigmas) + 1,
+    ))
+    with pytest.raises(RuntimeError, match="made 200 score evaluations per draw, expected 201"):
+        DiffusionSamplerInferer(VESDE(), sampler="euler", n_steps=200)(inputs, network)
+
+
 def test_inferer_averages_independent_draws():
     """n_draws: the mean of draws 0..k-1, each drawn from its own (seed, slice, draw) stream and clamped; draw 0 is
     the single-draw result. For the toy model (healthy = condition + N(0, STD²) texture) the residual noise of the

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from tsgm_components.sampling import (
     LangevinCorrector,
     ProgressFn,
     ReverseDiffusionPredictor,
+    SampleOutput,
     ScoreFn,
     karras_sigmas,
     geometric_sigmas,
@@ -26,7 +28,6 @@ from tsgm_components.sde import VESDE
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("pc", "sdedit", "heun")
 #: Heun steps when ``n_steps`` is None: 18 levels, 35 NFE (EDM's default budget).
 DEFAULT_HEUN_STEPS = 18
 #: inputs may exceed [0, 1] by this much (resampling overshoot); more means they were not normalised
@@ -40,6 +41,64 @@ def slice_generator(seed: int, index: int, device: torch.device | str, draw: int
     entropy = [int(seed), int(index)] + ([int(draw)] if draw else [])
     state = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
     return torch.Generator(device=device).manual_seed(state)
+
+
+def _levels(sde: VESDE, top: float, n_steps: Optional[int]) -> Tensor:
+    """σ levels from ``top`` down: ``n_steps`` geometric levels to σ_min, or the SDE's discrete scales below ``top``."""
+    if n_steps is not None:
+        return geometric_sigmas(n_steps, sde.sigma_min, top)
+    discrete = sde.discrete_sigmas().flip(0)
+    return torch.cat([torch.tensor([top]), discrete[discrete < top * (1 - 1e-6)]])
+
+
+def _pc_nfe(inferer: "DiffusionSamplerInferer") -> int:
+    corrector = inferer.corrector.nfe if inferer.corrector is not None else 0
+    return len(inferer.sigmas) * (inferer.predictor.nfe + corrector)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of :data:`SAMPLERS`: what the inferer needs to run a sampler of ``sampling.py``.
+
+    sigmas(sde, n_steps, sigma_start): its descending σ levels; run(inferer, score_fn, chunk, generators, progress):
+    one draw for a (B, 1, H, W) chunk of inputs; nfe(inferer): score evaluations per draw (checked against what the
+    run reports); from_input: starts from the noised input (the only kind an unconditional model can use); churn:
+    accepts EDM's ``churn > 0``.
+    """
+
+    sigmas: Callable[[VESDE, Optional[int], Optional[float]], Tensor]
+    run: Callable[..., SampleOutput]
+    nfe: Callable[["DiffusionSamplerInferer"], int]
+    from_input: bool = False
+    churn: bool = False
+
+
+#: The samplers by name: add one here (and its config entry) to make it available everywhere.
+SAMPLERS: dict[str, Sampler] = {
+    "pc": Sampler(
+        sigmas=lambda sde, n_steps, start: _levels(sde, sde.sigma_max, n_steps),
+        run=lambda inf, score_fn, chunk, gens, progress: sample_pc(
+            score_fn, inf.sde.prior_sample(chunk.shape, gens, chunk.device), inf.sigmas, inf.predictor, inf.corrector, gens, progress
+        ),
+        nfe=_pc_nfe,
+    ),
+    "sdedit": Sampler(
+        sigmas=lambda sde, n_steps, start: _levels(sde, float(start), n_steps),
+        run=lambda inf, score_fn, chunk, gens, progress: sample_sdedit(
+            score_fn, chunk, inf.sigmas, inf.predictor, inf.corrector, gens, progress
+        ),
+        nfe=_pc_nfe,
+        from_input=True,
+    ),
+    "heun": Sampler(
+        sigmas=lambda sde, n_steps, start: karras_sigmas(n_steps or DEFAULT_HEUN_STEPS, sde.sigma_min, sde.sigma_max),
+        run=lambda inf, score_fn, chunk, gens, progress: sample_heun(
+            score_fn, inf.sde.prior_sample(chunk.shape, gens, chunk.device), inf.sigmas, inf.churn, gens, progress
+        ),
+        nfe=lambda inf: 2 * (len(inf.sigmas) - 1) - 1,
+        churn=True,
+    ),
+}
 
 
 class DiffusionSamplerInferer(Inferer):
@@ -107,20 +166,23 @@ class DiffusionSamplerInferer(Inferer):
         channels_last: bool = False,
     ):
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if not conditional and sampler != "sdedit":
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+        entry = SAMPLERS[sampler]
+        starters = sorted(name for name, other in SAMPLERS.items() if other.from_input)
+        if not conditional and not entry.from_input:
             raise ValueError(
-                "an unconditional model reconstructs only with sampler='sdedit' (it must start from the input)"
+                f"an unconditional model reconstructs only with sampler in {starters} (it must start from the input)"
             )
-        if sampler == "sdedit":
+        if entry.from_input:
             if sdedit_sigma_start is None or not sde.sigma_min < sdedit_sigma_start <= sde.sigma_max:
                 raise ValueError(
-                    f"sampler='sdedit' needs sdedit_sigma_start in ({sde.sigma_min}, {sde.sigma_max}], "
+                    f"sampler={sampler!r} needs sdedit_sigma_start in ({sde.sigma_min}, {sde.sigma_max}], "
                     f"got {sdedit_sigma_start}"
                 )
-        if churn < 0 or (churn > 0 and sampler != "heun"):
+        if churn < 0 or (churn > 0 and not entry.churn):
+            churners = sorted(name for name, other in SAMPLERS.items() if other.churn)
             raise ValueError(
-                f"churn (EDM's S_churn) must be >= 0 and is for sampler='heun' only, got {churn}, {sampler!r}"
+                f"churn (EDM's S_churn) must be >= 0 and is for sampler in {churners} only, got {churn}, {sampler!r}"
             )
         if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -144,23 +206,9 @@ class DiffusionSamplerInferer(Inferer):
         self.n_draws = int(n_draws)
         self.predictor = ReverseDiffusionPredictor()
         self.corrector = LangevinCorrector(snr, n_corrector_steps) if n_corrector_steps > 0 else None
-        self.sigmas = self._sigma_grid(n_steps, sdedit_sigma_start)
-        corrector_nfe = self.corrector.nfe if self.corrector is not None else 0
-        if sampler == "heun":
-            nfe_per_draw = 2 * (len(self.sigmas) - 1) - 1
-        else:
-            nfe_per_draw = len(self.sigmas) * (self.predictor.nfe + corrector_nfe)
-        self.nfe_per_slice = self.n_draws * nfe_per_draw
-
-    def _sigma_grid(self, n_steps: Optional[int], sigma_start: Optional[float]) -> Tensor:
-        sde = self.sde
-        if self.sampler == "heun":
-            return karras_sigmas(n_steps or DEFAULT_HEUN_STEPS, sde.sigma_min, sde.sigma_max)
-        top = sde.sigma_max if self.sampler == "pc" else float(sigma_start)
-        if n_steps is not None:
-            return geometric_sigmas(n_steps, sde.sigma_min, top)
-        discrete = sde.discrete_sigmas().flip(0)
-        return torch.cat([torch.tensor([top]), discrete[discrete < top * (1 - 1e-6)]])
+        self.sigmas = entry.sigmas(sde, n_steps, sdedit_sigma_start)
+        self.nfe_per_draw = entry.nfe(self)
+        self.nfe_per_slice = self.n_draws * self.nfe_per_draw
 
     def _score_fn(self, network: nn.Module, condition: Optional[Tensor]) -> ScoreFn:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -251,10 +299,7 @@ class DiffusionSamplerInferer(Inferer):
         self, chunk: Tensor, network: nn.Module, generators: list[torch.Generator], progress: Optional[ProgressFn]
     ) -> Tensor:
         score_fn = self._score_fn(network, chunk if self.conditional else None)
-        if self.sampler == "sdedit":
-            out = sample_sdedit(score_fn, chunk, self.sigmas, self.predictor, self.corrector, generators, progress)
-            return out.sample
-        x_init = self.sde.prior_sample(chunk.shape, generators, chunk.device)
-        if self.sampler == "pc":
-            return sample_pc(score_fn, x_init, self.sigmas, self.predictor, self.corrector, generators, progress).sample
-        return sample_heun(score_fn, x_init, self.sigmas, self.churn, generators, progress).sample
+        out = SAMPLERS[self.sampler].run(self, score_fn, chunk, generators, progress)
+        if out.nfe != self.nfe_per_draw:  # the recorded nfe_per_slice must be what was run
+            raise RuntimeError(f"sampler {self.sampler!r} made {out.nfe} score evaluations per draw, expected {self.nfe_per_draw}")
+        return out.sample
