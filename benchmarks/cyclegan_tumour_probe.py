@@ -39,7 +39,7 @@ from tsgm_components import REPO_ROOT
 from tsgm_components.io import save_report
 from tsgm_components.metrics import average_precision
 from tsgm_components.data.brats import MODALITIES
-from tsgm_components.checkpoints import training_preprocess
+from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.translation import load_generator, translate_modalities
 
 #: a bright region this large (4-connected pixels of the slice) counts as lesion-like, smaller ones as speckle
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     x_a, x_b, seg_b = stack(healthy, "image"), stack(tumour, "image"), stack(tumour, "label") > 0.5
     brain_a, brain_b = x_a > 0, x_b > 0
-    preprocess = training_preprocess(prepared, size)
+    preprocess = read_prepare_config(prepared, size)
     # lazy=False: two generator objects (the parser caches parsed content, so a second plain get_parsed_content would
     # return the first object and G_BA's weights would overwrite G_AB's: this probe once reported G_B→A(healthy) as
     # "G_A→B(healthy)")

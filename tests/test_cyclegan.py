@@ -18,7 +18,7 @@ from monai.bundle import run as bundle_run
 from monai.bundle import verify_metadata
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.checkpoints import training_preprocess
+from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.pseudo_pairs import blend_lesions, lesion_weights
 from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
 from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec, CycleGANTrainer, LinearDecayLR
@@ -278,7 +278,7 @@ def tiny_checkpoint(prepared_dir, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     torch.manual_seed(0)
     generators = {key: ResnetGenerator(ngf=TINY["ngf"], n_blocks=TINY["n_blocks"]) for key in ("G_AB", "G_BA")}
-    spec = CycleGANSpec(training_preprocess(prepared_dir, 32), generators["G_AB"].config)  # configs build from it
+    spec = CycleGANSpec(read_prepare_config(prepared_dir, 32), generators["G_AB"].config)  # configs build from it
     torch.save({**{key: g.state_dict() for key, g in generators.items()}, SPEC_KEY: spec.state_dict()}, path)
     return path
 

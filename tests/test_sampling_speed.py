@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.checkpoints import ModelSpec, training_preprocess
+from tsgm_components.checkpoints import ModelSpec
+from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.brats import MODALITIES, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.detection import MaskSettings, detect_subject
@@ -68,7 +69,7 @@ def bench(prepared_dir, tmp_path_factory):
     configs = [str(CONFIGS / "inference.yaml"), str(work / "tiny.yaml")]
     sde = {"sigma_min": 0.01, "sigma_max": 20.0}
     torch.manual_seed(0)
-    spec = ModelSpec(training_preprocess(prepared_dir, 32), TINY, sde)
+    spec = ModelSpec(read_prepare_config(prepared_dir, 32), TINY, sde)
     (work / "vejp").mkdir()
     torch.save({"model": ScoreUNet(**TINY).state_dict(), "model_spec": spec.state_dict()}, work / "vejp" / "model.pt")
     return work, configs

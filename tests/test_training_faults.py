@@ -29,7 +29,8 @@ from monai.bundle import ConfigParser, run
 from test_cyclegan import make_prepared  # tests/ is on sys.path (pytest rootdir)
 
 import tsgm_components
-from tsgm_components.checkpoints import latest_checkpoint, resume_point, training_preprocess
+from tsgm_components.checkpoints import latest_checkpoint, resume_point
+from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.engines.cyclegan import CycleGANTrainer
 from tsgm_components.engines.fault_tolerance import NonFiniteLossError
 from tsgm_components.engines.score import ScoreMatchingTrainer, linear_warmup
@@ -284,7 +285,7 @@ def test_nan_loss_leaves_the_weights_of_the_last_good_step():
 
 def test_cyclegan_checkpoint_refuses_other_networks_naming_the_keys(cyclegan_uninterrupted, prepared, tmp_path):
     model = cyclegan_uninterrupted / "model.pt"
-    preprocess = training_preprocess(prepared, 32)
+    preprocess = read_prepare_config(prepared, 32)
     assert load(model)["model_spec"] == {
         "preprocess": json.loads(json.dumps(preprocess.to_dict())), "generator": {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1},
         "discriminator": {"in_channels": 1, "ndf": 4, "n_layers": 2},

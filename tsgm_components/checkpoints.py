@@ -164,25 +164,6 @@ def resume_point(checkpoint_dir: str | Path, resume: bool) -> str | None:
     return latest if resume else None
 
 
-def training_preprocess(prepared_dir: str | Path, image_size: int) -> PreprocessConfig:
-    """The preprocessing of a prepared dataset (``prepare_config.json``); its image size must be ``image_size``."""
-    return read_prepare_config(Path(prepared_dir) / "prepare_config.json", image_size)
-
-
-def read_prepare_config(path: str | Path, image_size: int) -> PreprocessConfig:
-    """The preprocessing recorded in a ``prepare_config.json`` file; its image size must be ``image_size``."""
-    path = Path(path)
-    try:
-        preprocess = PreprocessConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise TsgmInputError(path, f"cannot read the prepared dataset's preprocessing ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
-    if preprocess.image_size != int(image_size):
-        raise TsgmInputError(
-            path, f"slices were prepared at image_size={preprocess.image_size} but the config has image_size={image_size}"
-        )
-    return preprocess
-
-
 def read_model_spec(checkpoint: str | Path) -> ModelSpec:
     """The ``ModelSpec`` stored in a score-model checkpoint: what an inference config builds its network, σ range and
     preprocessing from, so one config serves checkpoints of every scale. TsgmInputError if there is none."""

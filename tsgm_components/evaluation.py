@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from tsgm_components.data.brats import MODALITIES, SEG, VolumeGeometry, load_subject
+from tsgm_components.data.prepare import read_prepare_config, read_prepare_record
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
 from tsgm_components.ensembling import (
     MASK_MODES,
@@ -69,16 +70,13 @@ class Case:
 
 def read_prepared(prepared_dir: str | Path) -> tuple[dict[str, Any], PreprocessConfig, float]:
     """``(volumes.json, PreprocessConfig, min_brain_fraction)`` of a prepared dataset folder."""
-    prepared_dir = Path(prepared_dir)
-    loaded = {}
-    for name in ("volumes.json", "prepare_config.json"):
-        path = prepared_dir / name
-        try:
-            loaded[name] = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise TsgmInputError(path, f"cannot read ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
-    config = loaded["prepare_config.json"]
-    return loaded["volumes.json"], PreprocessConfig.from_dict(config), float(config.get("min_brain_fraction", 0.01))
+    path = Path(prepared_dir) / "volumes.json"
+    try:
+        volumes = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TsgmInputError(path, f"cannot read ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
+    record = read_prepare_record(prepared_dir)
+    return volumes, read_prepare_config(prepared_dir), float(record.get("min_brain_fraction", 0.01))
 
 
 def _anomaly_path(detection_dir: Path, subject: str, modality: str) -> Path:

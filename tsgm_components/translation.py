@@ -7,7 +7,6 @@ see ``data.unpaired``); :func:`generator_channels` tells which kind a generator 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,6 +18,7 @@ from torch import nn
 
 from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
+from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.data.pseudo_pairs import blend_lesions
 from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
@@ -185,16 +185,6 @@ def _blend_in_place(folder: Path, items: Sequence[Mapping[str, Any]], threshold:
     logger.info("pseudo-pairs: conditions of %d axial slices blended (threshold %g)", len(slices), threshold)
 
 
-def _preprocess_config(prepare_config: str | Path) -> PreprocessConfig:
-    path = Path(prepare_config)
-    if not path.is_file():
-        raise TsgmInputError(path, "prepare_config.json not found (the preprocessing the generator was trained with)")
-    try:
-        return PreprocessConfig.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError) as error:
-        raise TsgmInputError(path, f"cannot read the preprocessing settings ({type(error).__name__}: {error})") from error
-
-
 def _translate_arrays(
     generator: nn.Module, volumes: dict[str, np.ndarray], brain_mask: np.ndarray, cfg: PreprocessConfig, batch_size: int
 ) -> dict[str, np.ndarray]:
@@ -234,7 +224,7 @@ def translate_volume(
     if not image.is_file():
         raise TsgmInputError(image, "input volume not found")
     check_can_write(check_not_over_inputs(output, [image, prepare_config]), overwrite)
-    cfg = _preprocess_config(prepare_config)
+    cfg = read_prepare_config(prepare_config)
     reference, geometry, volume = load_volume(image, cfg)
     translated = _translate_arrays(generator, {"volume": volume}, volume != 0, cfg, batch_size)["volume"]
     save_nifti_like(geometry.to_input(translated), reference, output, overwrite=overwrite)
@@ -259,7 +249,7 @@ def translate_subject(
         raise TsgmInputError("translate_subject", "give --input_subject <BraTS subject folder> and --output_dir <folder>")
     subject_dir = Path(subject_dir)
     check_can_write(check_not_over_inputs(output_dir, [subject_dir, prepare_config]), overwrite)
-    cfg = _preprocess_config(prepare_config)
+    cfg = read_prepare_config(prepare_config)
     files = subject_files(subject_dir, require_seg=False)
     volumes = load_subject(files, cfg)
     translated = _translate_arrays(generator, {m: volumes.arrays[m] for m in MODALITIES}, volumes.brain_mask, cfg, batch_size)

@@ -21,6 +21,7 @@ import torch
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import SPEC_KEY, latest_checkpoint, read_checkpoint
+from tsgm_components.data.prepare import read_prepare_record
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path, save_json
 from tsgm_components.pipeline import PHANTOM_STEP, PREPARE_STEP, STEPS_RECORD, TRAINING_STEPS
@@ -83,7 +84,7 @@ def export_weights(
     work = Path(work_dir).resolve()
     steps_file = work / STEPS_RECORD
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
-    data = json.loads((work / "prepared" / "prepare_config.json").read_text())
+    data = read_prepare_record(work / "prepared")
     machine = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     sources = {}

@@ -232,7 +232,7 @@ def prepare(
             "counts": counts,
         }
         for filename, obj in [
-            ("prepare_config.json", config),
+            (PREPARE_CONFIG, config),
             ("split.json", split),
             ("datalist.json", datalist),
             ("volumes.json", volumes),
@@ -242,6 +242,41 @@ def prepare(
         print(format_counts(counts))
         print(f"prepared {out} in {time.perf_counter() - start:.1f} s", flush=True)
     return counts
+
+
+#: The record ``tsgm prepare`` writes next to the slices: preprocessing, training grid, split settings, counts.
+PREPARE_CONFIG = "prepare_config.json"
+
+
+def read_prepare_record(path: str | Path) -> dict[str, Any]:
+    """The ``prepare_config.json`` record at ``path`` (a file, or a prepared folder); TsgmInputError naming it."""
+    path = Path(path)
+    path = path / PREPARE_CONFIG if path.is_dir() else path
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TsgmInputError(path, f"cannot read the prepared dataset's record ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
+    if not isinstance(record, dict):
+        raise TsgmInputError(path, "not a prepare_config.json record (expected a JSON object)")
+    return record
+
+
+def read_prepare_config(path: str | Path, image_size: int | None = None) -> PreprocessConfig:
+    """The preprocessing a prepared dataset was made with (``path``: its folder or its ``prepare_config.json``), the
+    one reader of that record; when ``image_size`` is given the slices must have that size."""
+    record = read_prepare_record(path)
+    where = Path(path) / PREPARE_CONFIG if Path(path).is_dir() else Path(path)
+    try:
+        preprocess = PreprocessConfig.from_dict(record)
+    except (ValueError, TypeError) as error:
+        raise TsgmInputError(where, f"invalid preprocessing settings ({type(error).__name__}: {error})") from error
+    if image_size is not None and preprocess.image_size != int(image_size):
+        raise TsgmInputError(
+            where,
+            f"slices were prepared at image_size={preprocess.image_size} but the config expects image_size={image_size} "
+            f"(override --image_size {preprocess.image_size}, or prepare the data again at {image_size})",
+        )
+    return preprocess
 
 
 def training_grid(first: SubjectFiles, cfg: PreprocessConfig) -> PreprocessConfig:

@@ -30,6 +30,7 @@ from monai.transforms import (
 )
 
 from tsgm_components.data.brats import MODALITIES
+from tsgm_components.data.prepare import PREPARE_CONFIG, read_prepare_config
 from tsgm_components.errors import TsgmInputError
 
 __all__ = ["load_slice_items", "stack_modalities", "lesion_fraction", "check_in_channels", "slice_transforms", "UnpairedSliceDataset", "fixed_examples"]
@@ -55,15 +56,8 @@ def load_slice_items(prepared_dir: str | Path, split: str, image_size: int | Non
         datalist = json.loads(datalist_path.read_text())
     except json.JSONDecodeError as error:
         raise TsgmInputError(datalist_path, f"invalid JSON ({error})") from error
-    if image_size is not None:
-        config_path = prepared_dir / "prepare_config.json"
-        prepared_size = json.loads(config_path.read_text()).get("image_size") if config_path.is_file() else None
-        if prepared_size is not None and int(prepared_size) != int(image_size):
-            raise TsgmInputError(
-                config_path,
-                f"slices were prepared at image_size={prepared_size} but the config expects image_size={image_size} "
-                f"(override --image_size {prepared_size}, or prepare the data again at {image_size})",
-            )
+    if image_size is not None and (prepared_dir / PREPARE_CONFIG).is_file():
+        read_prepare_config(prepared_dir, image_size)  # the networks of a config are built for one slice size
     items = []
     for item in datalist.get(split, []):
         missing = {"image", "subject", "modality", "z", "tumour"} - set(item)
