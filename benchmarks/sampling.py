@@ -54,7 +54,6 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.data.preprocessing import preprocess_volume
 from tsgm_components.detection import anomaly_support, load_calibration, residual_volume
 from tsgm_components.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
@@ -232,7 +231,7 @@ def load_subjects(
         if not chosen:
             logger.info("%s: no slice to evaluate in z %d-%d, skipped", item["subject"], preprocess.z_min, preprocess.z_max)
             continue
-        slices = {m: preprocess_volume(volumes.arrays[m], volumes.brain_mask, preprocess)[1] for m in MODALITIES}
+        slices = volumes.slices(preprocess)
         spacing = tuple(float(v) for v in volumes.reference.header.get_zooms()[:3])
         subjects.append(Subject(str(item["subject"]), slices, chosen, volumes.brain_mask, volumes.seg, spacing))
     return subjects

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, subject_files
 from tsgm_components.data.phantom import TWINS_RECORD
-from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume
+from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.detection import MAPS_ONLY, detect_datalist, read_volumes_split
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import read_prepared
@@ -57,7 +57,7 @@ def twin_files(twins_dir: str | Path, subject: str, files: SubjectFiles | Mappin
 def twin_slices(twins_dir: str | Path, subject: str, files: SubjectFiles | Mapping[str, Any], preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
     """modality -> (S, s, s) slices of the twin in [0, 1], preprocessed exactly as the real volume."""
     twin = load_subject(twin_files(twins_dir, subject, files), preprocess)
-    return {m: preprocess_volume(twin.arrays[m], twin.brain_mask, preprocess)[1] for m in MODALITIES}
+    return twin.slices(preprocess)
 
 
 class TwinReconstructor:

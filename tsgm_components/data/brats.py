@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from tsgm_components.data.preprocessing import PreprocessConfig
+from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import save_nifti_like
 
@@ -459,6 +459,11 @@ class SubjectVolumes:
     reference: nib.Nifti1Image
     brain_mask: np.ndarray
     geometry: VolumeGeometry
+
+    def slices(self, preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
+        """modality -> (S, s, s) float32 slices in [0, 1]: the training preprocessing (normalised with this subject's
+        brain mask, axial slices ``z_min..z_max``), the one place a subject becomes model input."""
+        return {m: preprocess_volume(self.arrays[m], self.brain_mask, preprocess)[1] for m in MODALITIES}
 
     def save(self, array: np.ndarray, path: str | os.PathLike, dtype: Any = np.float32, overwrite: bool = False) -> None:
         """Write an (H, W, D) array of this subject (model orientation) as NIfTI in the input's exact geometry."""

@@ -20,7 +20,7 @@ import numpy as np
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, SEG, SubjectFiles, find_dataset, has_tumour, load_subject, open_subject
 from tsgm_components.data.phantom import PHANTOM_RECORD
-from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, volume_to_slices
+from tsgm_components.data.preprocessing import PreprocessConfig, volume_to_slices
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_writable
 
@@ -113,7 +113,7 @@ def _slice_records(
     slice when the full-resolution segmentation has any voxel > 0 (all classes merged).
     """
     volumes = load_subject(files, cfg)
-    slices = {m: preprocess_volume(volumes.arrays[m], volumes.brain_mask, cfg)[1] for m in MODALITIES}
+    slices = volumes.slices(cfg)
     whole_tumour = (volumes.seg > 0).astype(np.uint8)
     slices[SEG] = volume_to_slices(whole_tumour, cfg, is_mask=True)
     z_axis = np.arange(cfg.z_min, cfg.z_max + 1)
