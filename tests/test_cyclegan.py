@@ -18,10 +18,11 @@ from monai.bundle import run as bundle_run
 from monai.bundle import verify_metadata
 
 from tsgm_components import REPO_ROOT
+from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.pseudo_pairs import blend_lesions, lesion_weights
 from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
-from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec, CycleGANTrainer, LinearDecayLR
+from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool
 from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator

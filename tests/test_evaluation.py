@@ -348,7 +348,7 @@ def test_baseline_bundle_writes_detection_folders(synthetic, tmp_path):
 
     from tsgm_components.data.preprocessing import normalize_volume
     from tsgm_components.networks.cyclegan import ResnetGenerator
-    from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
+    from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec
 
     shutil.copytree(synthetic / "prepared", tmp_path / "prepared")
     torch.manual_seed(0)

@@ -35,11 +35,10 @@ import torch
 from monai.bundle import run
 
 import tsgm_components
-from tsgm_components.checkpoints import ModelSpec
+from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, ModelSpec
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import prepare
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.networks.cyclegan import ResnetGenerator
 from tsgm_components.networks.score import ScoreUNet

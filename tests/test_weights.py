@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsgm_components.checkpoints import ModelSpec
-from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
+from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, ModelSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.networks.cyclegan import ResnetGenerator
 from tsgm_components.networks.score import ScoreUNet

@@ -1,7 +1,8 @@
-"""Score-model checkpoints that know what they were made for, and loading them with clear errors.
+"""Checkpoints that know what they were made for, and loading them with clear errors: one contract for both stages.
 
-Every VE-JP checkpoint carries a ``model_spec`` entry (:class:`ModelSpec`: preprocessing incl. image size, network
-arguments, σ range). Loading weights into a network built from a config that disagrees raises
+Every checkpoint carries a ``model_spec`` entry (:class:`CheckpointSpec`): a VE-JP one a :class:`ModelSpec`
+(preprocessing incl. image size, network arguments, σ range), a CycleGAN one a :class:`CycleGANSpec` (preprocessing,
+generator and discriminator arguments). Loading weights into a network built from a config that disagrees raises
 :class:`TsgmInputError` naming the checkpoint and every differing setting, instead of a shape-mismatch traceback.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -21,12 +22,6 @@ from tsgm_components.errors import TsgmInputError
 SPEC_KEY = "model_spec"
 
 
-class CheckpointSpec(Protocol):
-    """What a training bundle's checkpoint was made for (``ModelSpec`` here, ``engines.cyclegan.CycleGANSpec``)."""
-
-    def check(self, saved: Mapping[str, Any] | None, checkpoint: str | Path) -> None: ...
-
-
 #: Weight entries tried in order: the exported EMA model (``model.pt``), a full training checkpoint's EMA, raw weights.
 WEIGHT_KEYS = ("model", "network_ema", "network")
 
@@ -36,17 +31,79 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else list(v)))
 
 
-class ModelSpec:
-    """What a score model is built for: ``preprocess`` (PreprocessConfig dict), ``network`` (ScoreUNet kwargs),
-    ``sde`` (``sigma_min``, ``sigma_max``).
+class CheckpointSpec:
+    """What a checkpoint was made for, stored in it as ``model_spec``: the one checkpoint contract of both stages.
 
-    Has ``state_dict``/``load_state_dict`` so MONAI's ``CheckpointSaver`` stores it next to the weights and
-    ``CheckpointLoader`` checks it on resume (``load_state_dict`` raises on any difference).
+    ``spec``: section -> settings (dicts compared key by key, other values whole), in JSON-normal form; a
+    ``preprocess`` section is a ``PreprocessConfig`` dict. ``state_dict``/``load_state_dict`` let MONAI's
+    ``CheckpointSaver`` store it next to the weights and ``CheckpointLoader`` refuse a resume into another model;
+    :meth:`check` names the checkpoint and every differing setting. Subclasses set the sections and ``bundle``.
     """
 
+    #: the bundle whose checkpoints carry this spec (named in the errors)
+    bundle = ""
+
+    def __init__(self, sections: Mapping[str, Any]):
+        sections = dict(sections)
+        if sections.get("preprocess") is not None:
+            preprocess = sections["preprocess"]
+            sections["preprocess"] = (preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)).to_dict()
+        self.spec: dict[str, Any] = _plain({k: v for k, v in sections.items() if v is not None})
+
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.spec))
+
+    def matches(self, saved: Any) -> bool:
+        """Whether ``saved`` is a spec of this kind at all (a stored spec has this spec's required sections)."""
+        return isinstance(saved, Mapping)
+
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``"section.key: checkpoint X, config Y"`` for every setting of this spec that ``saved`` (a stored spec) differs in."""
+        saved = _plain(dict(saved))
+        if isinstance(saved.get("preprocess"), Mapping):  # a record of an older version compares by what it means
+            saved["preprocess"] = _plain(PreprocessConfig.from_dict(saved["preprocess"]).to_dict())
+        found = []
+        for section, mine in self.spec.items():
+            theirs = saved.get(section)
+            if isinstance(mine, dict):
+                theirs = theirs if isinstance(theirs, Mapping) else {}
+                found += [
+                    f"{section}.{key}: checkpoint {theirs.get(key)!r}, config {mine.get(key)!r}"
+                    for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)
+                ]
+            elif mine != theirs:
+                found.append(f"{section}: checkpoint {theirs!r}, config {mine!r}")
+        return found
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        found = self.differences(state)
+        if found:
+            raise ValueError("checkpoint was made for another model: " + "; ".join(found))
+
+    def check(self, saved: Mapping[str, Any] | None, checkpoint: str | Path) -> None:
+        """Raise TsgmInputError naming ``checkpoint`` if its stored spec is missing, of another kind, or differs."""
+        if not self.matches(saved):
+            raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry of this kind: not a checkpoint of the {self.bundle} bundle")
+        found = self.differences(saved)
+        if found:
+            raise TsgmInputError(
+                checkpoint,
+                "made for a different model than this config: " + "; ".join(found)
+                + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
+            )
+
+
+class ModelSpec(CheckpointSpec):
+    """A score model's spec: ``preprocess`` (PreprocessConfig dict), ``network`` (ScoreUNet kwargs), ``sde``
+    (``sigma_min``, ``sigma_max``)."""
+
+    bundle = "vejp_anomaly"
+
     def __init__(self, preprocess: PreprocessConfig | Mapping[str, Any], network: Mapping[str, Any], sde: Mapping[str, Any]):
-        preprocess = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
-        self.spec = _plain({"preprocess": preprocess.to_dict(), "network": dict(network), "sde": dict(sde)})
+        super().__init__({"preprocess": preprocess, "network": dict(network), "sde": dict(sde)})
+
+    def matches(self, saved: Any) -> bool:
+        return is_score_spec(saved)
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -62,38 +119,25 @@ class ModelSpec:
         """``sigma_min``, ``sigma_max`` of the VE SDE the model was trained for."""
         return dict(self.spec["sde"])
 
-    def state_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.spec))
 
-    def differences(self, other: Mapping[str, Any]) -> list[str]:
-        """``"section.key: checkpoint X, config Y"`` for every setting where ``other`` (a saved spec) differs."""
-        other = _plain(dict(other))
-        if isinstance(other.get("preprocess"), Mapping):  # a record of an older version compares by what it means
-            other["preprocess"] = _plain(PreprocessConfig.from_dict(other["preprocess"]).to_dict())
-        found = []
-        for section in ("preprocess", "network", "sde"):
-            mine, theirs = self.spec.get(section, {}), other.get(section, {})
-            for key in sorted(set(mine) | set(theirs)):
-                if mine.get(key) != theirs.get(key):
-                    found.append(f"{section}.{key}: checkpoint {theirs.get(key)!r}, config {mine.get(key)!r}")
-        return found
+class CycleGANSpec(CheckpointSpec):
+    """A CycleGAN's spec: the ``preprocess`` of its training slices, the ``generator`` config (``ResnetGenerator``
+    arguments) and, for training checkpoints, the ``discriminator`` config. ``preprocess`` or ``discriminator`` None:
+    not checked (inference has no discriminators). A generator is never applied to data prepared otherwise than its
+    training data (``translation.load_generator``)."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        found = self.differences(state)
-        if found:
-            raise ValueError("checkpoint was made for another model: " + "; ".join(found))
+    bundle = "cyclegan_brats"
 
-    def check(self, state: Mapping[str, Any] | None, checkpoint: str | Path) -> None:
-        """Raise TsgmInputError naming ``checkpoint`` if its spec (``state``) is missing or differs from this one."""
-        if not is_score_spec(state):
-            raise TsgmInputError(checkpoint, f"no score-model '{SPEC_KEY}' entry: not a checkpoint of the vejp_anomaly bundle")
-        found = self.differences(state)
-        if found:
-            raise TsgmInputError(
-                checkpoint,
-                "made for a different model than this config: " + "; ".join(found)
-                + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
-            )
+    def __init__(
+        self,
+        preprocess: PreprocessConfig | Mapping[str, Any] | None,
+        generator: Mapping[str, int],
+        discriminator: Mapping[str, int] | None = None,
+    ):
+        super().__init__({"generator": dict(generator), "preprocess": preprocess, "discriminator": discriminator})
+
+    def matches(self, saved: Any) -> bool:
+        return isinstance(saved, Mapping) and "generator" in saved
 
 
 def is_score_spec(spec: Any) -> bool:

@@ -16,13 +16,12 @@ import torch
 from monai.data import DataLoader, Dataset
 from torch import nn
 
-from tsgm_components.checkpoints import read_checkpoint
+from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.data.pseudo_pairs import blend_lesions
 from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
-from tsgm_components.engines.cyclegan import SPEC_KEY, CycleGANSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
 

@@ -7,7 +7,6 @@ real images and on fakes drawn from the image pools. All images are in [0, 1] (s
 
 from __future__ import annotations
 
-import json
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -24,16 +23,11 @@ from PIL import Image
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.engines.fault_tolerance import check_finite_losses
-from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
 
-__all__ = [
-    "CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "TranslationSnapshots", "CycleGANRNGState",
-    "CycleGANSpec",
-]
+__all__ = ["CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "TranslationSnapshots", "CycleGANRNGState"]
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -282,73 +276,3 @@ class TranslationSnapshots:
             self.summary_writer.flush()
 
 
-#: checkpoint entry holding :class:`CycleGANSpec` (same key as the VE-JP checkpoints' ``ModelSpec``)
-SPEC_KEY = "model_spec"
-
-
-class CycleGANSpec:
-    """What a CycleGAN checkpoint was made for: the ``preprocess`` of its training slices (normalisation, slice
-    range, image size) and the ``config`` (constructor arguments) of the generators and, for training
-    checkpoints, the discriminators.
-
-    Every checkpoint of the cyclegan_brats bundle stores it as ``model_spec``. ``state_dict``/``load_state_dict``
-    let MONAI's checkpoint handlers save it and refuse a resume into other networks; :meth:`check` is what
-    a resume (``checkpoints.check_checkpoint``) and ``translation.load_generator`` use to name the checkpoint and
-    every differing key, so a generator is never applied to data prepared differently from its training data.
-
-    Args:
-        preprocess: ``PreprocessConfig`` (or its dict) of the slices; None: not checked.
-        generator: ``ResnetGenerator.config``.
-        discriminator: ``PatchDiscriminator.config``; None: not checked (inference has no discriminators).
-    """
-
-    def __init__(
-        self,
-        preprocess: PreprocessConfig | Mapping[str, Any] | None,
-        generator: Mapping[str, int],
-        discriminator: Mapping[str, int] | None = None,
-    ):
-        self.spec: dict[str, Any] = {"generator": dict(generator)}
-        if preprocess is not None:
-            config = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig.from_dict(preprocess)
-            self.spec["preprocess"] = json.loads(json.dumps(config.to_dict()))  # JSON form: compares with a stored spec
-        if discriminator is not None:
-            self.spec["discriminator"] = dict(discriminator)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {key: dict(value) if isinstance(value, dict) else value for key, value in self.spec.items()}
-
-    def differences(self, saved: Mapping[str, Any]) -> list[str]:
-        """``"key: checkpoint X, config Y"`` for every setting of this spec that ``saved`` (a stored spec) differs in."""
-        found = []
-        saved = dict(saved)
-        if isinstance(saved.get("preprocess"), Mapping):  # a record of an older version compares by what it means
-            saved["preprocess"] = json.loads(json.dumps(PreprocessConfig.from_dict(saved["preprocess"]).to_dict()))
-        for section, mine in self.spec.items():
-            theirs = saved.get(section)
-            if isinstance(mine, dict):
-                theirs = theirs if isinstance(theirs, Mapping) else {}
-                found += [
-                    f"{section}.{key}: checkpoint {theirs.get(key)!r}, config {mine.get(key)!r}"
-                    for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)
-                ]
-            elif mine != theirs:
-                found.append(f"{section}: checkpoint {theirs!r}, config {mine!r}")
-        return found
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        found = self.differences(state)
-        if found:
-            raise ValueError("checkpoint was made for other networks: " + "; ".join(found))
-
-    def check(self, saved: Mapping[str, Any] | None, checkpoint: str | Path) -> None:
-        """Raise TsgmInputError naming ``checkpoint`` if its stored spec is missing or differs from this one."""
-        if saved is None:
-            raise TsgmInputError(checkpoint, f"no '{SPEC_KEY}' entry: not a training checkpoint of the cyclegan_brats bundle")
-        found = self.differences(saved)
-        if found:
-            raise TsgmInputError(
-                checkpoint,
-                "made for different networks than this config: " + "; ".join(found)
-                + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
-            )

@@ -51,7 +51,7 @@ class ResnetGenerator(nn.Module):
 
     H and W must be multiples of 4 (two stride-2 downsamplings). ``n_blocks=9, ngf=64`` is the reference
     ``resnet_9blocks`` (11,365,633 parameters for 1 channel in and out). ``config``: the constructor arguments
-    (stored in checkpoints, see ``engines.cyclegan.CycleGANSpec``).
+    (stored in checkpoints, see ``checkpoints.CycleGANSpec``).
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64, n_blocks: int = 9):
