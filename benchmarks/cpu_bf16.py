@@ -33,8 +33,9 @@ import torch
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT, cpu_has_fast_bf16
-from tsgm_components.io import save_report
 from tsgm_components.metrics import average_precision
+
+from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 CYCLEGAN = REPO_ROOT / "bundles" / "cyclegan_brats" / "configs"
 VEJP = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"

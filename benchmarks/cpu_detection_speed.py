@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from tsgm_components.inferers import DiffusionSamplerInferer
-from tsgm_components.io import save_report
 from tsgm_components.networks.score import ScoreUNet
 from tsgm_components.sde import VESDE
+
+from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

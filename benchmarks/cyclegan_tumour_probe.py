@@ -36,11 +36,12 @@ import torch
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.io import save_report
 from tsgm_components.metrics import average_precision
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.translation import load_generator, translate_modalities
+
+from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 #: a bright region this large (4-connected pixels of the slice) counts as lesion-like, smaller ones as speckle
 MIN_REGION = 10

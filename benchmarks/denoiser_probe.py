@@ -30,7 +30,8 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import read_checkpoint
 from tsgm_components.data.pseudo_pairs import load_pseudo_pairs
-from tsgm_components.io import save_report
+
+from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 RESULTS = Path(__file__).resolve().parent / "results"

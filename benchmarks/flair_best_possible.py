@@ -20,7 +20,8 @@ import numpy as np
 from tsgm_components.data.brats import find_dataset, load_subject
 from tsgm_components.data.preprocessing import NORMALIZATIONS, PreprocessConfig, normalize_volume
 from tsgm_components.ensembling import BrainVoxels, select_threshold
-from tsgm_components.io import save_report
+
+from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BRATS_ANCHOR = 0.738

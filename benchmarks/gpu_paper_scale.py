@@ -36,8 +36,9 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.io import device_label, save_report
 from tsgm_components.pipeline import BUNDLES, bundle_command
+
+from common import device_label, save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 TSGM = [sys.executable, "-m", "tsgm_components.cli"]
 DEFAULT_SAMPLERS = ("heun:18", "heun:10")

@@ -20,7 +20,6 @@ import logging
 import os
 import shlex
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +29,8 @@ from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.inferers import DiffusionSamplerInferer
-from tsgm_components.io import device_label, save_report
+
+from common import device_label, save_report, timed  # benchmarks/common.py (this script's folder is sys.path[0])
 
 from sampling import REFERENCE_SPEC as REFERENCE, SamplerSpec, build_inferer  # benchmarks/sampling.py (this script's folder is sys.path[0])
 
@@ -71,16 +70,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if "on" in args.amp and not cuda:
         parser.error("--amp on needs --device cuda (the inferer's autocast is float16 on CUDA only)")
     return args
-
-
-def timed(inferer: DiffusionSamplerInferer, inputs: torch.Tensor, network: torch.nn.Module) -> tuple[torch.Tensor, float]:
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize(inputs.device)
-    start = time.perf_counter()
-    out = inferer(inputs, network)
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize(inputs.device)
-    return out, time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -41,7 +41,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,8 +58,10 @@ from tsgm_components.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
 from tsgm_components.inferers import SAMPLERS, DiffusionSamplerInferer
-from tsgm_components.io import atomic_path, save_report
+from tsgm_components.io import atomic_path
 from tsgm_components.metrics import average_precision, evaluate_case
+
+from common import save_report, timed  # benchmarks/common.py (this script's folder is sys.path[0])
 
 logger = logging.getLogger("benchmarks.sampling")
 
@@ -396,16 +397,6 @@ def any_diverged(draws: dict[int, torch.Tensor]) -> bool:
     return not all(bool(torch.isfinite(healthy).all()) for healthy in draws.values())
 
 
-def timed(inferer: DiffusionSamplerInferer, inputs: torch.Tensor, network: torch.nn.Module) -> tuple[torch.Tensor, float]:
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = inferer(inputs, network)
-    if inputs.device.type == "cuda":
-        torch.cuda.synchronize()
-    return out.float().cpu(), time.perf_counter() - start
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -575,6 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cached = load_reference(cache, key, inputs) if cache else None
         if cached is None:
             healthy, seconds = timed(references[seed], inputs, network)
+            healthy = healthy.float().cpu()
             ref_timings.append(f"seed {seed} timed in this run")
             if cache:
                 save_reference(cache, key, inputs, healthy, seconds)
@@ -591,6 +583,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for seed in seeds:
             for i, spec in enumerate(specs):
                 healthy, elapsed = timed(inferers[i][seed], inputs, network)
+                healthy = healthy.float().cpu()
                 seconds_all[i].append(elapsed)
                 if seed not in outputs[i]:
                     outputs[i][seed] = healthy

@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -209,28 +208,6 @@ def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = True) -> None
     """Write ``obj`` as indented JSON atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_report(table: str, record: Any, out_dir: str | os.PathLike, name: str) -> Path:
-    """Write a markdown ``table`` to OUT_DIR/NAME.md and ``record`` to OUT_DIR/NAME.json (atomically, replacing
-    earlier ones); returns OUT_DIR/NAME. Benchmarks use it for ``benchmarks/results/``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / f"{name}.md", overwrite=True) as tmp:
-        tmp.write_text(table)
-    save_json(record, out_dir / f"{name}.json")
-    return out_dir / name
-
-
-def device_label(name: str) -> str:
-    """A device name as a file-name part: ``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-
-
-def save_npy(array: np.ndarray, path: str | os.PathLike, overwrite: bool = True) -> None:
-    """Write one array as ``.npy`` atomically."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        np.save(tmp, array)
 
 
 def save_nifti_like(
