@@ -105,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         header,
     ]
+    files = {row["checkpoint"] for row in rows}
+    ambiguous = len({Path(c).name for c in files}) < len(files)  # e.g. two model.pt: name them by their path
     for row in rows:
-        name = Path(row["checkpoint"]).name
+        name = row["checkpoint"] if ambiguous else Path(row["checkpoint"]).name
         lines.append(f"| {name} | {row['iteration']} | all | " + " | ".join(f"{e:.4f}" for e in row["error_all"]) + " |")
         if row["error_changed"][0] is not None:
             lines.append(f"| {name} | {row['iteration']} | changed | " + " | ".join(f"{e:.4f}" for e in row["error_changed"]) + " |")

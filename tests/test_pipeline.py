@@ -66,6 +66,8 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     assert prepare[prepare.index("--val_fraction") + 1] == prepare[prepare.index("--test_fraction") + 1] == "0.2"
     evaluate = steps["calibrate on validation, evaluate on test"].command
     assert ast.literal_eval(evaluate[evaluate.index("--config_file") + 1])[-1].endswith("ceilings.yaml")
+    pairs = steps["pseudo-pairs G_A→B(healthy)"].command
+    assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # how the shipped TSGM weights were made
     ceiling_steps = [name for name in steps if name.startswith("CEILING")]
     assert len(ceiling_steps) == 5
 
@@ -92,7 +94,11 @@ def test_own_dataset_pipeline_trains_everything_with_the_scale_configs_and_torch
             assert distributed and step.command[step.command.index("--checkpoint") + 1].startswith(str(tmp_path))
         else:
             assert not distributed, step.name
+    pairs = next(s for s in paper if s.name.startswith("pseudo-pairs")).command
+    assert "--lesion_blend_threshold" not in pairs  # the paper's recipe at paper scale
     cpu = dataset_steps(tmp_path, data, "cpu")
+    pairs = next(s for s in cpu if s.name.startswith("pseudo-pairs")).command
+    assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # the documented deviation at 64²
     assert [s.name for s in cpu] == names
     assert not any("torch.distributed.run" in s.command for s in cpu)
     train = next(s for s in cpu if s.name.startswith("train VE-JP"))

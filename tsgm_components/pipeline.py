@@ -66,22 +66,25 @@ def bundle_command(
     return command
 
 
-#: Per scale of ``tsgm run``: the slice size ``tsgm prepare`` makes and the overlays on each bundle's main configs.
+#: Per scale (``tsgm run``; the demo is the cpu scale): the slice size ``tsgm prepare`` makes, the overlays on each
+#: bundle's main configs, and the pseudo-pairs' lesion blending (None: the paper's x_B~ = G_A→B(x_A); the 64²
+#: CycleGAN rewrites normal tissue, and blending raised TSGM's test volume Dice from 0.261 to 0.416:
+#: benchmarks/results/lesion_blend_cpu.md)
 SCALES: dict[str, dict[str, object]] = {
-    "paper": {"image_size": 256, "overlay": []},
-    "cpu": {"image_size": 64, "overlay": ["cpu.yaml"]},
+    "paper": {"image_size": 256, "overlay": [], "lesion_blend_threshold": None},
+    "cpu": {"image_size": 64, "overlay": ["cpu.yaml"], "lesion_blend_threshold": 0.1},
 }
 
 
-def model_steps(
-    work_dir: Path, overlay: list[str], from_scratch: bool, ceilings: bool, processes: int = 1
-) -> list[Step]:
+def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, processes: int = 1) -> list[Step]:
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
 
-    ``overlay``: configs merged on each bundle's main config (``cpu.yaml`` for the CPU scale); ``ceilings``: the
-    CEILING rows that read healthy twins (phantom only); ``processes`` > 1: training and detection under torchrun.
-    Without ``from_scratch`` detection uses the bundles' shipped weights.
+    ``scale``: a :data:`SCALES` entry (its overlays, e.g. ``cpu.yaml``, merged on each bundle's main config, and its
+    pseudo-pair blending); ``ceilings``: the CEILING rows that read healthy twins (phantom only); ``processes`` > 1:
+    training and detection under torchrun. Without ``from_scratch`` detection uses the bundles' shipped weights.
     """
+    overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
+    blend = SCALES[scale]["lesion_blend_threshold"]
     prepared = work_dir / "prepared"
     multi = ["multi_gpu_train.yaml"] if processes > 1 else []
 
@@ -109,7 +112,8 @@ def model_steps(
              work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan"),
         Step("pseudo-pairs G_A→B(healthy)",
              bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
-                            checkpoint=work_dir / "cyclegan" / "model.pt"),
+                            checkpoint=work_dir / "cyclegan" / "model.pt",
+                            **({} if blend is None else {"lesion_blend_threshold": blend})),
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
         train([], "vejp"),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
@@ -174,7 +178,7 @@ def demo_steps(
                                        "--val_fraction", str(split_fraction), "--test_fraction", str(split_fraction)],
              work_dir / "prepared"),
     ]
-    return data + model_steps(work_dir, ["cpu.yaml"], from_scratch, ceilings=True)
+    return data + model_steps(work_dir, "cpu", from_scratch, ceilings=True)
 
 
 def dataset_steps(
@@ -189,8 +193,7 @@ def dataset_steps(
                       "--image_size", str(SCALES[scale]["image_size"]), "--seed", str(seed)]
     if split_file is not None:
         prepare += ["--split_file", str(split_file)]
-    overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
-    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, overlay, True, False, processes)]
+    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes)]
 
 
 def run_steps(work: Path, steps: list[Step], label: str) -> float:
