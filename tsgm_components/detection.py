@@ -262,8 +262,8 @@ def detect_subject(
     subject = files.subject
     files = dataclasses.replace(files, paths={k: Path(v) for k, v in files.paths.items() if k in MODALITIES})
     target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.paths.values()), overwrite)
-    check_writable(target, output_bytes(open_subject(files, preprocess)[1], len(reconstructed)))
     volumes = load_subject(files, preprocess)
+    check_writable(target, output_bytes(volumes.geometry, len(reconstructed)))  # before the sampling
 
     support = anomaly_support(volumes.brain_mask, preprocess)
     normalised, slices, healthy, anomaly = {}, {}, {}, {}

@@ -381,21 +381,20 @@ class VolumeGeometry:
         inverse = orientations.ornt_transform(orientations.axcodes2ornt(self.training_axcodes), orientations.axcodes2ornt(self.axcodes))
         return np.ascontiguousarray(orientations.apply_orientation(array, inverse))
 
+    def _in_training_order(self, values: tuple) -> tuple:
+        """Per-axis ``values`` of the input permuted to the training orientation's axes."""
+        out = list(values)
+        for axis, target in enumerate(self._transform[:, 0].astype(int)):
+            out[target] = values[axis]
+        return tuple(out)
+
     @property
     def training_shape(self) -> tuple[int, int, int]:
-        order = self._transform[:, 0].astype(int)
-        shape = [0, 0, 0]
-        for axis, target in enumerate(order):
-            shape[target] = self.shape[axis]
-        return tuple(shape)
+        return self._in_training_order(self.shape)
 
     @property
     def training_voxel_size(self) -> tuple[float, float, float]:
-        order = self._transform[:, 0].astype(int)
-        size = [0.0, 0.0, 0.0]
-        for axis, target in enumerate(order):
-            size[target] = self.voxel_size[axis]
-        return tuple(size)
+        return self._in_training_order(self.voxel_size)
 
     def record(self) -> dict[str, Any]:
         return {
