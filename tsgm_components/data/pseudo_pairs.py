@@ -98,10 +98,47 @@ def lesion_weights(
     return np.clip(ndi.gaussian_filter(evidence.astype(np.float32), 1.0), 0.0, 1.0)
 
 
-def blend_lesions(healthy: Mapping[str, np.ndarray], translated: Mapping[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+#: Where a blended lesion goes: where G_A→B put it, or moved to a random place in the brain (:func:`random_shift`).
+LESION_PLACEMENTS = ("generator", "random")
+
+
+def random_shift(weights: np.ndarray, brain: np.ndarray, rng: np.random.Generator, min_inside: float = 0.9, tries: int = 20) -> tuple[int, int]:
+    """An integer (rows, columns) shift that moves the lesion ``weights`` ((H, W) in [0, 1]) so that its centroid lands
+    on a random pixel of ``brain`` ((H, W) bool) and at least ``min_inside`` of its weight stays inside the brain;
+    (0, 0) when ``tries`` draws find none (the lesion stays where it is)."""
+    rows, cols = np.nonzero(brain)
+    total = float(weights.sum())
+    if total == 0 or rows.size == 0:
+        return 0, 0
+    grid = np.indices(weights.shape)
+    centroid = [float((g * weights).sum()) / total for g in grid]
+    for _ in range(tries):
+        k = int(rng.integers(rows.size))
+        shift = (int(round(rows[k] - centroid[0])), int(round(cols[k] - centroid[1])))
+        if float((_shifted(weights, shift) * brain).sum()) >= min_inside * total:
+            return shift
+    return 0, 0
+
+
+def _shifted(image: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+    """``image`` moved by whole pixels, zero where nothing moves in."""
+    return ndi.shift(image, shift, order=0, mode="constant", cval=0.0)
+
+
+def blend_lesions(
+    healthy: Mapping[str, np.ndarray], translated: Mapping[str, np.ndarray], threshold: float, rng: np.random.Generator | None = None
+) -> dict[str, np.ndarray]:
     """Pseudo-pair conditions that keep x_A's normal tissue exactly and take G_A→B's lesion:
     ``x_A + w · (G_A→B(x_A) − x_A)`` with ``w`` = :func:`lesion_weights` of the slice, the same region in every
-    modality. healthy, translated: modality -> (H, W) in [0, 1]; returns modality -> (H, W) float32 in [0, 1]."""
-    changes = {m: translated[m] - healthy[m] for m in translated}
-    weights = lesion_weights(changes, threshold)
-    return {m: np.clip(healthy[m] + weights * changes[m], 0.0, 1.0).astype(np.float32) for m in translated}
+    modality. With ``rng`` (placement "random") the lesion region of G_A→B(x_A) and its weights are moved together
+    by :func:`random_shift` (the same shift in every modality) and kept inside x_A's brain:
+    ``x_A + w' · (shift(G_A→B(x_A)) − x_A)``. healthy, translated: modality -> (H, W) in [0, 1]; returns
+    modality -> (H, W) float32 in [0, 1]."""
+    weights = lesion_weights({m: translated[m] - healthy[m] for m in translated}, threshold)
+    lesion = dict(translated)
+    if rng is not None and weights.any():
+        brain = np.any([healthy[m] > 0 for m in healthy], axis=0)
+        shift = random_shift(weights, brain, rng)
+        weights = _shifted(weights, shift) * brain
+        lesion = {m: _shifted(translated[m], shift) for m in translated}
+    return {m: np.clip(healthy[m] + weights * (lesion[m] - healthy[m]), 0.0, 1.0).astype(np.float32) for m in translated}
