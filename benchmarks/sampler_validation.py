@@ -32,7 +32,7 @@ from common import save_report
 from tsgm_components import REPO_ROOT, bundle_dir
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.evaluation import calibrate, load_cases, read_prepared
-from tsgm_components.detection import read_volumes_split
+from tsgm_components.data.prepare import read_volumes_split
 
 
 def parse_setting(text: str) -> dict[str, Any]:

@@ -53,7 +53,8 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import anomaly_support, load_calibration, residual_volume
+from tsgm_components.anomaly import anomaly_support, residual_volume
+from tsgm_components.masking import load_calibration
 from tsgm_components.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared

@@ -97,7 +97,7 @@ def make_trainer(data, max_epochs, condition_channels=1, seed=0, warmup=3):
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     return ScoreMatchingTrainer(
         device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net, optimizer=opt, sde=VESDE(),
-        lr_scheduler=linear_warmup(opt, warmup), seed=seed,
+        lr_scheduler=linear_warmup(opt, warmup), seed=seed, loss_weight=net.loss_weight,
     )
 
 
@@ -171,10 +171,19 @@ def test_inferer_runs_a_real_score_unet():
     torch.testing.assert_close(unchunked, out, rtol=0, atol=1e-4)
 
 
-def test_amp_needs_cuda():
-    with pytest.raises(ValueError, match="CUDA"):
-        net = ScoreUNet(1, **TINY)
-        ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(), amp=True)
+def test_amp_means_bfloat16_autocast_without_a_scaler_on_the_cpu():
+    """amp has one meaning (tsgm_components.precision): float16 + GradScaler on CUDA, bfloat16 on the CPU."""
+    net = ScoreUNet(1, **TINY)
+    trainer = ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(),
+                                   loss_weight=net.loss_weight, amp=True)
+    seen = []
+    net.unet.register_forward_hook(lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    before = flat(net)
+    trainer.run()
+    assert trainer.loss_scaler is None and "scaler" not in trainer.checkpoint_objects
+    assert seen == [(True, torch.bfloat16)]
+    assert torch.isfinite(trainer.state.output["loss"]) and not torch.equal(flat(net), before)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_training_reduces_the_dsm_loss():
@@ -197,7 +206,8 @@ def test_training_reduces_the_dsm_loss():
     net = ScoreUNet(1, **TINY)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     before = eval_loss(net)
-    ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5)).run()
+    ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5),
+                         loss_weight=net.loss_weight).run()
     after = eval_loss(net)
     assert before > 0.3 and after < 0.5 * before, (before, after)
 

@@ -12,6 +12,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
+from tsgm_components.precision import autocast
 from tsgm_components.sampling import (
     LangevinCorrector,
     ProgressFn,
@@ -130,7 +131,7 @@ class DiffusionSamplerInferer(Inferer):
     reconstruction instead, which changes intensities slice by slice).
 
     Mixed precision: ``amp=True`` runs the network calls under autocast, float16 on CUDA and bfloat16 on the CPU
-    (the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
+    (:mod:`tsgm_components.precision`; the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
     AVX512-BF16/AMX (1.9× for the demo's model on the 2-core AMD EPYC here, reconstructions within 2e-4 of
     float32 on average: ``benchmarks/cpu_bf16.py``) and is slower on CPUs without.
 
@@ -217,8 +218,7 @@ class DiffusionSamplerInferer(Inferer):
 
         def score_fn(x: Tensor, sigma: Tensor) -> Tensor:
             x = x.contiguous(memory_format=layout)
-            dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
-            with torch.autocast(x.device.type, dtype=dtype, enabled=self.amp):
+            with autocast(x.device, self.amp):
                 return network(x, sigma, condition).float()
 
         return score_fn
