@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+import yaml
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from tsgm_components import REPO_ROOT
 from tsgm_components.engines.score import ScoreMatchingTrainer, linear_warmup
 from tsgm_components.losses.score_matching import dsm_loss
-from tsgm_components.networks.score import CPU_PRESET, NOISE_LABEL_SCALE, PAPER_PRESET, ScoreUNet
+from tsgm_components.networks.score import NOISE_LABEL_SCALE, PAPER_PRESET, ScoreUNet
 from tsgm_components.sde import VESDE
 
 TINY = dict(channels=(32, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=32)
@@ -76,11 +78,12 @@ def test_loss_weight_makes_the_dsm_loss_the_unet_output_mse():
     torch.testing.assert_close(loss, ((raw - target) ** 2).mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_preset_parameter_counts():
+def test_network_parameter_counts_of_both_scales():
     with torch.device("meta"):  # shapes only: no memory, no init time
         paper = ScoreUNet(1, **PAPER_PRESET)
     assert n_params(paper) == 65_345_153  # method notes: MONAI DiffusionModelUNet in the paper layout
-    assert n_params(ScoreUNet(1, **CPU_PRESET)) == 1_262_913
+    cpu_args = yaml.safe_load((REPO_ROOT / "bundles" / "vejp_anomaly" / "configs" / "cpu.yaml").read_text())["network_args"]
+    assert n_params(ScoreUNet(**cpu_args)) == 704_289  # the 64² demo network (the shipped model's)
 
 
 def pair_batches(n, size=16, seed=0):

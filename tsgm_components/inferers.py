@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEUN_STEPS = 18
 #: inputs may exceed [0, 1] by this much (resampling overshoot); more means they were not normalised
 INPUT_RANGE_TOLERANCE = 1e-3
+#: At most one sampling progress line per this many seconds (plus the last step of a stack)
+PROGRESS_SECONDS = 10.0
 
 
 def slice_generator(seed: int, index: int, device: torch.device | str, draw: int = 0) -> torch.Generator:
@@ -201,6 +204,7 @@ class DiffusionSamplerInferer(Inferer):
         self.amp = amp
         self.compile = compile
         self.channels_last = bool(channels_last)
+        self._last_progress = time.monotonic()
         self._compiled_source: Optional[nn.Module] = None
         self._compiled_network: Optional[nn.Module] = None
         self.churn = float(churn)
@@ -224,18 +228,18 @@ class DiffusionSamplerInferer(Inferer):
         return score_fn
 
     def _progress(self, first: int, count: int, total: int) -> Optional[ProgressFn]:
-        """Logs about every tenth step of the sampling of slices (slice draws when ``n_draws > 1``)
-        first+1..first+count, or None if not wanted."""
+        """Logs the sampling of slices (slice draws when ``n_draws > 1``) first+1..first+count of ``total``: at most
+        one line per ``PROGRESS_SECONDS`` (a log file holds a few lines per volume, not one per step) and the last
+        step of the stack; None if not wanted."""
         if not self.progress:
             return None
         what = "slices" if self.n_draws == 1 else "slice draws"
 
         def report(step: int, steps: int) -> None:
-            if step % max(1, steps // 10) == 0 or step == steps:
-                logger.info(
-                    "%s sampling %s %d-%d of %d: step %d/%d",
-                    self.sampler, what, first + 1, first + count, total, step, steps,
-                )
+            now = time.monotonic()
+            if now - self._last_progress >= PROGRESS_SECONDS or (step == steps and first + count == total):
+                self._last_progress = now
+                logger.info("%s sampling %s %d-%d of %d: step %d/%d", self.sampler, what, first + 1, first + count, total, step, steps)
 
         return report
 

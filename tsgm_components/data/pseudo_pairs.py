@@ -131,13 +131,14 @@ def blend_lesions(
     """Pseudo-pair conditions that keep x_A's normal tissue exactly and take G_A→B's lesion:
     ``x_A + w · (G_A→B(x_A) − x_A)`` with ``w`` = :func:`lesion_weights` of the slice, the same region in every
     modality. With ``rng`` (placement "random") the lesion region of G_A→B(x_A) and its weights are moved together
-    by :func:`random_shift` (the same shift in every modality) and kept inside x_A's brain:
-    ``x_A + w' · (shift(G_A→B(x_A)) − x_A)``. healthy, translated: modality -> (H, W) in [0, 1]; returns
+    by :func:`random_shift` (the same shift in every modality), taking only brain and landing only in brain:
+    ``x_A + w' · (shift(G_A→B(x_A)) − x_A)``, ``w' = shift(w · brain) · brain``. healthy, translated: modality -> (H, W) in [0, 1]; returns
     modality -> (H, W) float32 in [0, 1]."""
     weights = lesion_weights({m: translated[m] - healthy[m] for m in translated}, threshold)
     lesion = dict(translated)
     if rng is not None and weights.any():
         brain = np.any([healthy[m] > 0 for m in healthy], axis=0)
+        weights = weights * brain  # what is moved is brain (lesion and its margin), never background
         shift = random_shift(weights, brain, rng)
         weights = _shifted(weights, shift) * brain
         lesion = {m: _shifted(translated[m], shift) for m in translated}
