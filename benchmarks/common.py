@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 
+from tsgm_components import bundle_dir
 from tsgm_components.io import atomic_path, save_json
+
+#: The evaluation bundle's CPU configuration (what the demo calibrates with)
+EVALUATION_CPU_CONFIGS = [f"{bundle_dir('tsgm_evaluation')}/configs/evaluate.yaml", f"{bundle_dir('tsgm_evaluation')}/configs/cpu.yaml"]
 
 
 def save_report(table: str, record: Any, out_dir: str | os.PathLike, name: str) -> Path:
@@ -38,3 +43,12 @@ def timed(inferer: Any, inputs: torch.Tensor, network: torch.nn.Module) -> tuple
     if inputs.device.type == "cuda":
         torch.cuda.synchronize(inputs.device)
     return out, time.perf_counter() - start
+
+
+def evaluation_settings(config_files: list[str] | tuple[str, ...] = tuple(EVALUATION_CPU_CONFIGS)) -> dict[str, Any]:
+    """The evaluation bundle's calibration settings (mode, objective, weight grid, bins, sample size, seed): the keyword
+    arguments of ``tsgm_components.evaluation.calibrate``."""
+    parser = ConfigParser()
+    parser.read_config([str(Path(f)) for f in config_files])
+    keys = ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed")
+    return {key: parser.get_parsed_content(key) for key in keys}

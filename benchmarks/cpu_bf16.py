@@ -44,7 +44,7 @@ VEJP = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 def cyclegan_seconds_per_iteration(work_dir: Path, bf16: bool, iterations: int) -> float:
     config = ConfigParser()
     config.read_config([str(CYCLEGAN / "train.yaml"), str(CYCLEGAN / "cpu.yaml")])
-    config.update({"work_dir": str(work_dir), "bf16": bf16, "epoch_length": iterations, "n_epochs": 1, "n_epochs_decay": 0,
+    config.update({"work_dir": str(work_dir), "amp": bf16, "epoch_length": iterations, "n_epochs": 1, "n_epochs_decay": 0,
                    "progress_bar": False, "train#handlers": [], "summary_writer#_disabled_": True})
     trainer = config.get_parsed_content("train#trainer")
     weights = torch.load(work_dir / "cyclegan" / "model.pt", weights_only=True)

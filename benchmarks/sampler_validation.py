@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from common import save_report
+from common import evaluation_settings, save_report
 from tsgm_components import REPO_ROOT, bundle_dir
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.evaluation import calibrate, load_cases, read_prepared
-from tsgm_components.detection import read_volumes_split
+from tsgm_components.data.prepare import read_volumes_split
 
 
 def parse_setting(text: str) -> dict[str, Any]:
@@ -43,14 +43,6 @@ def parse_setting(text: str) -> dict[str, Any]:
         key, _, value = pair.partition("=")
         setting[key] = json.loads(value)
     return setting
-
-
-def evaluation_settings() -> dict[str, Any]:
-    """The calibration keyword arguments of the evaluation bundle's CPU configuration."""
-    parser = ConfigParser()
-    configs = bundle_dir("tsgm_evaluation") + "/configs/"
-    parser.read_config([configs + "evaluate.yaml", configs + "cpu.yaml"])
-    return {key: parser.get_parsed_content(key) for key in ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed")}
 
 
 def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any]) -> tuple[Path, int]:

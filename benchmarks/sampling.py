@@ -23,7 +23,7 @@ Detection quality uses the evaluation code unchanged (``tsgm_components.evaluati
 AUPRC of the continuous map over the brain voxels of the evaluated slices, and the volume-like subset Dice (one Dice
 over all evaluated slices of a subject, mean over subjects) on which the target is judged. Weights and threshold,
 in order of preference: ``--calibration`` or ``evaluation/tsgm/calibration.json``; else chosen on the validation split by
-``evaluation.calibrate`` (the evaluation bundle's code and settings) from ``detections/vejp/validation``; else from
+``evaluation.calibrate`` (the evaluation bundle's code and settings) from ``detections/tsgm/validation``; else from
 reconstructions of the validation subjects' processed slices (all, or ``--validation_slices_per_subject``) by the
 bundle's configured sampler, with the same code. Nothing here reads the test split.
 
@@ -53,7 +53,8 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import anomaly_support, load_calibration, residual_volume
+from tsgm_components.anomaly import anomaly_support, residual_volume
+from tsgm_components.masking import load_calibration
 from tsgm_components.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
@@ -61,15 +62,13 @@ from tsgm_components.inferers import SAMPLERS, DiffusionSamplerInferer
 from tsgm_components.io import atomic_path
 from tsgm_components.metrics import average_precision, evaluate_case
 
-from common import save_report, timed  # benchmarks/common.py (this script's folder is sys.path[0])
+from common import EVALUATION_CPU_CONFIGS, evaluation_settings, save_report, timed  # benchmarks/common.py (this script's folder is sys.path[0])
 
 logger = logging.getLogger("benchmarks.sampling")
 
 VEJP_CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
-EVALUATION_CONFIGS = REPO_ROOT / "bundles" / "tsgm_evaluation" / "configs"
 #: The bundle's inference config (it builds the network the checkpoint records).
 DEFAULT_CONFIGS = [str(VEJP_CONFIGS / "inference.yaml")]
-DEFAULT_EVALUATION_CONFIGS = [str(EVALUATION_CONFIGS / "evaluate.yaml"), str(EVALUATION_CONFIGS / "cpu.yaml")]
 #: The paper's sampler: PC over all N discrete scales, reverse diffusion + 1 Langevin step at snr 0.075.
 REFERENCE_SPEC = "pc:n_corrector_steps=1,snr=0.075"
 #: Fast samplers compared by default (NFE with the SDE's defaults in brackets).
@@ -146,7 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS,
                         help="vejp_anomaly inference configs, merged in order (default: inference.yaml)")
     parser.add_argument("--checkpoint", default=None, help="the VE-JP model (default: WORK_DIR/vejp/model.pt)")
-    parser.add_argument("--evaluation_config", nargs="+", default=DEFAULT_EVALUATION_CONFIGS,
+    parser.add_argument("--evaluation_config", nargs="+", default=EVALUATION_CPU_CONFIGS,
                         help="tsgm_evaluation configs whose calibration settings are used when calibrating here")
     parser.add_argument("--subjects", type=int, default=2, help="first N validation subjects (with tumour) of volumes.json")
     parser.add_argument("--slices_per_subject", type=int, default=3,
@@ -285,14 +284,6 @@ def make_cases(
 
 
 # ------------------------------------------------------------------------------------------------ calibration
-
-
-def evaluation_settings(config_files: Sequence[str]) -> dict[str, Any]:
-    """The evaluation bundle's calibration settings (mode, objective, weight grid, bins, sample size, seed)."""
-    parser = ConfigParser()
-    parser.read_config([str(Path(f)) for f in config_files])
-    keys = ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed")
-    return {key: parser.get_parsed_content(key) for key in keys}
 
 
 def get_calibration(

@@ -20,7 +20,7 @@ from monai.bundle import verify_metadata
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec
 from tsgm_components.data.prepare import read_prepare_config
-from tsgm_components.data.pseudo_pairs import blend_lesions, lesion_weights
+from tsgm_components.data.pseudo_pairs import blend_lesions, lesion_weights, random_shift
 from tsgm_components.data.unpaired import UnpairedSliceDataset, load_slice_items
 from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
 from tsgm_components.errors import TsgmInputError
@@ -331,6 +331,19 @@ def test_pseudo_pairs_from_bundle(prepared_dir, tiny_checkpoint, tmp_path):
             np.testing.assert_array_equal(mine[weights == 0], healthy[m][weights == 0])
             untouched += int((weights == 0).sum())
     assert untouched > 0 and blended_pixels > 0
+    # random placement: the same pairs on every run (seeded by subject and z), the lesion elsewhere than G_AB put it
+    for name in ("placed", "placed_again"):
+        run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
+                   image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"], pseudo_pairs_dir=str(tmp_path / name),
+                   lesion_blend_threshold=threshold, lesion_placement="random")
+    conditions = {name: [np.load(tmp_path / name / p["condition"]) for p in pairs["training"]] for name in ("blended", "placed", "placed_again")}
+    assert all(np.array_equal(a, b) for a, b in zip(conditions["placed"], conditions["placed_again"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(conditions["placed"], conditions["blended"]))
+    with pytest.raises(RuntimeError) as error:
+        run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
+                   image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"], pseudo_pairs_dir=str(tmp_path / "nothing"),
+                   lesion_placement="random")
+    assert "needs a lesion_blend_threshold" in str(error.value.__cause__)
 
 
 def test_lesion_weights_find_a_compact_added_lesion_and_ignore_texture():
@@ -348,6 +361,31 @@ def test_lesion_weights_find_a_compact_added_lesion_and_ignore_texture():
     out = blend_lesions(healthy, {m: healthy[m] + changes[m] for m in changes}, 0.1)
     np.testing.assert_array_equal(out["t1"][:10], healthy["t1"][:10])
     np.testing.assert_allclose(out["flair"][24, 35], 0.4 + changes["flair"][24, 35], atol=1e-6)
+
+
+def test_random_lesion_placement_moves_the_lesion_whole_inside_the_brain():
+    healthy = {m: np.zeros((64, 64), np.float32) for m in ("t1", "t1ce", "t2", "flair")}
+    for m in healthy:
+        healthy[m][8:56, 8:56] = 0.4  # the brain: a 48×48 square
+    lesion = np.zeros((64, 64), np.float32)
+    lesion[12:18, 12:18] = 0.5  # a bright FLAIR/T2 blob in a corner of the brain
+    translated = {m: healthy[m] + (lesion if m in ("t2", "flair") else 0.5 * lesion) for m in healthy}
+    in_place = blend_lesions(healthy, translated, 0.1)
+    weights = lesion_weights({m: translated[m] - healthy[m] for m in healthy}, 0.1)
+    moved = [blend_lesions(healthy, translated, 0.1, np.random.default_rng(seed)) for seed in range(5)]
+    assert all(np.array_equal(a[m], b[m]) for a, b in zip(moved, [blend_lesions(healthy, translated, 0.1, np.random.default_rng(s)) for s in range(5)]) for m in a)
+    brain = healthy["flair"] > 0
+    centres = set()
+    for out in moved:
+        change = out["flair"] - healthy["flair"]
+        assert np.isclose(change.sum(), (in_place["flair"] - healthy["flair"]).sum(), rtol=0.1)  # the whole lesion, moved
+        assert not change[~brain].any()  # never outside the brain
+        assert np.allclose(out["t1"] - healthy["t1"], 0.5 * change)  # the same shift in every modality
+        centres.add(tuple(np.round(np.argwhere(change > 0.25).mean(axis=0)).astype(int)))
+    assert len(centres) == 5  # five seeds, five places
+    shift = random_shift(weights, brain, np.random.default_rng(0))
+    assert shift != (0, 0) and random_shift(np.zeros_like(weights), brain, np.random.default_rng(0)) == (0, 0)
+    assert random_shift(weights, np.zeros_like(brain), np.random.default_rng(0)) == (0, 0)
 
 
 def test_translate_slices_batching_and_errors(tiny_checkpoint, tmp_path):

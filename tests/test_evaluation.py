@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES
-from tsgm_components.detection import load_calibration
+from tsgm_components.masking import load_calibration
 from tsgm_components.ensembling import (
     BrainVoxels,
     fixed_mask,

@@ -147,7 +147,8 @@ def _stored(data: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> tupl
     ids=["RAS", "axial-first"],
 )
 def test_other_orientations_are_processed_in_the_training_orientation_and_written_back(tmp_path, transform):
-    from tsgm_components.detection import MaskSettings, detect_subject
+    from tsgm_components.detection import detect_subject
+    from tsgm_components.masking import MaskSettings
     from tsgm_components.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
@@ -315,7 +316,8 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     volume stored in two voxel orders: the model sees the same slices, the label comes back in each input's order."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from tsgm_components.detection import AnomalyFromHealthyd, MaskSettings, MultiModalSlicesd
+    from tsgm_components.masking import MaskSettings
+    from tsgm_components.monai_label import AnomalyFromHealthyd, MultiModalSlicesd
     from tsgm_components.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)

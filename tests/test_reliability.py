@@ -471,7 +471,7 @@ def test_integer_volumes_near_their_limit_give_the_float_result(assets, tmp_path
 
 
 def run_evaluation(work: Path, **overrides) -> None:
-    methods = [{"name": "tsgm", "detection_dir": str(work / "detections" / "vejp")}]
+    methods = [{"name": "tsgm", "detection_dir": str(work / "detections" / "tsgm")}]
     run("evaluating", config_file=EVAL_CONFIGS, logging_file=False, work_dir=str(work), methods=methods, **overrides)
 
 
@@ -488,7 +488,7 @@ def pipeline(assets, tmp_path_factory) -> dict[str, Path | dict]:
     run_cyclegan(assets, "inference", prepared_dir=str(work / "prepared"), pseudo_pairs_dir=str(work / "pseudo_pairs"))
     volumes = str(work / "prepared" / "volumes.json")
     for split in ("validation", "test"):
-        run_vejp(assets, work / "detections" / "vejp" / split, datalist=volumes, split=split)
+        run_vejp(assets, work / "detections" / "tsgm" / split, datalist=volumes, split=split)
     run_vejp(assets, work / "detections" / "seed1" / "test", datalist=volumes, split="test", sample_seed=1)
     run_evaluation(work)
     return {"work": work, "dataset_before": dataset_before, "prepared_before": prepared_before}
@@ -617,9 +617,9 @@ def test_existing_output_is_kept_and_a_rerun_reproduces_it(assets, pipeline, wri
 def test_vejp_sampler_seed_changes_the_reconstruction(pipeline):
     """Reruns are identical (above) because of the seed, not because sampling ignores it."""
     detections = pipeline["work"] / "detections"
-    for folder in (detections / "vejp" / "test").iterdir():
+    for folder in (detections / "tsgm" / "test").iterdir():
         name = f"{folder.name}/{folder.name}_healthy_flair.nii.gz"
-        seed0, seed1 = (nib.load(str(d / "test" / name)).get_fdata() for d in (detections / "vejp", detections / "seed1"))
+        seed0, seed1 = (nib.load(str(d / "test" / name)).get_fdata() for d in (detections / "tsgm", detections / "seed1"))
         assert seed0.shape == SHAPE and not np.array_equal(seed0, seed1)
 
 
@@ -780,7 +780,7 @@ def _evaluation_absent_seg(work: Path) -> Path:
 
 
 def _evaluation_corrupt_record(work: Path) -> Path:
-    path = next((work / "detections" / "vejp" / "test").glob("*/*_detection.json"))
+    path = next((work / "detections" / "tsgm" / "test").glob("*/*_detection.json"))
     path.write_text('{"method": "vejp", "seconds": {"tot')
     return path
 

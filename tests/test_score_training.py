@@ -2,12 +2,14 @@
 
 import pytest
 import torch
+import yaml
 from ignite.engine import Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from tsgm_components import REPO_ROOT
 from tsgm_components.engines.score import ScoreMatchingTrainer, linear_warmup
 from tsgm_components.losses.score_matching import dsm_loss
-from tsgm_components.networks.score import CPU_PRESET, NOISE_LABEL_SCALE, PAPER_PRESET, ScoreUNet
+from tsgm_components.networks.score import NOISE_LABEL_SCALE, PAPER_PRESET, ScoreUNet
 from tsgm_components.sde import VESDE
 
 TINY = dict(channels=(32, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=32)
@@ -76,11 +78,12 @@ def test_loss_weight_makes_the_dsm_loss_the_unet_output_mse():
     torch.testing.assert_close(loss, ((raw - target) ** 2).mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_preset_parameter_counts():
+def test_network_parameter_counts_of_both_scales():
     with torch.device("meta"):  # shapes only: no memory, no init time
         paper = ScoreUNet(1, **PAPER_PRESET)
     assert n_params(paper) == 65_345_153  # method notes: MONAI DiffusionModelUNet in the paper layout
-    assert n_params(ScoreUNet(1, **CPU_PRESET)) == 1_262_913
+    cpu_args = yaml.safe_load((REPO_ROOT / "bundles" / "vejp_anomaly" / "configs" / "cpu.yaml").read_text())["network_args"]
+    assert n_params(ScoreUNet(**cpu_args)) == 704_289  # the 64² demo network (the shipped model's)
 
 
 def pair_batches(n, size=16, seed=0):
@@ -97,7 +100,7 @@ def make_trainer(data, max_epochs, condition_channels=1, seed=0, warmup=3):
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     return ScoreMatchingTrainer(
         device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net, optimizer=opt, sde=VESDE(),
-        lr_scheduler=linear_warmup(opt, warmup), seed=seed,
+        lr_scheduler=linear_warmup(opt, warmup), seed=seed, loss_weight=net.loss_weight,
     )
 
 
@@ -171,10 +174,19 @@ def test_inferer_runs_a_real_score_unet():
     torch.testing.assert_close(unchunked, out, rtol=0, atol=1e-4)
 
 
-def test_amp_needs_cuda():
-    with pytest.raises(ValueError, match="CUDA"):
-        net = ScoreUNet(1, **TINY)
-        ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(), amp=True)
+def test_amp_means_bfloat16_autocast_without_a_scaler_on_the_cpu():
+    """amp has one meaning (tsgm_components.precision): float16 + GradScaler on CUDA, bfloat16 on the CPU."""
+    net = ScoreUNet(1, **TINY)
+    trainer = ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(),
+                                   loss_weight=net.loss_weight, amp=True)
+    seen = []
+    net.unet.register_forward_hook(lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    before = flat(net)
+    trainer.run()
+    assert trainer.loss_scaler is None and "scaler" not in trainer.checkpoint_objects
+    assert seen == [(True, torch.bfloat16)]
+    assert torch.isfinite(trainer.state.output["loss"]) and not torch.equal(flat(net), before)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_training_reduces_the_dsm_loss():
@@ -197,7 +209,8 @@ def test_training_reduces_the_dsm_loss():
     net = ScoreUNet(1, **TINY)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     before = eval_loss(net)
-    ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5)).run()
+    ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5),
+                         loss_weight=net.loss_weight).run()
     after = eval_loss(net)
     assert before > 0.3 and after < 0.5 * before, (before, after)
 

@@ -416,6 +416,10 @@ def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog)
     with caplog.at_level("INFO", logger="tsgm_components.inferers"):
         DiffusionSamplerInferer(VESDE(), n_steps=4, n_draws=3, progress=True)(torch.rand(2, 1, 4, 4), ConditionalGaussianScore())
     assert "pc sampling slice draws 1-6 of 6: step 4/4" in caplog.text
+    caplog.clear()  # a log file gets a line per PROGRESS_SECONDS and the end of the stack, not one per step or chunk
+    with caplog.at_level("INFO", logger="tsgm_components.inferers"):
+        DiffusionSamplerInferer(VESDE(), n_steps=4, batch_size=1, progress=True)(torch.rand(3, 1, 4, 4), ConditionalGaussianScore())
+    assert caplog.messages == ["pc sampling slices 3-3 of 3: step 4/4"]
 
 
 def test_inferer_amp_runs_the_network_under_bfloat16_on_cpu():

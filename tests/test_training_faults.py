@@ -328,7 +328,8 @@ def test_same_seed_same_losses_score_trainer():
         network = ScoreUNet(1, channels=(16, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=16, norm_num_groups=16)
         data = torch.utils.data.DataLoader([{"image": torch.rand(1, 16, 16), "condition": torch.rand(1, 16, 16)} for _ in range(6)], batch_size=2, shuffle=True)
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-        trainer = ScoreMatchingTrainer("cpu", 2, data, network, optimizer, VESDE(), linear_warmup(optimizer, 2), seed=seed)
+        trainer = ScoreMatchingTrainer("cpu", 2, data, network, optimizer, VESDE(), linear_warmup(optimizer, 2), seed=seed,
+                                       loss_weight=network.loss_weight)
         recorded: list[float] = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: recorded.append(float(e.state.output["loss"])))
         trainer.run()

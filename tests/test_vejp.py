@@ -225,7 +225,7 @@ def test_inference_writes_maps_in_input_geometry_without_mask(trained, subject, 
     weighted = sum(PAPER_WEIGHTS[m] * maps[f"S001_anomaly_{m}.nii.gz"] for m in MODALITIES)
     np.testing.assert_allclose(maps["S001_anomaly.nii.gz"], weighted, atol=1e-6)
     record = json.loads((out / "S001_detection.json").read_text())
-    assert record["method"] == "vejp" and record["mask"] is None and record["weights"] == PAPER_WEIGHTS
+    assert record["method"] == "tsgm" and record["mask"] is None and record["weights"] == PAPER_WEIGHTS
     assert record["reconstruction"]["sampler"] == "heun" and record["reconstruction"]["nfe_per_slice"] == 2 * 5
     assert record["reconstruction"]["n_draws"] == 2 and record["reconstruction"]["churn"] == 0.0
     assert record["preprocess"] == PREPROCESS and record["seconds"]["total"] > 0

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import MAPS_ONLY, MaskSettings, Reconstructor, detect_datalist
+from tsgm_components.detection import Reconstructor, detect_datalist
+from tsgm_components.masking import MAPS_ONLY, MaskSettings
 from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.translation import translate_modalities
 

@@ -28,7 +28,9 @@ from torch import Tensor
 from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, subject_files
 from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import MAPS_ONLY, detect_datalist, read_volumes_split
+from tsgm_components.data.prepare import read_volumes_split
+from tsgm_components.detection import detect_datalist
+from tsgm_components.masking import MAPS_ONLY
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import read_prepared
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json

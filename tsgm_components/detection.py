@@ -2,15 +2,17 @@
 
 A method is a ``reconstruct(slices) -> healthy`` callable over (N, 1, s, s) slice stacks in [0, 1].
 :func:`detect_subject` loads and validates one subject, applies the training preprocessing, reconstructs all
-slices of all four modalities in one call, and writes the detection output of ``docs/architecture.md`` in the input's exact geometry, atomically.
+slices of all four modalities in one call, and writes the detection output of ``docs/architecture.md`` in the input's
+exact geometry, atomically; :func:`detect_datalist` does a split (rank sharding, resume) and :func:`run_detection` is
+the bundle entry point (input-form dispatch). The parts live in their own modules: mask policy
+(:mod:`~tsgm_components.masking`), residual maps (:mod:`~tsgm_components.anomaly`), overlay
+(:mod:`~tsgm_components.overlays`); MONAI Label's dict pipeline over the same parts is :mod:`~tsgm_components.monai_label`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,19 +20,17 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.inferers import Inferer
-from monai.transforms import MapTransform
 from torch import Tensor
 
 import tsgm_components
-from tsgm_components.data.brats import (
-    MODALITIES, SubjectFiles, VolumeGeometry, grid_geometry, load_subject, open_subject, subject_files,
-)
+from tsgm_components.anomaly import anomaly_maps
+from tsgm_components.data.brats import MODALITIES, SubjectFiles, VolumeGeometry, load_subject, open_subject, subject_files
+from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
-from tsgm_components.ensembling import MASK_MODES, OTSU_MIN_COMPONENT_MM2, PAPER_WEIGHTS, check_weights, score_to_mask, weighted_anomaly
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
+from tsgm_components.masking import MaskSettings, resolve_mask_settings
+from tsgm_components.overlays import save_overlay
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 Reconstructor = Callable[[Tensor], Tensor]
 #: "all" modalities, or only the "weighted" ones (non-zero ensemble weight)
 RECONSTRUCT_MODALITIES = ("all", "weighted")
-#: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
-SPLIT_KEYS = {"train": "training", "training": "training", "val": "validation", "validation": "validation", "test": "test"}
-OVERLAY_SLICES = 6
 #: gzip keeps about 13 % of the raw size of these float32 maps (zero outside the brain; 46 MB for a phantom subject's
 #: ten maps); the free-space check asks for this fraction, an upper estimate
 NIFTI_GZIP_BOUND = 0.25
@@ -60,121 +57,10 @@ class InfererReconstructor:
         return self.inferer(slices.to(self.device), self.network).float().cpu()
 
 
-def calibration_beside(checkpoint: str | Path) -> str | None:
-    """``<checkpoint stem>_calibration.json`` next to a checkpoint (how the shipped weights carry the weights and
-    threshold chosen on their validation split), or None if there is none: then no mask unless one is asked for."""
-    path = Path(checkpoint).with_name(Path(checkpoint).stem + "_calibration.json")
-    return str(path) if path.is_file() else None
-
-
-def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, str]:
-    """Read the evaluation bundle's ``calibration.json``: ``(weights, threshold, mode)``.
-
-    ``{"weights": {mod: w}, "threshold": t, "mode": "fixed" | "otsu", ...}``; ``threshold`` may be null in
-    Otsu mode. Raises TsgmInputError naming the file on any problem.
-    """
-    path = Path(path)
-    try:
-        calibration = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise TsgmInputError(path, f"cannot read calibration JSON ({type(error).__name__}: {error})") from error
-    if not isinstance(calibration, dict) or "weights" not in calibration or not isinstance(calibration["weights"], dict):
-        raise TsgmInputError(path, 'expected {"weights": {modality: weight}, "threshold": t, "mode": "fixed"|"otsu"}')
-    mode = calibration.get("mode", "fixed")
-    if mode not in MASK_MODES:
-        raise TsgmInputError(path, f"mode must be one of {MASK_MODES}, got {mode!r}")
-    try:
-        weights = check_weights(calibration["weights"], source="weights")
-    except ValueError as error:
-        raise TsgmInputError(path, str(error)) from error
-    threshold = calibration.get("threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
-        raise TsgmInputError(path, f"threshold must be a finite number, got {threshold!r}")
-    if mode == "fixed" and threshold is None:
-        raise TsgmInputError(path, 'mode "fixed" needs a numeric "threshold"')
-    return weights, (None if threshold is None else float(threshold)), mode
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSettings:
-    """Ensemble weights and mask rule of a detection, with where each came from (recorded in ``_detection.json``).
-
-    weights: modality -> w (Σ = 1); mode: "fixed" (``threshold`` needed), "otsu", or None (anomaly maps only, no mask).
-    """
-
-    weights: Mapping[str, float]
-    mode: str | None = None
-    threshold: float | None = None
-    weights_source: str = "given"
-    threshold_source: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", check_weights(self.weights, source=f"weights ({self.weights_source})"))
-        if self.mode not in (None, *MASK_MODES):
-            raise ValueError(f"mask_mode must be one of {MASK_MODES} or None, got {self.mode!r}")
-        if self.mode == "fixed" and self.threshold is None:
-            raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
-
-    def mask(self, score: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], z_indices: range) -> np.ndarray | None:
-        """uint8 (H, W, D) mask of an ensemble ``score`` by :func:`~tsgm_components.ensembling.score_to_mask`, or None."""
-        return None if self.mode is None else score_to_mask(score, brain, self.mode, self.threshold, spacing_mm, z_indices)
-
-    def record(self) -> dict[str, Any]:
-        """The ``weights``, ``weights_source`` and ``mask`` entries of ``_detection.json``."""
-        mask = None if self.mode is None else {"mode": self.mode, "threshold": self.threshold, "threshold_source": self.threshold_source or "given"}
-        return {"weights": dict(self.weights), "weights_source": self.weights_source, "mask": mask}
-
-
-#: Maps without a mask, paper weights for the stored combined map: what baselines and ceilings write (the evaluation
-#: bundle calibrates weights and threshold on validation)
-MAPS_ONLY = MaskSettings(PAPER_WEIGHTS, weights_source="baseline default (the evaluation bundle calibrates)")
-
-
-def resolve_mask_settings(
-    calibration_file: str | Path | None = None,
-    weights: Mapping[str, float] | None = None,
-    threshold: float | None = None,
-    mask_mode: str | None = None,
-) -> MaskSettings:
-    """Ensemble weights and mask rule from a calibration file and/or explicit values (explicit values win).
-
-    Without calibration, threshold or Otsu mode no mask is made, and the paper's weights are used unless given.
-    """
-    resolved_weights, weights_source = dict(PAPER_WEIGHTS), "paper (T1 .07, T1ce .19, T2 .30, FLAIR .44)"
-    threshold_source = None if threshold is None else "explicit"
-    if calibration_file is not None:
-        cal_weights, cal_threshold, cal_mode = load_calibration(calibration_file)
-        source = f"calibration {Path(calibration_file).resolve()}"
-        resolved_weights, weights_source = cal_weights, source
-        if threshold is None and mask_mode in (None, cal_mode):
-            threshold, threshold_source = cal_threshold, source
-        mask_mode = mask_mode or ("fixed" if threshold_source == "explicit" else cal_mode)
-    if weights is not None:
-        resolved_weights, weights_source = check_weights(dict(weights), source="explicit weights"), "explicit"
-    if mask_mode is None and threshold is not None:
-        mask_mode = "fixed"
-    if mask_mode == "otsu":
-        threshold, threshold_source = None, f"per-slice Otsu + components > {OTSU_MIN_COMPONENT_MM2:g} mm²"
-    return MaskSettings(resolved_weights, mask_mode, None if threshold is None else float(threshold), weights_source, threshold_source)
-
-
 def output_bytes(geometry: VolumeGeometry, n_reconstructed: int) -> int:
     """Upper estimate of one subject's output size: healthy + anomaly maps per reconstructed modality, the weighted map
     and the mask as float32 NIfTI at ``NIFTI_GZIP_BOUND`` of their raw size, plus 1 MB for the overlay and record."""
     return int((2 * n_reconstructed + 2) * np.prod(geometry.shape) * 4 * NIFTI_GZIP_BOUND) + 1_000_000
-
-
-def anomaly_support(brain_mask: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
-    """(H, W, D) bool: brain voxels of the processed slices ``z_min..z_max``, where anomaly maps may be non-zero."""
-    support = np.zeros(brain_mask.shape, dtype=bool)
-    support[:, :, preprocess.z_min : preprocess.z_max + 1] = brain_mask[:, :, preprocess.z_min : preprocess.z_max + 1]
-    return support
-
-
-def residual_volume(slices: np.ndarray, healthy: np.ndarray, support: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
-    """|input − healthy| of (S, s, s) slice stacks at the model's resolution, mapped to the (H, W, D) input
-    geometry and zeroed outside ``support`` (identical to a voxel-wise residual when image_size == pad_to)."""
-    return slices_to_volume(np.abs(slices - healthy), support.shape, preprocess) * support
 
 
 def _reconstruct_volume(
@@ -196,35 +82,6 @@ def _reconstruct_volume(
             raise RuntimeError(f"reconstruction of {files.paths[modality]} contains non-finite values (diverged sampler?)")
         out[modality] = np.clip(part, 0.0, 1.0)
     return out
-
-
-def save_overlay(flair: np.ndarray, anomaly: np.ndarray, mask: np.ndarray | None, z_indices: Sequence[int], path: Path, title: str) -> None:
-    """PNG of the ``OVERLAY_SLICES`` axial slices with the most anomaly: FLAIR (grey), anomaly (heat), mask (contour).
-
-    flair, anomaly: (H, W, D) in [0, 1]; mask: (H, W, D) {0, 1} or None.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    z_indices = list(z_indices)
-    mass = [float(anomaly[:, :, z].sum()) for z in z_indices]
-    chosen = sorted(z_indices[i] for i in np.argsort(mass)[::-1][:OVERLAY_SLICES])
-    vmax = float(max(anomaly.max(), 1e-6))
-    fig, axes = plt.subplots(1, len(chosen), figsize=(2.6 * len(chosen), 3.0), squeeze=False)
-    for ax, z in zip(axes[0], chosen):
-        ax.imshow(np.rot90(flair[:, :, z]), cmap="gray", vmin=0, vmax=1)
-        heat = np.ma.masked_less_equal(np.rot90(anomaly[:, :, z]), 0.05 * vmax)
-        ax.imshow(heat, cmap="hot", alpha=0.55, vmin=0, vmax=vmax)
-        if mask is not None and mask[:, :, z].any():
-            ax.contour(np.rot90(mask[:, :, z]), levels=[0.5], colors="cyan", linewidths=0.8)
-        ax.set_title(f"z={z}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def detect_subject(
@@ -265,18 +122,15 @@ def detect_subject(
     volumes = load_subject(files, preprocess)
     check_writable(target, output_bytes(volumes.geometry, len(reconstructed)))  # before the sampling
 
-    support = anomaly_support(volumes.brain_mask, preprocess)
-    normalised, slices, healthy, anomaly = {}, {}, {}, {}
     reconstruction_started = time.perf_counter()
+    normalised, slices = {}, {}
     for modality in MODALITIES:
         normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
     healthy_slices = _reconstruct_volume(reconstruct, {m: slices[m] for m in reconstructed}, files)
-    for modality in reconstructed:
-        healthy[modality] = slices_to_volume(healthy_slices[modality], volumes.brain_mask.shape, preprocess)
-        anomaly[modality] = residual_volume(slices[modality], healthy_slices[modality], support, preprocess)
+    healthy = {m: slices_to_volume(healthy_slices[m], volumes.brain_mask.shape, preprocess) for m in reconstructed}
+    anomaly, weighted = anomaly_maps(slices, healthy_slices, volumes.brain_mask, preprocess, weights)
     logger.info("%s: reconstructed %d slices × %s", subject, len(slices[MODALITIES[0]]), "/".join(reconstructed))
     reconstruction_seconds = time.perf_counter() - reconstruction_started
-    weighted = weighted_anomaly(anomaly, weights)
     mask = mask_settings.mask(weighted, volumes.brain_mask, volumes.geometry.training_voxel_size, preprocess.z_range)
     if mask is None:
         logger.warning(
@@ -321,31 +175,6 @@ def detect_subject(
         save_json(record, tmp / outputs["detection"])
     logger.info("%s: wrote %s (%.1f s)", subject, target, time.perf_counter() - started)
     return target
-
-
-def read_volumes_split(volumes: str | Path | Sequence[Mapping[str, Any]] | Mapping[str, Any], split: str | None) -> list[dict[str, Any]]:
-    """Subjects of one split of ``volumes.json`` (a path or its loaded dict), or an explicit list of items.
-
-    Items: ``{"subject": id, "t1": path, "t1ce": ..., "t2": ..., "flair": ..., "seg": optional}``.
-    """
-    source = "datalist"
-    if isinstance(volumes, (str, Path)):
-        source = str(volumes)
-        try:
-            volumes = json.loads(Path(volumes).read_text())
-        except (OSError, ValueError) as error:
-            raise TsgmInputError(source, f"cannot read volumes JSON ({type(error).__name__}: {error})") from error
-    if isinstance(volumes, Mapping):
-        key = SPLIT_KEYS.get(str(split))
-        if key is None or key not in volumes:
-            raise TsgmInputError(source, f"split {split!r} not found (available: {sorted(volumes)})")
-        volumes = volumes[key]
-    items = [dict(item) for item in volumes]
-    for item in items:
-        missing = [k for k in ("subject", *MODALITIES) if k not in item]
-        if missing:
-            raise TsgmInputError(source, f"item {item.get('subject', item)} lacks keys {missing}")
-    return items
 
 
 def detect_datalist(
@@ -438,103 +267,3 @@ def run_detection(
         if missing:
             raise TsgmInputError(next(iter(files.values())), f"missing modalities {missing}: give all of t1, t1ce, t2, flair")
     return [detect_subject(files, out_dir, subject=subject, **kwargs)]
-
-
-# ---------------------------------------------------------------- dict pipeline (MONAI Label's BundleInferTask)
-# BundleInferTask runs: preprocessing(dict with "image") -> inferer(image[None], network) -> [0] -> "pred" ->
-# postprocessing(dict). "image" is one multi-channel NIfTI (channels = ``channel_modalities``).
-
-
-class SliceStackInferer(Inferer):
-    """Applies a slice inferer ((N, 1, s, s) -> (N, 1, s, s)) to every (s, s) plane of a tensor (..., s, s)."""
-
-    def __init__(self, slice_inferer: Callable[[Tensor, torch.nn.Module], Tensor]):
-        self.slice_inferer = slice_inferer
-
-    @property
-    def nfe_per_slice(self) -> int | None:
-        return getattr(self.slice_inferer, "nfe_per_slice", None)
-
-    def __call__(self, inputs: Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> Tensor:
-        planes = torch.as_tensor(inputs).reshape(-1, 1, *inputs.shape[-2:])
-        return self.slice_inferer(planes, network).reshape(inputs.shape)
-
-
-class MultiModalSlicesd(MapTransform):
-    """(M, H, W, D) multi-modal volume -> (M, S, s, s) preprocessed slices in [0, 1] (same as training).
-
-    The volume is checked against the model's training grid and reoriented to it, from the MetaTensor's affine
-    (:func:`~tsgm_components.data.brats.grid_geometry`; a plain array is taken as already in that orientation). Also
-    stores ``<key>_brain`` ((H, W, D) bool, model orientation) and ``<key>_geometry`` for :class:`AnomalyFromHealthyd`;
-    the output keeps the input's metadata (affine), so the restored prediction overlays the input.
-    """
-
-    def __init__(self, keys: str, preprocess: PreprocessConfig, channel_modalities: Sequence[str] = MODALITIES):
-        super().__init__(keys)
-        if sorted(channel_modalities) != sorted(MODALITIES):
-            raise ValueError(f"channel_modalities must order {list(MODALITIES)}, got {list(channel_modalities)}")
-        self.preprocess = preprocess
-        self.channel_modalities = tuple(channel_modalities)
-
-    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        data = dict(data)
-        for key in self.key_iterator(data):
-            image = data[key]
-            volume = np.asarray(image.detach().cpu() if isinstance(image, Tensor) else image, dtype=np.float32)
-            meta = getattr(image, "meta", {})
-            source = meta.get("filename_or_obj", key)
-            if volume.ndim != 4 or volume.shape[0] != len(self.channel_modalities):
-                raise TsgmInputError(source, f"expected a ({len(self.channel_modalities)}, H, W, D) volume (channels {self.channel_modalities}), got shape {volume.shape}")
-            if not np.isfinite(volume).all():
-                raise TsgmInputError(source, "contains non-finite voxels")
-            geometry = None
-            if meta.get("affine") is not None:
-                geometry = grid_geometry(np.asarray(torch.as_tensor(meta["affine"]).cpu()), volume.shape[1:], self.preprocess, source)
-                volume = np.stack([geometry.to_training(channel) for channel in volume])
-            brain = volume.any(axis=0)
-            slices = np.stack([preprocess_volume(channel, brain, self.preprocess)[1] for channel in volume])
-            data[key] = MetaTensor(torch.from_numpy(slices), meta=getattr(image, "meta", None))
-            data[f"{key}_brain"] = brain
-            data[f"{key}_geometry"] = geometry
-        return data
-
-
-class AnomalyFromHealthyd(MapTransform):
-    """``pred`` (M, S, s, s) healthy slices -> (1, H, W, D) weighted anomaly map, or the uint8 mask when a mask
-    rule is given (``mask_settings`` from :func:`resolve_mask_settings`), in the input geometry (mapped back from the
-    model's orientation with the ``<image_key>_geometry`` :class:`MultiModalSlicesd` stored)."""
-
-    def __init__(
-        self,
-        keys: str,
-        image_key: str,
-        preprocess: PreprocessConfig,
-        mask_settings: MaskSettings,
-        channel_modalities: Sequence[str] = MODALITIES,
-    ):
-        super().__init__(keys)
-        self.image_key = image_key
-        self.preprocess = preprocess
-        self.mask_settings = mask_settings
-        self.channel_modalities = tuple(channel_modalities)
-
-    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-        data = dict(data)
-        image = data[self.image_key]
-        geometry = data.get(f"{self.image_key}_geometry")
-        slices = np.asarray(torch.as_tensor(image).detach().cpu(), dtype=np.float32)
-        brain = data[f"{self.image_key}_brain"]
-        support = anomaly_support(brain, self.preprocess)
-        for key in self.key_iterator(data):
-            healthy = np.asarray(torch.as_tensor(data[key]).detach().cpu(), dtype=np.float32)
-            maps = {
-                m: residual_volume(slices[i], np.clip(healthy[i], 0, 1), support, self.preprocess)
-                for i, m in enumerate(self.channel_modalities)
-            }
-            weighted = weighted_anomaly(maps, self.mask_settings.weights)
-            spacing = geometry.training_voxel_size if geometry is not None else (1.0, 1.0, 1.0)
-            mask = self.mask_settings.mask(weighted, brain, spacing, self.preprocess.z_range)
-            out = weighted if mask is None else mask
-            out = geometry.to_input(out) if geometry is not None else out
-            data[key] = MetaTensor(torch.from_numpy(np.ascontiguousarray(out)[None]), meta=getattr(image, "meta", None))
-        return data

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from tsgm_components.data.brats import MODALITIES, SEG, VolumeGeometry, load_subject
-from tsgm_components.data.prepare import read_prepare_config, read_prepare_record
+from tsgm_components.data.prepare import read_prepare_config, read_prepare_record, read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
 from tsgm_components.ensembling import (
     MASK_MODES,
@@ -376,6 +376,7 @@ def run_evaluation(
     needs every modality's maps (the weight search); test only those the calibration weights.
     """
     volumes, preprocess, min_brain_fraction = read_prepared(prepared_dir)
+    splits = {split: read_volumes_split(volumes, split) for split in ("validation", "test")}
     names = [str(method["name"]) for method in methods]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"methods need distinct names, got {names}")
@@ -384,7 +385,7 @@ def run_evaluation(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for method in methods:
             name, detection_dir = str(method["name"]), Path(method["detection_dir"])
-            validation = load_cases(detection_dir / "validation", volumes.get("validation", []), preprocess, truths)
+            validation = load_cases(detection_dir / "validation", splits["validation"], preprocess, truths)
             calibration = calibrate(
                 validation, method.get("mode", mode), objective, weight_step, method.get("fixed_weights"),
                 search_bins, threshold_bins, max_voxels, seed,
@@ -396,11 +397,11 @@ def run_evaluation(
             del validation
             # the test maps a method's calibration gives no weight are not needed (detection may have skipped them)
             weighted = [m for m in MODALITIES if calibration["weights"][m] > 0]
-            test = load_cases(detection_dir / "test", volumes.get("test", []), preprocess, truths, weighted)
+            test = load_cases(detection_dir / "test", splits["test"], preprocess, truths, weighted)
             results.append(evaluate_cases(name, test, calibration, min_brain_fraction, bool(method.get("ceiling", False))))
             if example is None:
                 example = example_slice(test)
-                item = next(i for i in volumes["test"] if i["subject"] == example[0])
+                item = next(i for i in splits["test"] if i["subject"] == example[0])
                 example_case = load_subject({**item, SEG: None}, preprocess)
                 flair = normalize_volume(example_case.arrays["flair"], example_case.brain_mask, preprocess)
             case = next(c for c in test if c.subject == example[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -12,6 +13,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
+from tsgm_components.precision import autocast
 from tsgm_components.sampling import (
     LangevinCorrector,
     ProgressFn,
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEUN_STEPS = 18
 #: inputs may exceed [0, 1] by this much (resampling overshoot); more means they were not normalised
 INPUT_RANGE_TOLERANCE = 1e-3
+#: At most one sampling progress line per this many seconds (plus the last step of a stack)
+PROGRESS_SECONDS = 10.0
 
 
 def slice_generator(seed: int, index: int, device: torch.device | str, draw: int = 0) -> torch.Generator:
@@ -130,7 +134,7 @@ class DiffusionSamplerInferer(Inferer):
     reconstruction instead, which changes intensities slice by slice).
 
     Mixed precision: ``amp=True`` runs the network calls under autocast, float16 on CUDA and bfloat16 on the CPU
-    (the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
+    (:mod:`tsgm_components.precision`; the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
     AVX512-BF16/AMX (1.9× for the demo's model on the 2-core AMD EPYC here, reconstructions within 2e-4 of
     float32 on average: ``benchmarks/cpu_bf16.py``) and is slower on CPUs without.
 
@@ -200,6 +204,7 @@ class DiffusionSamplerInferer(Inferer):
         self.amp = amp
         self.compile = compile
         self.channels_last = bool(channels_last)
+        self._last_progress = time.monotonic()
         self._compiled_source: Optional[nn.Module] = None
         self._compiled_network: Optional[nn.Module] = None
         self.churn = float(churn)
@@ -217,25 +222,24 @@ class DiffusionSamplerInferer(Inferer):
 
         def score_fn(x: Tensor, sigma: Tensor) -> Tensor:
             x = x.contiguous(memory_format=layout)
-            dtype = torch.float16 if x.device.type == "cuda" else torch.bfloat16
-            with torch.autocast(x.device.type, dtype=dtype, enabled=self.amp):
+            with autocast(x.device, self.amp):
                 return network(x, sigma, condition).float()
 
         return score_fn
 
     def _progress(self, first: int, count: int, total: int) -> Optional[ProgressFn]:
-        """Logs about every tenth step of the sampling of slices (slice draws when ``n_draws > 1``)
-        first+1..first+count, or None if not wanted."""
+        """Logs the sampling of slices (slice draws when ``n_draws > 1``) first+1..first+count of ``total``: at most
+        one line per ``PROGRESS_SECONDS`` (a log file holds a few lines per volume, not one per step) and the last
+        step of the stack; None if not wanted."""
         if not self.progress:
             return None
         what = "slices" if self.n_draws == 1 else "slice draws"
 
         def report(step: int, steps: int) -> None:
-            if step % max(1, steps // 10) == 0 or step == steps:
-                logger.info(
-                    "%s sampling %s %d-%d of %d: step %d/%d",
-                    self.sampler, what, first + 1, first + count, total, step, steps,
-                )
+            now = time.monotonic()
+            if now - self._last_progress >= PROGRESS_SECONDS or (step == steps and first + count == total):
+                self._last_progress = now
+                logger.info("%s sampling %s %d-%d of %d: step %d/%d", self.sampler, what, first + 1, first + count, total, step, steps)
 
         return report
 

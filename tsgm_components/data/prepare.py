@@ -13,7 +13,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -345,3 +345,32 @@ def format_counts(counts: dict[str, dict[str, int]]) -> str:
             f"{c['discarded_blank']:6d}"
         )
     return "\n".join(lines)
+
+
+#: Datalist split names accepted for ``volumes.json`` (split.json names map to datalist keys).
+SPLIT_KEYS = {"train": "training", "training": "training", "val": "validation", "validation": "validation", "test": "test"}
+
+
+def read_volumes_split(volumes: str | Path | Sequence[Mapping[str, Any]] | Mapping[str, Any], split: str | None) -> list[dict[str, Any]]:
+    """Subjects of one split of ``volumes.json`` (a path or its loaded dict), or an explicit list of items.
+
+    Items: ``{"subject": id, "t1": path, "t1ce": ..., "t2": ..., "flair": ..., "seg": optional}``.
+    """
+    source = "datalist"
+    if isinstance(volumes, (str, Path)):
+        source = str(volumes)
+        try:
+            volumes = json.loads(Path(volumes).read_text())
+        except (OSError, ValueError) as error:
+            raise TsgmInputError(source, f"cannot read volumes JSON ({type(error).__name__}: {error})") from error
+    if isinstance(volumes, Mapping):
+        key = SPLIT_KEYS.get(str(split))
+        if key is None or key not in volumes:
+            raise TsgmInputError(source, f"split {split!r} not found (available: {sorted(volumes)})")
+        volumes = volumes[key]
+    items = [dict(item) for item in volumes]
+    for item in items:
+        missing = [k for k in ("subject", *MODALITIES) if k not in item]
+        if missing:
+            raise TsgmInputError(source, f"item {item.get('subject', item)} lacks keys {missing}")
+    return items

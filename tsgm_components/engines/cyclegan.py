@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
+from tsgm_components.precision import autocast, grad_scaler
 
 __all__ = ["CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "TranslationSnapshots", "CycleGANRNGState"]
 
@@ -59,8 +60,10 @@ class CycleGANTrainer(Trainer):
         d_optimizer: optimises both discriminators.
         pool_a, pool_b: image pools of generated A and B images (fed to D_A and D_B).
         loss_weights: cycle/identity weights.
-        autocast_dtype: run the network passes under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16``,
-            1.4× faster for the demo's CPU config on a CPU with AVX512-BF16, ``benchmarks/cpu_bf16.py``); losses, image pools and weights stay float32. None: float32.
+        amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.precision`): the network passes under
+            bfloat16 autocast on the CPU (1.4× faster for the demo's CPU config on a CPU with AVX512-BF16,
+            ``benchmarks/cpu_bf16.py``), float16 with a ``GradScaler`` on CUDA; losses, image pools and weights stay
+            float32.
         epoch_length, non_blocking, prepare_batch, train_handlers, optim_set_to_none, to_kwargs: as in MONAI
             ``SupervisedTrainer``.
     """
@@ -79,7 +82,7 @@ class CycleGANTrainer(Trainer):
         pool_a: ImagePool,
         pool_b: ImagePool,
         loss_weights: CycleGANLossWeights | None = None,
-        autocast_dtype: torch.dtype | None = None,
+        amp: bool = False,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -102,7 +105,8 @@ class CycleGANTrainer(Trainer):
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.pool_a, self.pool_b = pool_a, pool_b
         self.loss_weights = CycleGANLossWeights() if loss_weights is None else loss_weights
-        self.autocast_dtype = autocast_dtype
+        self.mixed_precision = bool(amp)  # not MONAI's `amp` attribute: Trainer.run() would make a CUDA GradScaler of it
+        self.loss_scaler = grad_scaler(self.state.device, self.mixed_precision)  # one scaler, both optimisers (PyTorch's AMP recipe)
         self.optim_set_to_none = optim_set_to_none
 
     def _iteration(self, engine: "CycleGANTrainer", batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -114,8 +118,7 @@ class CycleGANTrainer(Trainer):
             network.train()
 
         def run(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
-            dtype = engine.autocast_dtype
-            with torch.autocast(engine.state.device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast(engine.state.device, engine.mixed_precision):
                 return network(images).float()
 
         fake_b = run(engine.g_ab, real_a)
@@ -139,8 +142,7 @@ class CycleGANTrainer(Trainer):
             fake_b=fake_b,
         )
         check_finite_losses(engine, losses)
-        losses["loss_G"].backward()
-        engine.g_optimizer.step()
+        engine._step(losses["loss_G"], engine.g_optimizer)
 
         # discriminators, on real images and on pooled (detached) fakes
         _set_requires_grad([engine.d_a, engine.d_b], True)
@@ -148,11 +150,22 @@ class CycleGANTrainer(Trainer):
         losses["loss_D_A"] = discriminator_loss(run(engine.d_a, real_a), run(engine.d_a, engine.pool_a.query(fake_a)))
         losses["loss_D_B"] = discriminator_loss(run(engine.d_b, real_b), run(engine.d_b, engine.pool_b.query(fake_b)))
         check_finite_losses(engine, {key: losses[key] for key in ("loss_D_A", "loss_D_B")})
-        (losses["loss_D_A"] + losses["loss_D_B"]).backward()
-        engine.d_optimizer.step()
+        engine._step(losses["loss_D_A"] + losses["loss_D_B"], engine.d_optimizer)
+        if engine.loss_scaler is not None:
+            engine.loss_scaler.update()
         output = {name: float(value.detach()) for name, value in losses.items()}
         output["lr"] = float(engine.g_optimizer.param_groups[0]["lr"])
         return output
+
+
+    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """backward + optimiser step, through the loss scaler when there is one."""
+        if self.loss_scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            self.loss_scaler.scale(loss).backward()
+            self.loss_scaler.step(optimizer)
 
 
 class CycleGANRNGState:

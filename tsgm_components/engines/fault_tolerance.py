@@ -5,18 +5,19 @@ MONAI's ``CheckpointSaver`` (1.6) writes with ignite's ``DiskSaver(atomic=False)
 ignite delete the previous checkpoint *before* writing the next one, and writes its "final" checkpoint also when
 training raises. A kill during a save could therefore leave a truncated newest checkpoint (or none at all with
 ``n_saved=1``), and a diverged or crashed run would leave a ``model.pt`` that the later stages take for a finished
-model. :class:`TrainingCheckpointSaver` fixes all three and is otherwise MONAI's handler.
+model. :class:`TrainingCheckpointSaver` fixes all three; it is built on ignite's public ``Checkpoint`` and
+``DiskSaver`` and keeps MONAI's argument names and file names (``checkpoint_epoch=N.pt``, ``final_filename``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping
 
 import torch
-from ignite.engine import Engine
-from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 
 __all__ = ["NonFiniteLossError", "check_finite_losses", "TrainingCheckpointSaver"]
 
@@ -64,23 +65,74 @@ class _SafeDiskSaver(DiskSaver):
         self._outdated.append(self.filename or filename)
 
 
-class TrainingCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` (same arguments) whose files are written atomically, whose outdated checkpoints are
-    removed only once their successor is complete, and whose final checkpoint (``save_final``) is written only when
-    training completes: an exception (a non-finite loss, a crash) leaves the regular checkpoints as they were and
-    writes nothing."""
+class TrainingCheckpointSaver:
+    """A training-checkpoint handler with MONAI ``CheckpointSaver``'s arguments and file names whose files are written
+    atomically, whose outdated checkpoints are removed only once their successor is complete, and whose final
+    checkpoint (``save_final``) is written only when training completes: an exception (a non-finite loss, a crash)
+    leaves the regular checkpoints as they were and writes nothing.
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is not None:
-                checkpoint.save_handler = _SafeDiskSaver(self.save_dir, checkpoint.save_handler.filename)
+    Args:
+        save_dir: folder of the checkpoint files.
+        save_dict: name -> object with ``state_dict`` (what a resume loads with MONAI's ``CheckpointLoader``).
+        save_interval: every that many epochs (``epoch_level``) or iterations, ``checkpoint_epoch=N.pt`` /
+            ``checkpoint_iteration=N.pt``; 0: none.
+        n_saved: how many interval checkpoints to keep (None: all).
+        epoch_level: interval in epochs (True) or iterations.
+        save_final: write ``final_filename`` when training completes.
+        final_filename: the final checkpoint's file name (default ignite's ``checkpoint_final_iteration=N.pt``).
+        name: logger name (None: the engine's logger).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        save_interval: int = 0,
+        n_saved: int | None = None,
+        epoch_level: bool = True,
+        save_final: bool = False,
+        final_filename: str | None = None,
+        name: str | None = None,
+    ):
+        if not save_dict:
+            raise ValueError("save_dict must name at least one object to save")
+        self.save_dir = save_dir
+        self.epoch_level = epoch_level
+        self.save_interval = save_interval
+        self.logger = logging.getLogger(name)
+        self._name = name
+        self.interval_checkpoint = None if save_interval <= 0 else Checkpoint(
+            dict(save_dict), _SafeDiskSaver(save_dir),
+            score_function=lambda engine: engine.state.epoch if epoch_level else engine.state.iteration,
+            score_name="epoch" if epoch_level else "iteration", n_saved=n_saved,
+        )
+        self.final_checkpoint = None if not save_final else Checkpoint(
+            dict(save_dict), _SafeDiskSaver(save_dir, final_filename),
+            score_function=lambda engine: engine.state.iteration, score_name="final_iteration",
+        )
+
+    def attach(self, engine: Engine) -> None:
+        if self._name is None:
+            self.logger = engine.logger
+        if self.interval_checkpoint is not None:
+            event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+            engine.add_event_handler(event(every=self.save_interval), self.interval_completed)
+        if self.final_checkpoint is not None:
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def interval_completed(self, engine: Engine) -> None:
+        self.interval_checkpoint(engine)
+        self.logger.info(f"Saved checkpoint {self.interval_checkpoint.last_checkpoint}")
+
+    def completed(self, engine: Engine) -> None:
+        self.final_checkpoint(engine)
+        self.logger.info(f"Train completed, saved final checkpoint: {self.final_checkpoint.last_checkpoint}")
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        last = None if self._interval_checkpoint is None else self._interval_checkpoint.last_checkpoint
-        if self._final_checkpoint is not None:
-            self.logger.error(
-                f"Training failed: no final checkpoint written to {self.save_dir}"
-                + (f"; last regular checkpoint of this run: {last}" if last else "")
-            )
+        last = None if self.interval_checkpoint is None else self.interval_checkpoint.last_checkpoint
+        self.logger.error(
+            f"Training failed: no final checkpoint written to {self.save_dir}"
+            + (f"; last regular checkpoint of this run: {last}" if last else "")
+        )
         raise e

@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.losses.score_matching import dsm_loss
+from tsgm_components.precision import autocast, grad_scaler
 from tsgm_components.sde import VESDE
 
 IMAGE_KEY = "image"
@@ -59,8 +60,8 @@ def prepare_pair_batch(batchdata: dict, device: torch.device, non_blocking: bool
 class ScoreMatchingTrainer(Trainer):
     """Trains a ``ScoreUNet`` by denoising score matching (``dsm_loss``) on pseudo-pairs.
 
-    One iteration: t ~ U(eps, 1), z ~ N(0, I) from the trainer's seeded generator; loss on the batch (weighted by
-    the network's ``loss_weight`` where it has one);
+    One iteration: t ~ U(eps, 1), z ~ N(0, I) from the trainer's seeded generator; loss on the batch (weighted per σ
+    by ``loss_weight``);
     backward; gradient-norm clip; optimiser step; ``lr_scheduler`` step (per iteration, e.g. ``linear_warmup``);
     EMA update ``ema = decay·ema + (1 − decay)·weights``. ``state.output = {"loss": detached scalar}``. A NaN/Inf
     loss raises ``NonFiniteLossError`` (iteration named) before it updates the weights or the EMA.
@@ -82,7 +83,11 @@ class ScoreMatchingTrainer(Trainer):
         grad_clip_norm: max global gradient norm (None: no clipping).
         ema_decay: EMA decay per iteration.
         seed: seed of the DSM generator.
-        epoch_length, non_blocking, train_handlers, amp: as in ``monai.engines.SupervisedTrainer``.
+        loss_weight: w(σ) of :func:`~tsgm_components.losses.score_matching.dsm_loss`, stated by the caller
+            (``ScoreUNet.loss_weight``: EDM's λ(σ), what the configs pass); None: w = 1, score-SDE's σ²-weighted loss.
+        epoch_length, non_blocking, train_handlers: as in ``monai.engines.SupervisedTrainer``.
+        amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.precision`): float16 autocast with a
+            ``GradScaler`` on CUDA, bfloat16 autocast on the CPU.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class ScoreMatchingTrainer(Trainer):
         grad_clip_norm: float | None = 1.0,
         ema_decay: float = 0.999,
         seed: int = 0,
+        loss_weight: Callable[[Tensor], Tensor] | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         train_handlers: Sequence | None = None,
@@ -111,11 +117,10 @@ class ScoreMatchingTrainer(Trainer):
             non_blocking=non_blocking,
             prepare_batch=prepare_batch,
             handlers=train_handlers,
-            amp=amp,
             decollate=False,
         )
-        if amp and self.state.device.type != "cuda":
-            raise ValueError(f"amp=True needs a CUDA device, got {self.state.device}")
+        self.mixed_precision = bool(amp)  # not MONAI's `amp` attribute: Trainer.run() would make a CUDA GradScaler of it
+        self.loss_scaler = grad_scaler(self.state.device, self.mixed_precision)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.network = network
@@ -125,7 +130,7 @@ class ScoreMatchingTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         score_net = getattr(network, "module", network)  # unwrapped from DistributedDataParallel
         self.conditional = getattr(score_net, "condition_channels", 1) > 0
-        self.loss_weight = getattr(score_net, "loss_weight", None)  # ScoreUNet: EDM's per-σ weight
+        self.loss_weight = loss_weight
         self.ema_network = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema_network.update_parameters(network)  # the first update copies: the EMA starts at the initial weights
         self.generator = torch.Generator(device=self.state.device).manual_seed(int(seed))
@@ -145,6 +150,8 @@ class ScoreMatchingTrainer(Trainer):
         }
         if self.lr_scheduler is not None:
             objects["lr_scheduler"] = self.lr_scheduler
+        if self.loss_scaler is not None:
+            objects["scaler"] = self.loss_scaler
         return objects
 
     def _iteration(self, engine: ScoreMatchingTrainer, batchdata: dict) -> dict[str, Tensor]:
@@ -155,18 +162,16 @@ class ScoreMatchingTrainer(Trainer):
             condition = None
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
-            check_finite_losses(engine, {CommonKeys.LOSS: loss})
-            engine.scaler.scale(loss).backward()
-            engine.scaler.unscale_(engine.optimizer)
-            engine._clip_gradients()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
+        with autocast(engine.state.device, engine.mixed_precision):
             loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
-            check_finite_losses(engine, {CommonKeys.LOSS: loss})
+        check_finite_losses(engine, {CommonKeys.LOSS: loss})
+        if engine.loss_scaler is not None:
+            engine.loss_scaler.scale(loss).backward()
+            engine.loss_scaler.unscale_(engine.optimizer)
+            engine._clip_gradients()
+            engine.loss_scaler.step(engine.optimizer)
+            engine.loss_scaler.update()
+        else:
             loss.backward()
             engine._clip_gradients()
             engine.optimizer.step()

@@ -9,21 +9,14 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
 #: Paper scale (256×256): the NCSN++ layout of the authors (nf 128, ch_mult (1,1,2,2,2,2,2), 2 res blocks per
-#: level, attention at 16×16, residual up/down-sampling) expressed with MONAI blocks.
+#: level, attention at 16×16, residual up/down-sampling) expressed with MONAI blocks: the constructor's defaults.
+#: The training configs state the network (train.yaml: this layout; cpu.yaml: the 64² demo layout) and every
+#: checkpoint records it; inference builds the network from the checkpoint.
 PAPER_PRESET: dict = dict(
     channels=(128, 128, 256, 256, 256, 256, 256),
     attention_levels=(False, False, False, False, True, False, False),
     num_res_blocks=2,
     num_head_channels=64,
-    norm_num_groups=32,
-)
-
-#: CPU scale (64×64): three levels (64, 32, 16), attention at 16×16, one res block per level.
-CPU_PRESET: dict = dict(
-    channels=(32, 64, 64),
-    attention_levels=(False, False, True),
-    num_res_blocks=1,
-    num_head_channels=32,
     norm_num_groups=32,
 )
 
