@@ -147,7 +147,7 @@ def _stored(data: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> tupl
     ids=["RAS", "axial-first"],
 )
 def test_other_orientations_are_processed_in_the_training_orientation_and_written_back(tmp_path, transform):
-    from tsgm_components.detection import detect_subject
+    from tsgm_components.detection import Detector, detect_subject
     from tsgm_components.masking import MaskSettings
     from tsgm_components.ensembling import PAPER_WEIGHTS
 
@@ -176,7 +176,7 @@ def test_other_orientations_are_processed_in_the_training_orientation_and_writte
     outputs = {}
     for name in ("LPSX", "OTHR"):
         settings = MaskSettings(PAPER_WEIGHTS, "fixed", 0.05)
-        folder = detect_subject(subject_files(tmp_path / "in" / name, False), tmp_path / "out", darken, grid, settings, "half")
+        folder = detect_subject(subject_files(tmp_path / "in" / name, False), tmp_path / "out", Detector(darken, grid, settings, "half"))
         outputs[name] = {key: nib.load(str(folder / f"{name}_{key}.nii.gz")) for key in ("anomaly", "mask", "anomaly_flair")}
         assert json.loads((folder / f"{name}_detection.json").read_text())["input_geometry"]["reoriented"] == (name == "OTHR")
     source = nib.load(str(tmp_path / "in" / "OTHR" / "OTHR_t1.nii.gz"))

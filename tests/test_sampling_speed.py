@@ -14,7 +14,7 @@ from tsgm_components.checkpoints import ModelSpec
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.brats import MODALITIES, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import detect_subject
+from tsgm_components.detection import Detector, detect_subject
 from tsgm_components.masking import MaskSettings
 from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.networks.score import ScoreUNet
@@ -52,7 +52,7 @@ def test_detection_reconstructs_all_modalities_of_a_volume_in_one_call(phantom_d
     n_slices = preprocess.z_max - preprocess.z_min + 1
     reconstruct = BlockReconstructor(n_slices)
     files = subject_files(phantom_dir / "BraTS20_Training_001", require_seg=False)
-    out = detect_subject(files, tmp_path, reconstruct, preprocess, MaskSettings(PAPER_WEIGHTS), "blocks")
+    out = detect_subject(files, tmp_path, Detector(reconstruct, preprocess, MaskSettings(PAPER_WEIGHTS), "blocks"))
     assert reconstruct.shapes == [(4 * n_slices, 1, 32, 32)]
     brain = np.asarray(nib.load(str(files.paths["t1"])).dataobj) != 0  # any modality: t1 covers the phantom brain
     for index, modality in enumerate(MODALITIES):  # the stack is split back in MODALITIES order

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import Reconstructor, detect_datalist
+from tsgm_components.detection import Detector, Reconstructor, detect_datalist
 from tsgm_components.masking import MAPS_ONLY, MaskSettings
 from tsgm_components.ensembling import PAPER_WEIGHTS
 from tsgm_components.translation import translate_modalities
@@ -75,11 +75,8 @@ def detect_splits(
     Writes ``detections_dir/<method>/<split>/<id>/`` through :func:`tsgm_components.detection.detect_datalist`;
     ``weights`` only shape the stored combined map and overlay. Returns the written subject folders.
     """
+    detector = Detector(reconstruct, preprocess, MaskSettings(weights, weights_source=MAPS_ONLY.weights_source), method, provenance)
     written = []
     for split in splits:
-        written += detect_datalist(
-            volumes, split, Path(detections_dir) / method / split, reconstruct, preprocess,
-            MaskSettings(weights, weights_source=MAPS_ONLY.weights_source), method,
-            overwrite=overwrite, skip_existing=skip_existing, provenance=provenance,
-        )
+        written += detect_datalist(volumes, split, Path(detections_dir) / method / split, detector, overwrite, skip_existing)
     return written

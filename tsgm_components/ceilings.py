@@ -29,7 +29,7 @@ from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, s
 from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.data.prepare import read_volumes_split
-from tsgm_components.detection import detect_datalist
+from tsgm_components.detection import Detector, detect_datalist
 from tsgm_components.masking import MAPS_ONLY
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation import read_prepared
@@ -96,11 +96,11 @@ def detect_oracle_splits(
             if skip_existing and (out_dir / subject).exists() and not overwrite:
                 continue
             reconstruct = TwinReconstructor(twin_slices(twins_dir, subject, item, preprocess))
-            written += detect_datalist(
-                [item], None, out_dir, reconstruct, preprocess, MAPS_ONLY, ORACLE_METHOD, overwrite=overwrite,
-                provenance={"reconstruction": "healthy twin (CEILING: reads the twins, which no method sees)",
-                            "twins_dir": str(Path(twins_dir).resolve()), "nfe_per_slice": 0},
-            )
+            detector = Detector(reconstruct, preprocess, MAPS_ONLY, ORACLE_METHOD, provenance={
+                "reconstruction": "healthy twin (CEILING: reads the twins, which no method sees)",
+                "twins_dir": str(Path(twins_dir).resolve()), "nfe_per_slice": 0,
+            })
+            written += detect_datalist([item], None, out_dir, detector, overwrite=overwrite)
     return written
 
 

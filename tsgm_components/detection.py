@@ -29,7 +29,7 @@ from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
-from tsgm_components.masking import MaskSettings, resolve_mask_settings
+from tsgm_components.masking import MaskSettings
 from tsgm_components.overlays import save_overlay
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,33 @@ def output_bytes(geometry: VolumeGeometry, n_reconstructed: int) -> int:
     return int((2 * n_reconstructed + 2) * np.prod(geometry.shape) * 4 * NIFTI_GZIP_BOUND) + 1_000_000
 
 
+@dataclasses.dataclass(frozen=True)
+class Detector:
+    """What a detection applies to every subject: the method's reconstruction, the training preprocessing, the
+    ensemble weights and mask rule, the method's name (its detection folder and the evaluation's row), what to record.
+
+    reconstruct_modalities: "all", or "weighted" to reconstruct (and write maps for) only the modalities with a
+    non-zero weight, at a fraction of the sampling time (the same model and sampler; the slices' noise streams follow
+    their position in the stack, so the maps equal an "all" run's up to sampling noise).
+    """
+
+    reconstruct: Reconstructor
+    preprocess: PreprocessConfig
+    mask_settings: MaskSettings
+    method: str
+    provenance: Mapping[str, Any] | None = None
+    reconstruct_modalities: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.reconstruct_modalities not in RECONSTRUCT_MODALITIES:
+            raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {self.reconstruct_modalities!r}")
+
+    @property
+    def reconstructed(self) -> list[str]:
+        """The modalities this detection reconstructs, in ``MODALITIES`` order."""
+        return [m for m in MODALITIES if self.reconstruct_modalities == "all" or self.mask_settings.weights[m] > 0]
+
+
 def _reconstruct_volume(
     reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: SubjectFiles
 ) -> dict[str, np.ndarray]:
@@ -87,35 +114,25 @@ def _reconstruct_volume(
 def detect_subject(
     files: SubjectFiles | Mapping[str, Any],
     out_dir: str | Path,
-    reconstruct: Reconstructor,
-    preprocess: PreprocessConfig,
-    mask_settings: MaskSettings,
-    method: str,
+    detector: Detector,
     overwrite: bool = False,
-    provenance: Mapping[str, Any] | None = None,
     subject: str | None = None,
-    reconstruct_modalities: str = "all",
 ) -> Path:
     """Detect anomalies in one subject; write ``out_dir/<subject>/`` (see docs/architecture.md); return that folder.
 
     files: the subject's :class:`SubjectFiles` (or a volumes.json item / ``{modality: path}``; ``seg`` is ignored).
-    Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s); ``reconstruct`` all 4·S slices in one call; residual
-    |input − healthy| at the model's resolution, mapped back to the input geometry and zeroed outside the brain
-    and the slice range. The weighted map Σ w_m·anomaly_m (``mask_settings.weights``) becomes a mask by
-    ``mask_settings.mode`` ("fixed", "otsu"; None: no mask).
-    ``reconstruct_modalities``: "all", or "weighted" to reconstruct (and write maps for) only the modalities with a
-    non-zero weight, at a fraction of the sampling time (the same model and sampler; the slices' noise streams
-    follow their position in the stack, so the maps equal an "all" run's up to sampling noise).
+    Per modality: normalise, slice ``z_min..z_max`` to (S, 1, s, s); ``detector.reconstruct`` all slices of the
+    reconstructed modalities in one call; residual |input − healthy| at the model's resolution, mapped back to the
+    input geometry and zeroed outside the brain and the slice range. The weighted map Σ w_m·anomaly_m becomes a mask
+    by ``detector.mask_settings`` ("fixed", "otsu"; None: no mask).
     All files appear together or not at all; an existing folder is an error unless ``overwrite``.
     """
     started = time.perf_counter()
     files = SubjectFiles.from_record(files, subject)
     if subject:
         files = dataclasses.replace(files, subject=str(subject))
-    weights = mask_settings.weights
-    if reconstruct_modalities not in RECONSTRUCT_MODALITIES:
-        raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {reconstruct_modalities!r}")
-    reconstructed = [m for m in MODALITIES if reconstruct_modalities == "all" or weights[m] > 0]
+    preprocess, mask_settings, method = detector.preprocess, detector.mask_settings, detector.method
+    weights, reconstructed = mask_settings.weights, detector.reconstructed
     subject = files.subject
     files = dataclasses.replace(files, paths={k: Path(v) for k, v in files.paths.items() if k in MODALITIES})
     target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.paths.values()), overwrite)
@@ -126,7 +143,7 @@ def detect_subject(
     normalised, slices = {}, {}
     for modality in MODALITIES:
         normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
-    healthy_slices = _reconstruct_volume(reconstruct, {m: slices[m] for m in reconstructed}, files)
+    healthy_slices = _reconstruct_volume(detector.reconstruct, {m: slices[m] for m in reconstructed}, files)
     healthy = {m: slices_to_volume(healthy_slices[m], volumes.brain_mask.shape, preprocess) for m in reconstructed}
     anomaly, weighted = anomaly_maps(slices, healthy_slices, volumes.brain_mask, preprocess, weights)
     logger.info("%s: reconstructed %d slices × %s", subject, len(slices[MODALITIES[0]]), "/".join(reconstructed))
@@ -164,7 +181,7 @@ def detect_subject(
             "reconstructed_modalities": reconstructed,
             "mask": mask_settings.record()["mask"],
             "preprocess": preprocess.to_dict(),
-            "reconstruction": dict(provenance or {}),
+            "reconstruction": dict(detector.provenance or {}),
             "seconds": {
                 "reconstruction": round(reconstruction_seconds, 3),
                 "total": round(time.perf_counter() - started, 3),
@@ -181,15 +198,11 @@ def detect_datalist(
     volumes: str | Path | Sequence[Mapping[str, Any]] | Mapping[str, Any],
     split: str | None,
     out_dir: str | Path,
-    reconstruct: Reconstructor,
-    preprocess: PreprocessConfig,
-    mask_settings: MaskSettings,
-    method: str,
+    detector: Detector,
     overwrite: bool = False,
     skip_existing: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    **detect_kwargs: Any,
 ) -> list[Path]:
     """:func:`detect_subject` for every subject of a split; subject i is done by rank ``i % world_size``.
 
@@ -199,9 +212,7 @@ def detect_datalist(
     folder may exist (unless ``overwrite``), so a bad datalist fails at once. Returns the folders this rank wrote.
     """
     items = read_volumes_split(volumes, split)
-    n_reconstructed = len(MODALITIES)
-    if detect_kwargs.get("reconstruct_modalities") == "weighted":
-        n_reconstructed = sum(mask_settings.weights[m] > 0 for m in MODALITIES)
+    n_reconstructed = len(detector.reconstructed)
     todo, needed = [], 0
     for item in items[rank::world_size]:
         target = Path(out_dir) / item["subject"]
@@ -211,40 +222,30 @@ def detect_datalist(
         check_can_write(target, overwrite)
         files = SubjectFiles.from_record(item)
         # headers and geometry of every subject, and room for all outputs, before the first is processed
-        needed += output_bytes(open_subject(files, preprocess)[1], n_reconstructed)
+        needed += output_bytes(open_subject(files, detector.preprocess)[1], n_reconstructed)
         todo.append(files)
     if todo:
         check_writable(Path(out_dir) / todo[0].subject, needed)
-    written = []
-    for files in todo:
-        written.append(
-            detect_subject(files, out_dir, reconstruct, preprocess, mask_settings, method, overwrite=overwrite, **detect_kwargs)
-        )
-    return written
+    return [detect_subject(files, out_dir, detector, overwrite=overwrite) for files in todo]
 
 
 def run_detection(
     out_dir: str | Path,
-    reconstruct: Reconstructor,
-    preprocess: PreprocessConfig,
-    method: str,
+    detector: Detector,
     subject_dir: str | Path | None = None,
     files: Mapping[str, str | Path | None] | None = None,
     datalist: str | Path | None = None,
     split: str | None = "test",
     subject: str | None = None,
-    mask_settings: MaskSettings | None = None,
-    provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     skip_existing: bool = False,
     rank: int = 0,
     world_size: int = 1,
-    reconstruct_modalities: str = "all",
 ) -> list[Path]:
     """Bundle entry point: detect one subject folder, four explicit files, or one split of ``volumes.json``.
 
-    Exactly one input form must be given (``files`` counts when any of its paths is set). ``mask_settings`` comes
-    from :func:`resolve_mask_settings` (None: paper weights, no mask). Returns the written subject folders.
+    Exactly one input form must be given (``files`` counts when any of its paths is set). Returns the written subject
+    folders.
     """
     # `python -m monai.bundle run` parses values with fire: `--subject 12345` or `--subject_dir 2024` arrive as ints
     files = {k: str(v) for k, v in (files or {}).items() if v is not None}
@@ -252,12 +253,8 @@ def run_detection(
     given = [name for name, value in (("subject_dir", subject_dir), ("t1/t1ce/t2/flair", files), ("datalist", datalist)) if value]
     if len(given) != 1:
         raise ValueError(f"give exactly one input: subject_dir, the four paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
-    kwargs = dict(
-        reconstruct=reconstruct, preprocess=preprocess, mask_settings=mask_settings or resolve_mask_settings(),
-        method=method, overwrite=overwrite, provenance=provenance, reconstruct_modalities=reconstruct_modalities,
-    )
     if datalist:
-        return detect_datalist(datalist, split, out_dir, skip_existing=skip_existing, rank=rank, world_size=world_size, **kwargs)
+        return detect_datalist(datalist, split, out_dir, detector, overwrite, skip_existing, rank, world_size)
     if subject_dir:
         files = subject_files(subject_dir, require_seg=False)
         for note in files.notes:
@@ -266,4 +263,4 @@ def run_detection(
         missing = [m for m in MODALITIES if m not in files]
         if missing:
             raise TsgmInputError(next(iter(files.values())), f"missing modalities {missing}: give all of t1, t1ce, t2, flair")
-    return [detect_subject(files, out_dir, subject=subject, **kwargs)]
+    return [detect_subject(files, out_dir, detector, overwrite=overwrite, subject=subject)]

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.metrics import Average
-from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 from monai.transforms import Randomizable
 from PIL import Image
@@ -24,9 +23,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tsgm_components.engines.fault_tolerance import check_finite_losses
+from tsgm_components.engines.trainer import MixedPrecisionTrainer
 from tsgm_components.io import atomic_path
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
-from tsgm_components.precision import autocast, grad_scaler
 
 __all__ = ["CycleGANTrainer", "LinearDecayLR", "EpochLossMeans", "TranslationSnapshots", "CycleGANRNGState"]
 
@@ -41,7 +40,7 @@ def _set_requires_grad(networks: Sequence[nn.Module], flag: bool) -> None:
             parameter.requires_grad_(flag)
 
 
-class CycleGANTrainer(Trainer):
+class CycleGANTrainer(MixedPrecisionTrainer):
     """Trains G_AB (A→B), G_BA (B→A), D_A (judges domain A) and D_B (judges domain B) jointly.
 
     Batches are ``{"A": (B, C, H, W), "B": (B, C, H, W)}`` in [0, 1] (see ``data.unpaired``).
@@ -91,22 +90,12 @@ class CycleGANTrainer(Trainer):
         to_kwargs: dict | None = None,
     ):
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            handlers=train_handlers,
-            decollate=False,  # the output is a dict of scalars, nothing to decollate
-            to_kwargs=to_kwargs,
+            device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp, to_kwargs
         )
         self.g_ab, self.g_ba, self.d_a, self.d_b = g_ab, g_ba, d_a, d_b
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.pool_a, self.pool_b = pool_a, pool_b
         self.loss_weights = CycleGANLossWeights() if loss_weights is None else loss_weights
-        self.mixed_precision = bool(amp)  # not MONAI's `amp` attribute: Trainer.run() would make a CUDA GradScaler of it
-        self.loss_scaler = grad_scaler(self.state.device, self.mixed_precision)  # one scaler, both optimisers (PyTorch's AMP recipe)
         self.optim_set_to_none = optim_set_to_none
 
     def _iteration(self, engine: "CycleGANTrainer", batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -118,7 +107,7 @@ class CycleGANTrainer(Trainer):
             network.train()
 
         def run(network: nn.Module, images: torch.Tensor) -> torch.Tensor:
-            with autocast(engine.state.device, engine.mixed_precision):
+            with engine.autocast():
                 return network(images).float()
 
         fake_b = run(engine.g_ab, real_a)
@@ -142,7 +131,7 @@ class CycleGANTrainer(Trainer):
             fake_b=fake_b,
         )
         check_finite_losses(engine, losses)
-        engine._step(losses["loss_G"], engine.g_optimizer)
+        engine.backward_step(losses["loss_G"], engine.g_optimizer)
 
         # discriminators, on real images and on pooled (detached) fakes
         _set_requires_grad([engine.d_a, engine.d_b], True)
@@ -150,22 +139,11 @@ class CycleGANTrainer(Trainer):
         losses["loss_D_A"] = discriminator_loss(run(engine.d_a, real_a), run(engine.d_a, engine.pool_a.query(fake_a)))
         losses["loss_D_B"] = discriminator_loss(run(engine.d_b, real_b), run(engine.d_b, engine.pool_b.query(fake_b)))
         check_finite_losses(engine, {key: losses[key] for key in ("loss_D_A", "loss_D_B")})
-        engine._step(losses["loss_D_A"] + losses["loss_D_B"], engine.d_optimizer)
-        if engine.loss_scaler is not None:
-            engine.loss_scaler.update()
+        engine.backward_step(losses["loss_D_A"] + losses["loss_D_B"], engine.d_optimizer)
+        engine.update_loss_scale()  # one scaler for both optimisers (PyTorch's AMP recipe)
         output = {name: float(value.detach()) for name, value in losses.items()}
         output["lr"] = float(engine.g_optimizer.param_groups[0]["lr"])
         return output
-
-
-    def _step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """backward + optimiser step, through the loss scaler when there is one."""
-        if self.loss_scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            self.loss_scaler.scale(loss).backward()
-            self.loss_scaler.step(optimizer)
 
 
 class CycleGANRNGState:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from monai.engines import Trainer
 from monai.utils import CommonKeys, convert_to_tensor
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -13,8 +12,8 @@ from torch.optim.lr_scheduler import LinearLR, LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from tsgm_components.engines.fault_tolerance import check_finite_losses
+from tsgm_components.engines.trainer import MixedPrecisionTrainer
 from tsgm_components.losses.score_matching import dsm_loss
-from tsgm_components.precision import autocast, grad_scaler
 from tsgm_components.sde import VESDE
 
 IMAGE_KEY = "image"
@@ -57,7 +56,7 @@ def prepare_pair_batch(batchdata: dict, device: torch.device, non_blocking: bool
     return to_device(batchdata[IMAGE_KEY]), None if condition is None else to_device(condition)
 
 
-class ScoreMatchingTrainer(Trainer):
+class ScoreMatchingTrainer(MixedPrecisionTrainer):
     """Trains a ``ScoreUNet`` by denoising score matching (``dsm_loss``) on pseudo-pairs.
 
     One iteration: t ~ U(eps, 1), z ~ N(0, I) from the trainer's seeded generator; loss on the batch (weighted per σ
@@ -110,17 +109,8 @@ class ScoreMatchingTrainer(Trainer):
         prepare_batch: Callable = prepare_pair_batch,
     ):
         super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            data_loader=train_data_loader,
-            epoch_length=epoch_length,
-            non_blocking=non_blocking,
-            prepare_batch=prepare_batch,
-            handlers=train_handlers,
-            decollate=False,
+            device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp
         )
-        self.mixed_precision = bool(amp)  # not MONAI's `amp` attribute: Trainer.run() would make a CUDA GradScaler of it
-        self.loss_scaler = grad_scaler(self.state.device, self.mixed_precision)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.network = network
@@ -162,19 +152,11 @@ class ScoreMatchingTrainer(Trainer):
             condition = None
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        with autocast(engine.state.device, engine.mixed_precision):
+        with engine.autocast():
             loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
         check_finite_losses(engine, {CommonKeys.LOSS: loss})
-        if engine.loss_scaler is not None:
-            engine.loss_scaler.scale(loss).backward()
-            engine.loss_scaler.unscale_(engine.optimizer)
-            engine._clip_gradients()
-            engine.loss_scaler.step(engine.optimizer)
-            engine.loss_scaler.update()
-        else:
-            loss.backward()
-            engine._clip_gradients()
-            engine.optimizer.step()
+        engine.backward_step(loss, engine.optimizer, engine._clip_gradients)
+        engine.update_loss_scale()
         if engine.lr_scheduler is not None:
             engine.lr_scheduler.step()
         engine.ema_network.update_parameters(engine.network)
