@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         "# Sampler settings on the validation split (calibrated on validation; the test split is not read)", "",
         f"`{command}`", "",
         f"Checkpoint: `{args.checkpoint}`; {len(items)} validation subjects; all four modalities reconstructed; "
-        f"torch threads {torch.get_num_threads()}. Ratios against the first row, measured in this run.", "",
+        f"torch threads {torch.get_num_threads()}. Speed-up against the first row; seconds are each folder's recorded "
+        "reconstruction time (a reused folder keeps that of the run that wrote it, and other load on the machine "
+        "changes them): NFE is the cost measure.", "",
         "| setting | NFE / slice | s / volume (4 modalities) | speed-up | validation volume Dice | Δ Dice | weights (T1, T1ce, T2, FLAIR) | threshold |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
