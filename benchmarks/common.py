@@ -50,5 +50,5 @@ def evaluation_settings(config_files: list[str] | tuple[str, ...] = tuple(EVALUA
     arguments of ``tsgm_components.evaluation.calibrate``."""
     parser = ConfigParser()
     parser.read_config([str(Path(f)) for f in config_files])
-    keys = ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed")
+    keys = ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed", "modality_tolerance")
     return {key: parser.get_parsed_content(key) for key in keys}

@@ -321,7 +321,7 @@ def get_calibration(
         )
     calibration = calibrate(
         cases, settings["mode"], settings["objective"], settings["weight_step"], None,
-        settings["search_bins"], settings["threshold_bins"], settings["max_voxels"], settings["seed"],
+        settings["search_bins"], settings["threshold_bins"], settings["max_voxels"], settings["seed"], settings["modality_tolerance"],
     )
     return {k: calibration[k] for k in ("weights", "threshold", "mode")}, source, [case.subject for case in cases]
 

@@ -31,7 +31,7 @@ from tsgm_components.ensembling import (
     simplex_grid,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import calibrate, load_cases, predict, read_prepared, run_evaluation
+from tsgm_components.evaluation import CalibrationSettings, calibrate, load_cases, predict, read_prepared, run_evaluation
 from tsgm_components.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
 
 BUNDLE = REPO_ROOT / "bundles" / "tsgm_evaluation"
@@ -70,6 +70,23 @@ def test_weight_search_puts_all_weight_on_the_informative_modality(objective):
     assert search.objective_value > 0.7
     # a tenth of the voxels still finds (nearly) the same answer
     assert search_weights(volumes, 0.1, objective, max_voxels=1200).weights[2] >= 0.9
+
+
+def test_modality_tolerance_trades_a_little_objective_for_fewer_weighted_modalities():
+    rng = np.random.default_rng(3)
+    volumes = []
+    for _ in range(4):  # two noisy copies of the signal: both together beat either alone, by a little
+        target = rng.random(4000) < 0.1
+        maps = 0.5 * rng.random((4000, 4)).astype(np.float32)
+        for column in (2, 3):
+            maps[:, column] = np.where(target, 0.3, 0.0) + 0.5 * rng.random(4000)
+        volumes.append(BrainVoxels(maps, target))
+    best = search_weights(volumes, step=0.1)
+    assert (best.weights[2:] > 0).all() and best.objective_value == best.values.max()
+    cheap = search_weights(volumes, step=0.1, modality_tolerance=0.2)
+    assert (cheap.weights > 0).sum() == 1 and cheap.objective_value >= best.objective_value - 0.2
+    assert cheap.objective_value < best.objective_value  # the trade is real, and bounded by the tolerance
+    assert search_weights(volumes, step=0.1, modality_tolerance=1e-9).weights.tolist() == best.weights.tolist()
 
 
 def test_threshold_lands_in_the_gap_between_classes():
@@ -276,12 +293,12 @@ def test_test_maps_without_weight_need_not_exist(synthetic, tmp_path):
     detections = tmp_path / "good"
     shutil.copytree(synthetic / "detections" / "good", detections)
     full = json.loads(run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}],
-                                     tmp_path / "full", weight_step=0.1) and (tmp_path / "full" / "summary.json").read_text())
+                                     tmp_path / "full", CalibrationSettings(weight_step=0.1)) and (tmp_path / "full" / "summary.json").read_text())
     assert json.loads((tmp_path / "full" / "good" / "calibration.json").read_text())["weights"]["t2"] == 1.0
     for path in (detections / "test").glob("*/*_anomaly_*.nii.gz"):
         if not path.name.endswith("_t2.nii.gz"):
             path.unlink()
-    run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "t2", weight_step=0.1)
+    run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "t2", CalibrationSettings(weight_step=0.1))
     assert json.loads((tmp_path / "t2" / "summary.json").read_text())["good"]["volume"] == full["good"]["volume"]
     volumes, preprocess, _ = read_prepared(synthetic / "prepared")
     case = load_cases(detections / "test", volumes["test"], preprocess, modalities=["t2"])[0]
@@ -289,7 +306,7 @@ def test_test_maps_without_weight_need_not_exist(synthetic, tmp_path):
     for path in (detections / "test").glob("*/*_anomaly_t2.nii.gz"):
         path.unlink()
     with pytest.raises(TsgmInputError, match="anomaly map missing"):
-        run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "none", weight_step=0.1)
+        run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "none", CalibrationSettings(weight_step=0.1))
 
 
 def test_bundle_evaluating_writes_calibration_and_report(synthetic):
@@ -301,9 +318,13 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
         {"name": "weak", "detection_dir": str(synthetic / "detections" / "weak"), "mode": "otsu"},
         {"name": "t1_only", "detection_dir": str(synthetic / "detections" / "good"), "fixed_weights": {"t1": 1.0, "t1ce": 0.0, "t2": 0.0, "flair": 0.0}},
     ]
-    run("evaluating", config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(synthetic), methods=methods)
+    for run_id in ("calibrating", "evaluating"):  # calibrating: validation only, before test detection
+        run(run_id, config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),
+            meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(synthetic), methods=methods)
     out = synthetic / "evaluation"
+    for method in methods:  # the same calibration either way
+        assert (json.loads((synthetic / "calibration" / method["name"] / "calibration.json").read_text())
+                == json.loads((out / method["name"] / "calibration.json").read_text()))
     calibration = json.loads((out / "good" / "calibration.json").read_text())
     assert calibration["weights"]["t2"] == 1.0 and calibration["mode"] == "fixed" and calibration["n_validation_subjects"] == 3
     assert json.loads((out / "weak" / "calibration.json").read_text())["mode"] == "otsu"

@@ -14,7 +14,7 @@ def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path, fro
     steps = demo_steps(tmp_path, from_scratch=from_scratch)
     assert [s.name for s in steps][-1] == "calibrate on validation, evaluate on test"
     bundle_steps = [s for s in steps if "monai.bundle" in s.command]
-    assert len(bundle_steps) == (16 if from_scratch else 10)
+    assert len(bundle_steps) == (17 if from_scratch else 11)
     for step in bundle_steps:
         configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
         assert all(Path(c).is_file() for c in configs), step.name
@@ -45,11 +45,28 @@ def test_training_resumes_only_when_an_interrupted_run_left_checkpoints(tmp_path
 
 
 def test_detection_steps_always_run_and_skip_finished_subjects(tmp_path):
-    detections = [s for s in demo_steps(tmp_path) if "detection" in s.name]
+    detections = [s for s in demo_steps(tmp_path) if "detection" in s.name and not s.name.startswith("calibrate")]
     assert len(detections) == 9
     for step in detections:
         assert step.output is None
         assert step.command[step.command.index("--skip_existing") + 1] == "True"
+
+
+def test_test_detection_samples_only_what_the_validation_calibration_weighs(tmp_path):
+    """Validation detection reconstructs all four modalities (the weight search needs them); then the calibrating step
+    writes W/calibration/<method>/calibration.json from validation alone; test detection reads it and samples only
+    the weighted modalities."""
+    steps = demo_steps(tmp_path)
+    names = [s.name for s in steps]
+    calibrating = names.index("calibrate on validation (before test detection)")
+    assert "run" in steps[calibrating].command and steps[calibrating].command[steps[calibrating].command.index("run") + 1] == "calibrating"
+    for name, method in (("TSGM", "tsgm"), ("SDEdit baseline", "sdedit"), ("CEILING VE-JP on true pairs", "vejp_true_pairs")):
+        validation, test = steps[names.index(f"{name} detection, validation")], steps[names.index(f"{name} detection, test")]
+        assert names.index(validation.name) < calibrating < names.index(test.name)
+        assert validation.command[validation.command.index("--reconstruct_modalities") + 1] == "all"
+        assert "--calibration_file" not in validation.command
+        assert test.command[test.command.index("--reconstruct_modalities") + 1] == "weighted"
+        assert test.command[test.command.index("--calibration_file") + 1] == str(tmp_path / "calibration" / method / "calibration.json")
 
 
 def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch):

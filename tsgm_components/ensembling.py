@@ -297,6 +297,7 @@ def search_weights(
     n_bins: int = 1000,
     max_voxels: int = 1_000_000,
     seed: int = 0,
+    modality_tolerance: float = 0.0,
 ) -> WeightSearch:
     """Grid search of the ensemble weights on the simplex.
 
@@ -304,7 +305,9 @@ def search_weights(
     threshold is then re-selected on all voxels by :func:`select_threshold`). Objective ``"auprc"``: average
     precision of the weighted score pooled over all voxels, with scores binned to ``n_bins`` levels. Both are
     computed on a random subsample of at most ``max_voxels`` voxels (same fraction per volume); ties between grid
-    points go to the first in grid order.
+    points go to the first in grid order. ``modality_tolerance`` > 0 trades objective for speed: among the grid points
+    within that much of the best value, the best of those that weigh the fewest modalities (each weighted modality
+    costs a detection one full sampling pass; the others are not reconstructed).
 
     Args:
         volumes: validation volumes; every ``maps`` has the same number M of modality columns.
@@ -321,4 +324,9 @@ def search_weights(
         mean_dice, average_precision = _objective_curves(true_pos, predicted, pooled.n_tumour)
         values[index] = mean_dice.max() if objective == "dice" else average_precision
     best = int(np.argmax(values))
+    if modality_tolerance > 0:
+        n_weighted = (grid > 0).sum(axis=1)
+        near = values >= values[best] - modality_tolerance
+        cheapest = np.flatnonzero(near & (n_weighted == n_weighted[near].min()))
+        best = int(cheapest[np.argmax(values[cheapest])])
     return WeightSearch(grid[best], float(values[best]), grid, values)

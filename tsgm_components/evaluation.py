@@ -200,11 +200,13 @@ def calibrate(
     threshold_bins: int = 10000,
     max_voxels: int = 1_000_000,
     seed: int = 0,
+    modality_tolerance: float = 0.0,
 ) -> dict[str, Any]:
     """Ensemble weights and binarisation from validation cases: the content of ``calibration.json``.
 
     Weights: simplex grid search (``weight_step``) maximising ``objective`` (see
-    :func:`tsgm_components.ensembling.search_weights`), or ``fixed_weights`` when given (no search).
+    :func:`tsgm_components.ensembling.search_weights`; ``modality_tolerance``: objective given up for fewer weighted
+    modalities), or ``fixed_weights`` when given (no search).
     Threshold: maximum mean per-volume Dice over ``threshold_bins`` thresholds on all validation voxels; it is
     the mask rule in ``"fixed"`` mode and recorded (but unused) in ``"otsu"`` mode, which thresholds per slice.
     ``validation_dice`` is the exact mean per-volume Dice of the final rule on these cases.
@@ -222,13 +224,15 @@ def calibrate(
         weights = check_weights(fixed_weights, source="fixed_weights")
         search_record: Any = "fixed (not searched)"
     else:
-        search = search_weights(voxels, weight_step, objective, search_bins, max_voxels, seed)
+        search = search_weights(voxels, weight_step, objective, search_bins, max_voxels, seed, modality_tolerance)
         weights = {m: round(float(w), 6) for m, w in zip(MODALITIES, search.weights)}
         search_record = {
             "grid_step": weight_step,
             "grid_points": len(search.grid),
             "objective": objective,
             "objective_value": search.objective_value,
+            "best_objective_value": float(search.values.max()),
+            "modality_tolerance": modality_tolerance,
             "voxels_used": min(max_voxels, sum(len(v.target) for v in voxels)),
             "threshold_levels": search_bins,
         }
@@ -353,17 +357,65 @@ def example_panels(
     }
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How every method is calibrated on the validation split: the keyword arguments of :func:`calibrate` that the
+    evaluation bundle sets once for all methods (a method entry may override ``mode`` and give ``fixed_weights``)."""
+
+    mode: str = "fixed"
+    objective: str = "dice"
+    weight_step: float = 0.05
+    search_bins: int = 1000
+    threshold_bins: int = 10000
+    max_voxels: int = 1_000_000
+    seed: int = 0
+    modality_tolerance: float = 0.0
+
+    def calibrate_method(self, method: Mapping[str, Any], validation: Sequence[Case]) -> dict[str, Any]:
+        """``calibration.json`` of one ``methods`` entry from its validation cases."""
+        calibration = calibrate(
+            validation, method.get("mode", self.mode), self.objective, self.weight_step, method.get("fixed_weights"),
+            self.search_bins, self.threshold_bins, self.max_voxels, self.seed, self.modality_tolerance,
+        )
+        calibration["method"] = str(method["name"])
+        calibration["detection_dir"] = str(Path(method["detection_dir"]).resolve())
+        return calibration
+
+
+def _check_methods(methods: Sequence[Mapping[str, Any]]) -> None:
+    names = [str(method["name"]) for method in methods]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"methods need distinct names, got {names}")
+
+
+def run_calibration(
+    prepared_dir: str | Path, methods: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: CalibrationSettings,
+    overwrite: bool = False,
+) -> str:
+    """Bundle entry point (run ``calibrating``): every method's ``calibration.json`` from its validation detections
+    only, in ``out_dir/<name>/``, so that test detection can sample only the weighted modalities
+    (``--calibration_file OUT/<name>/calibration.json --reconstruct_modalities weighted``). The same calibration as
+    :func:`run_evaluation` computes (deterministic). Returns a one-line summary per method."""
+    volumes, preprocess, _ = read_prepared(prepared_dir)
+    validation_items = read_volumes_split(volumes, "validation")
+    _check_methods(methods)
+    check_not_over_inputs(out_dir, [prepared_dir, *(method["detection_dir"] for method in methods)])
+    lines, truths = [], {}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for method in methods:
+            validation = load_cases(Path(method["detection_dir"]) / "validation", validation_items, preprocess, truths)
+            calibration = settings.calibrate_method(method, validation)
+            save_json(calibration, tmp / str(method["name"]) / "calibration.json")
+            lines.append(f"{method['name']}: weights {calibration['weights']}, threshold {calibration['threshold']}, "
+                         f"validation volume Dice {calibration['validation_dice']:.3f}")
+    return "\n".join(lines)
+
+
 def run_evaluation(
     prepared_dir: str | Path,
     methods: Sequence[Mapping[str, Any]],
     out_dir: str | Path,
-    mode: str = "fixed",
-    objective: str = "dice",
-    weight_step: float = 0.05,
-    search_bins: int = 1000,
-    threshold_bins: int = 10000,
-    max_voxels: int = 1_000_000,
-    seed: int = 0,
+    settings: CalibrationSettings,
     overwrite: bool = False,
 ) -> str:
     """Bundle entry point: calibrate every method on validation, score it on test, write the report; return markdown.
@@ -377,21 +429,14 @@ def run_evaluation(
     """
     volumes, preprocess, min_brain_fraction = read_prepared(prepared_dir)
     splits = {split: read_volumes_split(volumes, split) for split in ("validation", "test")}
-    names = [str(method["name"]) for method in methods]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"methods need distinct names, got {names}")
+    _check_methods(methods)
     check_not_over_inputs(out_dir, [prepared_dir, *(method["detection_dir"] for method in methods)])
     results, examples, example, truths = [], {}, None, {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for method in methods:
             name, detection_dir = str(method["name"]), Path(method["detection_dir"])
             validation = load_cases(detection_dir / "validation", splits["validation"], preprocess, truths)
-            calibration = calibrate(
-                validation, method.get("mode", mode), objective, weight_step, method.get("fixed_weights"),
-                search_bins, threshold_bins, max_voxels, seed,
-            )
-            calibration["method"] = name
-            calibration["detection_dir"] = str(detection_dir.resolve())
+            calibration = settings.calibrate_method(method, validation)
             save_json(calibration, tmp / name / "calibration.json")
             logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), calibration["weights"])
             del validation

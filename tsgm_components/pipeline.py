@@ -91,15 +91,15 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
     def trained(folder: str) -> dict[str, Path]:
         return {"checkpoint": work_dir / folder / "model.pt"} if from_scratch else {}
 
-    def detect(name: str, configs: list[str], folder: str) -> list[Step]:
-        return [
-            Step(f"{name} detection, {split}",
-                 bundle_command("inference", "vejp_anomaly", ["inference.yaml", *configs], work_dir, processes,
-                                datalist=prepared / "volumes.json", split=split, skip_existing=True,
-                                reconstruct_modalities="all", **trained(folder)),
-                 None)
-            for split in ("validation", "test")
-        ]
+    def detect(name: str, configs: list[str], folder: str, method: str, split: str) -> Step:
+        """VE-JP detection of a split: validation samples all four modalities (the weight search needs them); test
+        samples only those the validation calibration weighs (``W/calibration/<method>``, made in between)."""
+        test = {"calibration_file": work_dir / "calibration" / method / "calibration.json", "reconstruct_modalities": "weighted"}
+        return Step(f"{name} detection, {split}",
+                    bundle_command("inference", "vejp_anomaly", ["inference.yaml", *configs], work_dir, processes,
+                                   datalist=prepared / "volumes.json", split=split, skip_existing=True,
+                                   **(test if split == "test" else {"reconstruct_modalities": "all"}), **trained(folder)),
+                    None)
 
     def train(configs: list[str], folder: str) -> Step:
         return Step(TRAINING_STEPS[folder],
@@ -126,28 +126,34 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),
         ]
     cyclegan = {"cyclegan_checkpoint": work_dir / "cyclegan" / "model.pt"} if from_scratch else {}
+    diffusion = [("TSGM", [], "vejp", "tsgm"), ("SDEdit baseline", ["sdedit.yaml"], "vejp_unconditional", "sdedit")]
+    if ceilings:
+        diffusion.append(("CEILING VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs", "vejp_true_pairs"))
+    evaluation_configs = ["evaluate.yaml", *overlay, *(["ceilings.yaml"] if ceilings else [])]
     detection = [
-        *detect("TSGM", [], "vejp"),
+        *(detect(*model, "validation") for model in diffusion),
         Step("FLAIR-threshold baseline detection",
              bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True),
              None),
         Step("CycleGAN-only baseline detection",
              bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True, **cyclegan),
              None),
-        *detect("SDEdit baseline", ["sdedit.yaml"], "vejp_unconditional"),
     ]
     if ceilings:
-        detection += [
+        detection.append(
             Step("CEILING oracle reconstruction detection (healthy = twin)",
                  bundle_command("oracle_reconstruction", "tsgm_evaluation", ["ceilings.yaml"], work_dir, skip_existing=True),
                  None),
-            *detect("CEILING VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs"),
-        ]
-    detection.append(
+        )
+    detection += [
+        Step("calibrate on validation (before test detection)",
+             bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir),
+             work_dir / "calibration"),
+        *(detect(*model, "test") for model in diffusion),
         Step("calibrate on validation, evaluate on test",
-             bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", *overlay, *(["ceilings.yaml"] if ceilings else [])], work_dir),
+             bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir),
              work_dir / "evaluation" / "summary.json"),
-    )
+    ]
     return (training if from_scratch else []) + detection
 
 
