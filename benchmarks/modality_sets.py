@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work_dir", required=True, type=Path)
     ap.add_argument("--detection_dir", required=True, type=Path)
+    ap.add_argument("--tolerances", type=float, nargs="+", default=None, help="modality_tolerance values to show the picks of (default: 0 and the CPU configuration's)")
     ap.add_argument("--out", default="modality_sets_cpu")
     ap.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             rows.append({"modalities": list(subset), "validation_dice": best["validation_dice"], "weights": best["weights"]})
     picks = {}
-    for tolerance in sorted({0.0, float(settings["modality_tolerance"])}):
+    for tolerance in sorted(set(args.tolerances or [0.0, float(settings["modality_tolerance"])])):
         chosen = calibrate(cases, **{**settings, "modality_tolerance": tolerance})
         picks[tolerance] = {"weights": chosen["weights"], "validation_dice": chosen["validation_dice"]}
     command = "python benchmarks/modality_sets.py " + shlex.join(sys.argv[1:] if argv is None else argv)

@@ -41,8 +41,8 @@ def demo_run(tmp_path) -> Path:
     (work / "cyclegan").mkdir()
     torch.save(state, work / "cyclegan" / "model.pt")
     torch.save({"trainer": {"iteration": 2400, "epoch": 8}}, work / "cyclegan" / "checkpoint_epoch=8.pt")
-    (work / "evaluation" / "tsgm").mkdir(parents=True)
-    (work / "evaluation" / "tsgm" / "calibration.json").write_text(json.dumps({"weights": {"flair": 1.0}, "threshold": 0.1}))
+    (work / "calibration" / "tsgm").mkdir(parents=True)
+    (work / "calibration" / "tsgm" / "calibration.json").write_text(json.dumps({"weights": {"flair": 1.0}, "threshold": 0.1}))
     steps = {name: {"command": f"python -m monai.bundle run training ... {folder}", "seconds": 100.0}
              for folder, name in TRAINING_STEPS.items()}
     steps[PHANTOM_STEP] = {"command": "tsgm phantom --out W/phantom --n_subjects 40 --seed 0", "seconds": 50.0}

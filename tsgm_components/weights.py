@@ -35,8 +35,9 @@ SHIPPED: dict[str, tuple[str, tuple[str, ...]]] = {
     "vejp_anomaly/models/true_pairs.pt": ("vejp_true_pairs", ("model",)),
     "cyclegan_brats/models/model.pt": ("cyclegan", ("G_AB", "G_BA")),
 }
-#: the TSGM calibration (weights + threshold chosen on the validation split) shipped beside the TSGM weights
-CALIBRATION = ("evaluation/tsgm/calibration.json", "vejp_anomaly/models/model_calibration.json")
+#: the TSGM calibration (weights + threshold chosen on the validation split alone: the calibrating step) shipped beside
+#: the TSGM weights
+CALIBRATION = ("calibration/tsgm/calibration.json", "vejp_anomaly/models/model_calibration.json")
 MAX_BYTES = 10 * 2**20
 
 
@@ -97,7 +98,7 @@ def export_weights(
         sources[target] = (folder, {k: state[k] for k in (*keys, SPEC_KEY)})
     calibration = work / CALIBRATION[0] if "vejp" in models else None
     if calibration is not None and not calibration.is_file():
-        raise TsgmInputError(calibration, "no TSGM calibration: the demo's evaluation step has not run")
+        raise TsgmInputError(calibration, "no TSGM calibration: the demo's calibrating step has not run")
     targets = [*shipped, *([CALIBRATION[1]] if calibration is not None else [])]
     existing = [str(bundles / t) for t in targets if (bundles / t).exists()]
     if existing and not overwrite:
