@@ -12,6 +12,7 @@ import sys
 import fire
 
 from tsgm_components.errors import TsgmInputError
+from tsgm_components.pipeline import run_demo  # stdlib only: the driver runs the bundles as subprocesses
 
 
 def phantom(
@@ -70,27 +71,6 @@ def prepare(
     )
 
 
-def demo(
-    work_dir: str = "runs/demo",
-    n_subjects: int = 40,
-    seed: int = 0,
-    image_size: int = 64,
-    split_fraction: float = 0.2,
-    from_scratch: bool = False,
-) -> None:
-    """Run the whole pipeline on the embedded phantom dataset, then print the results table.
-
-    Detection uses the bundles' shipped weights; --from_scratch True trains every model first with the CPU configs
-    (the command that made the shipped weights is `tsgm build_weights`). SPLIT_FRACTION of the healthy and of the
-    tumour subjects form the validation split, as many the test split. Rerunning the same command continues after
-    the last finished step.
-    """
-    from tsgm_components.pipeline import run_demo
-
-    run_demo(str(work_dir), n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size),
-             split_fraction=float(split_fraction), from_scratch=bool(from_scratch))
-
-
 def run(dataset_dir: str, work_dir: str, scale: str = "paper", gpus: str = "auto", seed: int = 0, split_file: str | None = None) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
@@ -111,7 +91,6 @@ def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> No
     """Train every model of the demo from scratch in WORK_DIR (`tsgm demo --from_scratch True`) and copy the weights,
     the TSGM calibration and a provenance file per model into bundles/*/models: the command that made the shipped
     weights. --overwrite True replaces shipped weights."""
-    from tsgm_components.pipeline import run_demo
     from tsgm_components.weights import export_weights
 
     run_demo(str(work_dir), from_scratch=True)
@@ -134,7 +113,7 @@ def export_weights(work_dir: str, models: str = "cyclegan,vejp,vejp_unconditiona
         print(f"wrote {path}")
 
 
-COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": demo, "run": run, "build_weights": build_weights, "export_weights": export_weights}
+COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": run_demo, "run": run, "build_weights": build_weights, "export_weights": export_weights}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,7 +89,7 @@ SAMPLERS: dict[str, Sampler] = {
     "sdedit": Sampler(
         sigmas=lambda sde, n_steps, start: _levels(sde, float(start), n_steps),
         run=lambda inf, score_fn, chunk, gens, progress: sample_sdedit(
-            score_fn, chunk, inf.sigmas, inf.predictor, inf.corrector, gens, progress
+            score_fn, chunk, inf.sigmas, gens, predictor=inf.predictor, corrector=inf.corrector, progress=progress
         ),
         nfe=_pc_nfe,
         from_input=True,

@@ -235,15 +235,19 @@ def run_demo(
     split_fraction: float = 0.2,
     from_scratch: bool = False,
 ) -> None:
-    """Run (or continue) the whole pipeline in WORK_DIR and print the evaluation table.
+    """Run the whole pipeline on the embedded phantom dataset in WORK_DIR (``tsgm demo``), then print the results table.
 
-    Every step's command and wall time go to WORK_DIR/demo_steps.json (``tsgm build_weights`` puts the training
-    steps' times in the weights' provenance).
+    Detection uses the bundles' shipped weights; --from_scratch True trains every model first with the CPU configs
+    (the command that made the shipped weights is `tsgm build_weights`). SPLIT_FRACTION of the healthy and of the
+    tumour subjects form the validation split, as many the test split. Rerunning the same command continues after
+    the last finished step. Every step's command and wall time go to WORK_DIR/demo_steps.json (``tsgm build_weights``
+    puts the training steps' times in the weights' provenance).
     """
-    work = Path(work_dir).resolve()
+    # fire passes `--work_dir 2024` as an int and `--from_scratch True` as a bool: coerce every option here
+    work = Path(str(work_dir)).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps = demo_steps(work, n_subjects=n_subjects, seed=seed, image_size=image_size, split_fraction=split_fraction,
-                       from_scratch=from_scratch)
+    steps = demo_steps(work, n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size),
+                       split_fraction=float(split_fraction), from_scratch=bool(from_scratch))
     seconds = run_steps(work, steps, "tsgm demo")
     print(f"\nDemo finished in {seconds:.0f} s. Report: {work / 'evaluation'}\n")
     print((work / "evaluation" / "results.md").read_text())

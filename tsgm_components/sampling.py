@@ -12,7 +12,7 @@ Randomness comes from a ``torch.Generator`` or from one generator per sample (``
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -150,23 +150,18 @@ def sample_pc(
 
 
 def sample_sdedit(
-    score_fn: ScoreFn,
-    x_input: Tensor,
-    sigmas_desc: Tensor,
-    predictor: ReverseDiffusionPredictor = ReverseDiffusionPredictor(),
-    corrector: Optional[LangevinCorrector] = LangevinCorrector(),
-    generator: GeneratorLike = None,
-    progress: Optional[ProgressFn] = None,
+    score_fn: ScoreFn, x_input: Tensor, sigmas_desc: Tensor, generator: GeneratorLike = None, **pc_options: Any
 ) -> SampleOutput:
     """SDEdit (Meng et al. 2022; AnoDDPM-style partial noising): noise the real input to σ_start = sigmas_desc[0],
-    x = x_input + σ_start z, then run :func:`sample_pc` down ``sigmas_desc`` (``corrector=None``: predictor only).
+    x = x_input + σ_start z, then run :func:`sample_pc` down ``sigmas_desc``.
 
     Args:
         x_input: (B, 1, H, W) real images in [0, 1].
         sigmas_desc: (n,) strictly decreasing positive noise levels starting at σ_start.
+        pc_options: :func:`sample_pc`'s ``predictor``, ``corrector`` (None: predictor only) and ``progress``.
     """
     x_init = x_input + float(sigmas_desc[0]) * randn(x_input.shape, generator, x_input.device)
-    return sample_pc(score_fn, x_init, sigmas_desc, predictor, corrector, generator, progress)
+    return sample_pc(score_fn, x_init, sigmas_desc, generator=generator, **pc_options)
 
 
 def sample_heun(
