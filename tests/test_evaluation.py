@@ -89,6 +89,18 @@ def test_modality_tolerance_trades_a_little_objective_for_fewer_weighted_modalit
     assert search_weights(volumes, step=0.1, modality_tolerance=1e-9).weights.tolist() == best.weights.tolist()
 
 
+def test_modality_tolerance_applies_only_to_methods_that_sample(monkeypatch):
+    """A method without sampling (CycleGAN, the oracle) pays nothing per modality: it always gets the best weights."""
+    import tsgm_components.evaluation as evaluation
+
+    seen = []
+    monkeypatch.setattr(evaluation, "calibrate", lambda cases, *args: seen.append(args[-1]) or {})
+    settings = CalibrationSettings(modality_tolerance=0.02)
+    settings.calibrate_method({"name": "tsgm", "detection_dir": ".", "sampled": True}, [])
+    settings.calibrate_method({"name": "cyclegan", "detection_dir": "."}, [])
+    assert seen == [0.02, 0.0]
+
+
 def test_threshold_lands_in_the_gap_between_classes():
     rng = np.random.default_rng(1)
     volumes = []

@@ -372,10 +372,13 @@ class CalibrationSettings:
     modality_tolerance: float = 0.0
 
     def calibrate_method(self, method: Mapping[str, Any], validation: Sequence[Case]) -> dict[str, Any]:
-        """``calibration.json`` of one ``methods`` entry from its validation cases."""
+        """``calibration.json`` of one ``methods`` entry from its validation cases. ``modality_tolerance`` applies to
+        the entries marked ``"sampled": true`` (each weighted modality costs them a sampling pass); the others get
+        the best weights."""
+        tolerance = self.modality_tolerance if method.get("sampled", False) else 0.0
         calibration = calibrate(
             validation, method.get("mode", self.mode), self.objective, self.weight_step, method.get("fixed_weights"),
-            self.search_bins, self.threshold_bins, self.max_voxels, self.seed, self.modality_tolerance,
+            self.search_bins, self.threshold_bins, self.max_voxels, self.seed, tolerance,
         )
         calibration["method"] = str(method["name"])
         calibration["detection_dir"] = str(Path(method["detection_dir"]).resolve())
@@ -422,7 +425,8 @@ def run_evaluation(
 
     methods: ``[{"name": str, "detection_dir": path with validation/ and test/ sub-folders,
     optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search),
-    optional "ceiling": true (a ceiling row: an upper bound that reads what no method may, labelled so)}]``.
+    optional "ceiling": true (a ceiling row: an upper bound that reads what no method may, labelled so),
+    optional "sampled": true (a method that samples each weighted modality: ``settings.modality_tolerance`` applies)}]``.
     Writes ``out_dir/<name>/calibration.json`` per method (what VE-JP inference reads for "tsgm") and the report
     files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically. Validation
     needs every modality's maps (the weight search); test only those the calibration weights.
