@@ -18,7 +18,7 @@ from monai.bundle import run
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.ceilings import ORACLE_METHOD, detect_oracle_splits, twin_slices, write_true_pairs
-from tsgm_components.evaluation import read_prepared, run_evaluation
+from tsgm_components.evaluation import CalibrationSettings, read_prepared, run_evaluation
 
 VEJP = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 EVALUATION = REPO_ROOT / "bundles" / "tsgm_evaluation" / "configs"
@@ -59,7 +59,7 @@ def ladder(phantom_dir, prepared_dir, twins_dir, tmp_path_factory) -> Path:
         {"name": "flair_threshold", "detection_dir": str(work / "detections" / "flair_threshold"),
          "fixed_weights": {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}},
     ]
-    run_evaluation(prepared_dir, methods, work / "evaluation", weight_step=0.25, search_bins=200, threshold_bins=500)
+    run_evaluation(prepared_dir, methods, work / "evaluation", CalibrationSettings(weight_step=0.25, search_bins=200, threshold_bins=500))
     return work
 
 
