@@ -85,6 +85,7 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     assert ast.literal_eval(evaluate[evaluate.index("--config_file") + 1])[-1].endswith("ceilings.yaml")
     pairs = steps["pseudo-pairs G_A→B(healthy)"].command
     assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # how the shipped TSGM weights were made
+    assert pairs[pairs.index("--lesion_placement") + 1] == "random"
     ceiling_steps = [name for name in steps if name.startswith("CEILING")]
     assert len(ceiling_steps) == 5
 

@@ -69,10 +69,11 @@ def bundle_command(
 #: Per scale (``tsgm run``; the demo is the cpu scale): the slice size ``tsgm prepare`` makes, the overlays on each
 #: bundle's main configs, and the pseudo-pairs' lesion blending (None: the paper's x_B~ = G_A→B(x_A); the 64²
 #: CycleGAN rewrites normal tissue, and blending raised TSGM's test volume Dice from 0.261 to 0.416:
-#: benchmarks/results/lesion_blend_cpu.md)
+#: benchmarks/results/lesion_blend_cpu.md) and where the blended lesion goes ("random": anywhere in the slice's brain;
+#: validation volume Dice 0.661 -> 0.699: benchmarks/results/lesion_placement_cpu.md)
 SCALES: dict[str, dict[str, object]] = {
-    "paper": {"image_size": 256, "overlay": [], "lesion_blend_threshold": None},
-    "cpu": {"image_size": 64, "overlay": ["cpu.yaml"], "lesion_blend_threshold": 0.1},
+    "paper": {"image_size": 256, "overlay": [], "lesion_blend_threshold": None, "lesion_placement": "generator"},
+    "cpu": {"image_size": 64, "overlay": ["cpu.yaml"], "lesion_blend_threshold": 0.1, "lesion_placement": "random"},
 }
 
 
@@ -113,7 +114,8 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
         Step("pseudo-pairs G_A→B(healthy)",
              bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
                             checkpoint=work_dir / "cyclegan" / "model.pt",
-                            **({} if blend is None else {"lesion_blend_threshold": blend})),
+                            **({} if blend is None else {"lesion_blend_threshold": blend,
+                                                         "lesion_placement": SCALES[scale]["lesion_placement"]})),
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
         train([], "vejp"),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
