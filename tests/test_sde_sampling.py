@@ -16,6 +16,7 @@ from tsgm_components.sampling import (
     karras_sigmas,
     sample_heun,
     sample_pc,
+    sample_posterior_mean,
     sample_sdedit,
 )
 from tsgm_components.sde import VESDE
@@ -383,6 +384,36 @@ def test_inferer_compile_of_a_real_score_network_matches_eager():
     compiled = DiffusionSamplerInferer(VESDE(sigma_max=20.0), compile=True, **kwargs)(inputs, network)
     assert eager.std() > 0.1
     torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-4)
+
+
+def test_posterior_mean_is_tweedies_closed_form():
+    """For N(MU, STD²) data noised to σ, E[x_0 | x_σ] = MU + STD²/(STD² + σ²)·(x_σ − MU): one score evaluation gives it
+    exactly, from the prior it is ≈ MU (the MMSE estimate), and it equals one Heun level (an Euler step to 0)."""
+    sigma = 20.0
+    x_init = sigma * torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    score = CountingScore()
+    out = sample_posterior_mean(score, x_init, sigma)
+    torch.testing.assert_close(out.sample, MU + STD**2 / (STD**2 + sigma**2) * (x_init - MU))
+    assert out.nfe == score.calls == 1
+    assert (out.sample - MU).abs().max() < 0.01
+    torch.testing.assert_close(sample_heun(gaussian_score, x_init, karras_sigmas(1, 0.01, sigma)).sample, out.sample)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        sample_posterior_mean(gaussian_score, x_init, 0.0)
+
+
+def test_posterior_mean_inferer_follows_the_condition():
+    """The conditional toy model's posterior mean is its condition (to within σ_max's leftover weight STD²/σ_max²):
+    one network call per slice and draw, no n_steps."""
+    inputs = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    network = ConditionalGaussianScore()
+    inferer = DiffusionSamplerInferer(VESDE(sigma_max=20.0), sampler="posterior_mean", n_draws=2)
+    out = inferer(inputs, network)
+    assert inferer.nfe_per_slice == 2 and network.calls == 1  # the two draws of every slice share one batched call
+    torch.testing.assert_close(out, inputs, rtol=0, atol=5e-3)  # leftover STD²/σ_max²·σ_max·z ≈ 1e-3·z
+    with pytest.raises(ValueError, match="takes no n_steps"):
+        DiffusionSamplerInferer(VESDE(), sampler="posterior_mean", n_steps=4)
+    with pytest.raises(ValueError, match="unconditional model reconstructs only"):
+        DiffusionSamplerInferer(VESDE(), sampler="posterior_mean", conditional=False)
 
 
 def test_inferer_paper_defaults_and_modes():

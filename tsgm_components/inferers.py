@@ -24,6 +24,7 @@ from tsgm_components.sampling import (
     geometric_sigmas,
     sample_heun,
     sample_pc,
+    sample_posterior_mean,
     sample_sdedit,
 )
 from tsgm_components.sde import VESDE
@@ -67,7 +68,7 @@ class Sampler:
     sigmas(sde, n_steps, sigma_start): its descending σ levels; run(inferer, score_fn, chunk, generators, progress):
     one draw for a (B, 1, H, W) chunk of inputs; nfe(inferer): score evaluations per draw (checked against what the
     run reports); from_input: starts from the noised input (the only kind an unconditional model can use); churn:
-    accepts EDM's ``churn > 0``.
+    accepts EDM's ``churn > 0``; steps: takes ``n_steps``.
     """
 
     sigmas: Callable[[VESDE, Optional[int], Optional[float]], Tensor]
@@ -75,6 +76,7 @@ class Sampler:
     nfe: Callable[["DiffusionSamplerInferer"], int]
     from_input: bool = False
     churn: bool = False
+    steps: bool = True
 
 
 #: The samplers by name: add one here (and its config entry) to make it available everywhere.
@@ -102,6 +104,14 @@ SAMPLERS: dict[str, Sampler] = {
         nfe=lambda inf: 2 * (len(inf.sigmas) - 1) - 1,
         churn=True,
     ),
+    "posterior_mean": Sampler(
+        sigmas=lambda sde, n_steps, start: torch.tensor([float(sde.sigma_max)]),
+        run=lambda inf, score_fn, chunk, gens, progress: sample_posterior_mean(
+            score_fn, inf.sde.prior_sample(chunk.shape, gens, chunk.device), float(inf.sigmas[0])
+        ),
+        nfe=lambda inf: 1,
+        steps=False,
+    ),
 }
 
 
@@ -117,6 +127,8 @@ class DiffusionSamplerInferer(Inferer):
             geometric levels from σ_start to σ_min).
         ``"heun"``: probability-flow ODE, Heun steps on ``karras_sigmas(n_steps or 18, σ_min, σ_max)``;
             deterministic given the prior draw, or EDM's stochastic sampler with ``churn > 0`` (same NFE).
+        ``"posterior_mean"``: Tweedie's denoiser D(x, σ_max) of a prior draw, 1 NFE: the model's estimate of
+            E[healthy | condition] (``sampling.sample_posterior_mean``); no ``n_steps``.
 
     Averaging: with ``n_draws > 1`` the reconstruction is the mean of that many independent draws (each clamped to
     [0, 1]), NFE = n_draws × the sampler's NFE. One draw of a stochastic sampler carries sampling noise into the
@@ -190,6 +202,8 @@ class DiffusionSamplerInferer(Inferer):
             )
         if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if n_steps is not None and not entry.steps:
+            raise ValueError(f"sampler={sampler!r} takes no n_steps (one network evaluation), got n_steps={n_steps}")
         if n_corrector_steps < 0 or batch_size < 1 or n_draws < 1:
             raise ValueError(
                 f"need n_corrector_steps >= 0, batch_size >= 1 and n_draws >= 1, got {n_corrector_steps}, "

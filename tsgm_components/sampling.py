@@ -164,6 +164,25 @@ def sample_sdedit(
     return sample_pc(score_fn, x_init, sigmas_desc, generator=generator, **pc_options)
 
 
+def sample_posterior_mean(score_fn: ScoreFn, x_init: Tensor, sigma: float) -> SampleOutput:
+    """Tweedie's denoiser at one level: D(x, σ) = x + σ²·s(x, σ) = E[x_0 | x_σ = x] under the model. One score
+    evaluation.
+
+    From the prior at σ = σ_max, x_σ carries almost no information about x_0, so for a conditional model D is its
+    estimate of E[healthy | condition]: the MMSE reconstruction that averaging infinitely many exact draws would
+    approach (sampling noise none; sharp where the condition determines the tissue, smooth where it does not, as in
+    a lesion). The paper draws one sample instead; which detects better is a measured choice
+    (``benchmarks/sampler_validation.py``).
+
+    Args:
+        x_init: (B, 1, H, W) state at σ, e.g. ``sde.prior_sample`` for σ = σ_max.
+        sigma: the level of ``x_init`` (> 0).
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    return SampleOutput(x_init + sigma**2 * score_fn(x_init, _batch(sigma, x_init)), 1)
+
+
 def sample_heun(
     score_fn: ScoreFn,
     x_init: Tensor,
