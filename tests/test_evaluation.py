@@ -31,7 +31,9 @@ from tsgm_components.ensembling import (
     simplex_grid,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import CalibrationSettings, calibrate, load_cases, predict, read_prepared, run_evaluation
+from tsgm_components.evaluation import (
+    Case, CalibrationSettings, calibrate, load_cases, predict, read_prepared, run_evaluation, validation_reconstruction,
+)
 from tsgm_components.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
 
 BUNDLE = REPO_ROOT / "bundles" / "tsgm_evaluation"
@@ -341,9 +343,10 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     assert calibration["weights"]["t2"] == 1.0 and calibration["mode"] == "fixed" and calibration["n_validation_subjects"] == 3
     assert json.loads((out / "weak" / "calibration.json").read_text())["mode"] == "otsu"
     # the contract with VE-JP inference: detection reads these files back
-    weights, threshold, mode = load_calibration(out / "good" / "calibration.json")
+    weights, threshold, mode, reconstruction = load_calibration(out / "good" / "calibration.json")
     assert weights == calibration["weights"] and threshold == calibration["threshold"] and mode == "fixed"
-    assert load_calibration(out / "weak" / "calibration.json")[1:] == (None, "otsu")
+    assert reconstruction is None  # these synthetic maps were not sampled
+    assert load_calibration(out / "weak" / "calibration.json")[1:3] == (None, "otsu")
     assert json.loads((out / "t1_only" / "calibration.json").read_text())["weights"]["t1"] == 1.0
 
     summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -427,3 +430,19 @@ def test_bundle_configs_load_and_metadata_is_valid():
     jsonschema.validate(json.loads((BUNDLE / "configs" / "metadata.json").read_text()), schema)
     for path in ("LICENSE", "docs/README.md", "configs/logging.conf"):
         assert (BUNDLE / path).is_file()
+
+
+def test_calibration_records_the_sampler_and_refuses_mixed_validation_folders():
+    """The threshold depends on the reconstructions: a calibration records the sampler settings of its validation
+    detections, and a folder whose subjects were sampled differently (resumed with another sampler) is an error."""
+    def case(subject: str, **sampler) -> Case:
+        empty = np.zeros((2, 2, 1), bool)
+        record = {"reconstruction": {"sampler": "posterior_mean", "n_draws": 1, "nfe_per_slice": 1, "seconds": 3.0, **sampler}}
+        return Case(subject, np.zeros((0, 4), np.float32), empty, empty, (1.0, 1.0, 1.0), range(1), record)
+
+    settings = validation_reconstruction([case("a"), case("b", seconds=9.0)], "D")  # run details do not count
+    assert settings["sampler"] == "posterior_mean" and settings["n_draws"] == 1 and "seconds" not in settings
+    not_sampled = Case("c", np.zeros((0, 4), np.float32), np.zeros((2, 2, 1), bool), np.zeros((2, 2, 1), bool), (1.0,) * 3, range(1))
+    assert validation_reconstruction([not_sampled], "D") is None
+    with pytest.raises(TsgmInputError, match=r"D/validation: .*different sampler settings"):
+        validation_reconstruction([case("a"), case("b", sampler="heun", n_steps=4, n_draws=2)], "D")

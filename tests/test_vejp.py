@@ -235,12 +235,18 @@ def test_inference_writes_maps_in_input_geometry_without_mask(trained, subject, 
     assert "already exists" in str(excinfo.value.__cause__ or excinfo.value)
 
 
-def test_inference_with_calibration_writes_mask(trained, subject, tmp_path):
+def test_inference_with_calibration_writes_mask(trained, subject, tmp_path, caplog):
     calibration = tmp_path / "calibration.json"
     weights = {"t1": 0.1, "t1ce": 0.1, "t2": 0.4, "flair": 0.4}
-    calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed", "chosen_on": "validation"}))
+    # chosen on posterior-mean reconstructions; this run samples Heun draws: the threshold is applied, with a warning
+    chosen_with = {"sampler": "posterior_mean", "n_steps": None, "n_draws": 1, "snr": 0.075, "n_corrector_steps": 1,
+                   "sdedit_sigma_start": None, "churn": 0.0}
+    calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed", "chosen_on": "validation",
+                                       "reconstruction": chosen_with}))
     files = {m: str(subject / f"S001_{m}.nii.gz") for m in MODALITIES}
-    out = infer(trained, calibration_file=str(calibration), name="calibrated", **files) / "S001"
+    with caplog.at_level(logging.WARNING, logger="tsgm_components.detection"):
+        out = infer(trained, calibration_file=str(calibration), name="calibrated", **files) / "S001"
+    assert "other sampler settings" in caplog.text and "'posterior_mean', 'heun'" in caplog.text
     mask = nib.load(str(out / "S001_mask.nii.gz"))
     anomaly = nib.load(str(out / "S001_anomaly.nii.gz")).get_fdata(dtype=np.float32)
     brain = nib.load(files["t1"]).get_fdata() != 0

@@ -29,7 +29,7 @@ from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
-from tsgm_components.masking import MaskSettings
+from tsgm_components.masking import MaskSettings, reconstruction_settings
 from tsgm_components.overlays import save_overlay
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,14 @@ class Detector:
     def __post_init__(self) -> None:
         if self.reconstruct_modalities not in RECONSTRUCT_MODALITIES:
             raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {self.reconstruct_modalities!r}")
+        calibrated, used = self.mask_settings.calibrated_reconstruction, reconstruction_settings(self.provenance)
+        if calibrated and used and self.mask_settings.threshold_source and dict(calibrated) != used:
+            differing = {key: (calibrated.get(key), used[key]) for key in used if calibrated.get(key) != used[key]}
+            logger.warning(
+                "the threshold (%s) was chosen on reconstructions with other sampler settings than this detection's "
+                "(calibration, this run: %s): its masks may not fit; calibrate again on validation detections made "
+                "with these settings", self.mask_settings.threshold_source, differing,
+            )
 
     @property
     def reconstructed(self) -> list[str]:

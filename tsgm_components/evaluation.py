@@ -33,6 +33,7 @@ from tsgm_components.ensembling import (
 )
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_not_over_inputs, save_json
+from tsgm_components.masking import reconstruction_settings
 from tsgm_components.metrics import evaluate_case, overlap_metrics
 from tsgm_components.report import write_report
 
@@ -382,7 +383,21 @@ class CalibrationSettings:
         )
         calibration["method"] = str(method["name"])
         calibration["detection_dir"] = str(Path(method["detection_dir"]).resolve())
+        calibration["reconstruction"] = validation_reconstruction(validation, method["detection_dir"])
         return calibration
+
+
+def validation_reconstruction(validation: Sequence[Case], detection_dir: str | Path) -> dict[str, Any] | None:
+    """The sampler settings (:func:`~tsgm_components.masking.reconstruction_settings`) of a method's validation
+    detections, recorded in its calibration; None for methods that do not sample. Raises TsgmInputError if the
+    subjects were reconstructed with different settings (e.g. a folder resumed with another sampler): one threshold
+    cannot fit both."""
+    settings = {json.dumps(reconstruction_settings(case.record.get("reconstruction")), sort_keys=True) for case in validation}
+    if len(settings) > 1:
+        raise TsgmInputError(Path(detection_dir) / "validation",
+                             f"subjects were reconstructed with different sampler settings: {sorted(settings)}; detect "
+                             "them again with one setting (--overwrite True)")
+    return json.loads(settings.pop()) if settings else None
 
 
 def _check_methods(methods: Sequence[Mapping[str, Any]]) -> None:

@@ -19,6 +19,19 @@ from tsgm_components.ensembling import MASK_MODES, OTSU_MIN_COMPONENT_MM2, PAPER
 from tsgm_components.errors import TsgmInputError
 
 
+#: the reconstruction settings a threshold depends on: a calibration records those of the validation detections it
+#: was chosen on (``calibration.json`` "reconstruction"), and detection warns when it applies it to other ones
+RECONSTRUCTION_KEYS = ("sampler", "n_steps", "n_draws", "snr", "n_corrector_steps", "sdedit_sigma_start", "churn")
+
+
+def reconstruction_settings(provenance: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The :data:`RECONSTRUCTION_KEYS` of a detection's ``reconstruction`` provenance, or None for a method that does
+    not sample (baselines, ceilings)."""
+    if not provenance or "sampler" not in provenance:
+        return None
+    return {key: provenance.get(key) for key in RECONSTRUCTION_KEYS}
+
+
 def calibration_beside(checkpoint: str | Path) -> str | None:
     """``<checkpoint stem>_calibration.json`` next to a checkpoint (how the shipped weights carry the weights and
     threshold chosen on their validation split), or None if there is none: then no mask unless one is asked for."""
@@ -26,11 +39,12 @@ def calibration_beside(checkpoint: str | Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, str]:
-    """Read the evaluation bundle's ``calibration.json``: ``(weights, threshold, mode)``.
+def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, str, dict[str, Any] | None]:
+    """Read the evaluation bundle's ``calibration.json``: ``(weights, threshold, mode, reconstruction)``.
 
-    ``{"weights": {mod: w}, "threshold": t, "mode": "fixed" | "otsu", ...}``; ``threshold`` may be null in
-    Otsu mode. Raises TsgmInputError naming the file on any problem.
+    ``{"weights": {mod: w}, "threshold": t, "mode": "fixed" | "otsu", "reconstruction": {sampler settings} | null,
+    ...}``; ``threshold`` may be null in Otsu mode, ``reconstruction`` absent (files written before it was recorded).
+    Raises TsgmInputError naming the file on any problem.
     """
     path = Path(path)
     try:
@@ -51,7 +65,10 @@ def load_calibration(path: str | Path) -> tuple[dict[str, float], float | None, 
         raise TsgmInputError(path, f"threshold must be a finite number, got {threshold!r}")
     if mode == "fixed" and threshold is None:
         raise TsgmInputError(path, 'mode "fixed" needs a numeric "threshold"')
-    return weights, (None if threshold is None else float(threshold)), mode
+    reconstruction = calibration.get("reconstruction")
+    if reconstruction is not None and not isinstance(reconstruction, dict):
+        raise TsgmInputError(path, f"reconstruction must be an object of sampler settings or null, got {reconstruction!r}")
+    return weights, (None if threshold is None else float(threshold)), mode, reconstruction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +76,8 @@ class MaskSettings:
     """Ensemble weights and mask rule of a detection, with where each came from (recorded in ``_detection.json``).
 
     weights: modality -> w (Σ = 1); mode: "fixed" (``threshold`` needed), "otsu", or None (anomaly maps only, no mask).
+    calibrated_reconstruction: the sampler settings (:func:`reconstruction_settings`) of the detections a calibrated
+    threshold was chosen on, or None.
     """
 
     weights: Mapping[str, float]
@@ -66,6 +85,7 @@ class MaskSettings:
     threshold: float | None = None
     weights_source: str = "given"
     threshold_source: str | None = None
+    calibrated_reconstruction: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", check_weights(self.weights, source=f"weights ({self.weights_source})"))
@@ -101,8 +121,9 @@ def resolve_mask_settings(
     """
     resolved_weights, weights_source = dict(PAPER_WEIGHTS), "paper (T1 .07, T1ce .19, T2 .30, FLAIR .44)"
     threshold_source = None if threshold is None else "explicit"
+    calibrated_reconstruction = None
     if calibration_file is not None:
-        cal_weights, cal_threshold, cal_mode = load_calibration(calibration_file)
+        cal_weights, cal_threshold, cal_mode, calibrated_reconstruction = load_calibration(calibration_file)
         source = f"calibration {Path(calibration_file).resolve()}"
         resolved_weights, weights_source = cal_weights, source
         if threshold is None and mask_mode in (None, cal_mode):
@@ -114,4 +135,5 @@ def resolve_mask_settings(
         mask_mode = "fixed"
     if mask_mode == "otsu":
         threshold, threshold_source = None, f"per-slice Otsu + components > {OTSU_MIN_COMPONENT_MM2:g} mm²"
-    return MaskSettings(resolved_weights, mask_mode, None if threshold is None else float(threshold), weights_source, threshold_source)
+    return MaskSettings(resolved_weights, mask_mode, None if threshold is None else float(threshold), weights_source,
+                        threshold_source, calibrated_reconstruction)
