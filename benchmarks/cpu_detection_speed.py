@@ -1,14 +1,15 @@
-"""CPU sampling speed of the demo's score network: chunk size and memory layout, side by side in one run.
+"""CPU sampling speed of the demo's score network: sampler, chunk size and memory layout, side by side in one run.
 
     python benchmarks/cpu_detection_speed.py --threads 2
 
-Times one Heun-4 draw (7 NFE per slice) through ``DiffusionSamplerInferer`` on a stack of random 64² slices with
-the cpu.yaml network (random weights: the cost does not depend on them), for each chunk size and memory layout,
-interleaved over ``--repeats`` rounds, and extrapolates to one volume (49 slices × 4 modalities) at each setting's
-draws per slice: the 0.5.0 demo (mean of 4 draws = 28 NFE, chunks of 256, default layout), the same sampler in
-chunks of 32 and channels-last, 2 draws (14 NFE) of all 4 modalities (the demo's validation split), the inference
-default (2 draws of the modalities the shipped calibration weighs, ``reconstruct_modalities: weighted``) and 1 draw. Prints a table
-with the ratio to the 0.5.0 demo and writes ``benchmarks/results/cpu_detection_speed.{md,json}``.
+Times one draw of each distinct sampler setting through ``DiffusionSamplerInferer`` on a stack of random 64² slices
+with the cpu.yaml network (random weights: the cost does not depend on them), interleaved over ``--repeats`` rounds,
+and extrapolates to one volume (49 slices × the modalities sampled × the row's draws): the 0.5.0 demo (mean of 4
+Heun-4 draws = 28 NFE, chunks of 256, default layout, 4 modalities), the same in chunks of 32 and channels-last, the
+previous inference default (2 Heun-4 draws of the 3 modalities the previous calibration weighed), the posterior mean
+of all 4 modalities (the demo's validation split, ``reconstruct_modalities: all``) and the inference default (the
+posterior mean of the modalities the shipped calibration weighs, ``reconstruct_modalities: weighted``). Prints a
+table with the ratio to the 0.5.0 demo and writes ``benchmarks/results/cpu_detection_speed.{md,json}``.
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ NETWORK = dict(condition_channels=1, channels=[16, 32, 64], attention_levels=[Fa
                num_head_channels=16, norm_num_groups=8, sigma_data=0.5)
 #: how many modalities the shipped TSGM calibration weighs (what single-subject inference samples)
 SHIPPED_MODALITIES = sum(w > 0 for w in json.loads((REPO_ROOT / "bundles" / "vejp_anomaly" / "models" / "model_calibration.json").read_text())["weights"].values())
-#: setting -> (inferer arguments, draws per slice, modalities sampled per volume)
+HEUN4 = dict(sampler="heun", n_steps=4)
+POSTERIOR_MEAN = dict(sampler="posterior_mean")
+#: setting -> (inferer arguments of one draw, draws per slice, modalities sampled per volume)
 SETTINGS = {
-    "0.5.0 demo: 4 draws, chunks of 256, default layout, 4 modalities": (dict(batch_size=256, channels_last=False), 4, 4),
-    "4 draws, chunks of 32, default layout, 4 modalities": (dict(batch_size=32, channels_last=False), 4, 4),
-    "4 draws, chunks of 32, channels-last, 4 modalities": (dict(batch_size=32, channels_last=True), 4, 4),
-    "2 draws, chunks of 32, channels-last, 4 modalities (the demo: reconstruct_modalities all)": (dict(batch_size=32, channels_last=True), 2, 4),
-    f"default: 2 draws, chunks of 32, channels-last, the {SHIPPED_MODALITIES} modalities the shipped calibration weighs": (dict(batch_size=32, channels_last=True), 2, SHIPPED_MODALITIES),
-    f"1 draw, chunks of 32, channels-last, {SHIPPED_MODALITIES} modalities": (dict(batch_size=32, channels_last=True), 1, SHIPPED_MODALITIES),
+    "0.5.0 demo: Heun-4, 4 draws, chunks of 256, default layout, 4 modalities": (dict(**HEUN4, batch_size=256, channels_last=False), 4, 4),
+    "Heun-4, 4 draws, chunks of 32, channels-last, 4 modalities": (dict(**HEUN4, batch_size=32, channels_last=True), 4, 4),
+    "previous default: Heun-4, 2 draws, chunks of 32, channels-last, 3 modalities": (dict(**HEUN4, batch_size=32, channels_last=True), 2, 3),
+    "posterior mean, chunks of 32, channels-last, 4 modalities (the demo's validation split: reconstruct_modalities all)": (dict(**POSTERIOR_MEAN, batch_size=32, channels_last=True), 1, 4),
+    f"default: posterior mean, chunks of 32, channels-last, the {SHIPPED_MODALITIES} modalit{'y' if SHIPPED_MODALITIES == 1 else 'ies'} the shipped calibration weighs": (dict(**POSTERIOR_MEAN, batch_size=32, channels_last=True), 1, SHIPPED_MODALITIES),
 }
 SLICES_PER_MODALITY = 49
 
@@ -72,26 +74,26 @@ def main(argv: list[str] | None = None) -> int:
     # one timing per distinct inferer setting (rows differ only in draws and modalities share it)
     timed = {tuple(sorted(setting.items())): setting for setting, _, _ in SETTINGS.values()}
     times: dict[tuple, list[float]] = {key: [] for key in timed}
-    nfe = 0
+    nfe: dict[tuple, int] = {}
     for _ in range(args.repeats):
         for key, setting in timed.items():
             network = ScoreUNet(**NETWORK).eval()  # a fresh one: channels_last converts the network in place
-            inferer = DiffusionSamplerInferer(sde, sampler="heun", n_steps=4, n_draws=1, **setting)
-            nfe = inferer.nfe_per_slice
+            inferer = DiffusionSamplerInferer(sde, n_draws=1, **setting)
+            nfe[key] = inferer.nfe_per_slice
             start = time.perf_counter()
             inferer(inputs, network)
             times[key].append(time.perf_counter() - start)
     rows = []
     for name, (setting, draws, modalities) in SETTINGS.items():
-        values = times[tuple(sorted(setting.items()))]
-        per_slice_nfe_ms = 1000 * min(values) / (args.slices * nfe)
-        nfe_per_slice = nfe * draws
+        key = tuple(sorted(setting.items()))
+        per_slice_nfe_ms = 1000 * min(times[key]) / (args.slices * nfe[key])
+        nfe_per_slice = nfe[key] * draws
         rows.append({
             "setting": name,
             "ms_per_slice_nfe": round(per_slice_nfe_ms, 2),
             "nfe_per_slice": nfe_per_slice,
             "slices_per_volume": SLICES_PER_MODALITY * modalities,
-            "s_per_volume": round(per_slice_nfe_ms * nfe_per_slice * SLICES_PER_MODALITY * modalities / 1000, 1),
+            "s_per_volume": round(per_slice_nfe_ms * nfe_per_slice * SLICES_PER_MODALITY * modalities / 1000, 2),
         })
     for row in rows:
         row["speed_up"] = round(rows[0]["s_per_volume"] / row["s_per_volume"], 2)
@@ -100,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         f"# CPU sampling speed of the demo's score network ({machine})",
         "",
         f"`python benchmarks/cpu_detection_speed.py --threads {args.threads} --slices {args.slices} --repeats {args.repeats}`; "
-        f"Heun, 4 levels ({nfe} NFE per draw), {args.slices} random 64² slices per call, best of {args.repeats} "
-        "interleaved rounds; per volume = 49 slices × the modalities sampled × the setting's NFE per slice.",
+        f"one draw per timed call ({args.slices} random 64² slices), best of {args.repeats} interleaved rounds; per "
+        "volume = 49 slices × the modalities sampled × the row's NFE per slice (its draws × the sampler's NFE per draw); "
+        "network passes only (I/O, preprocessing and the maps: the demo's per-volume seconds).",
         "",
         "| setting | ms per slice per NFE | NFE per slice | slices per volume | s per volume | speed-up |",
         "|---|---:|---:|---:|---:|---:|",

@@ -5,7 +5,7 @@
 For every setting (``sampler:key=value,...``, keys of ``bundles/vejp_anomaly/configs/inference.yaml``), in one
 process, side by side: VE-JP detection of every validation subject of ``WORK_DIR/prepared/volumes.json`` through the
 bundle's own inference config (``--checkpoint``, default the shipped model; all four modalities, as a weight search
-needs), written to ``WORK_DIR/sampler_validation/<setting>/validation`` (reused when complete: ``skip_existing``), then
+needs), written to ``WORK_DIR/sampler_validation/<checkpoint stem>/<setting>/validation`` (reused when complete: ``skip_existing``), then
 the evaluation bundle's calibration on those maps (``evaluation.calibrate`` with the settings of
 ``tsgm_evaluation/configs/evaluate.yaml`` + ``cpu.yaml``): ensemble weights and threshold chosen on validation, and
 the validation volume Dice of that rule. The test split is never read. Seconds per volume: the sampler's mean
@@ -47,7 +47,7 @@ def parse_setting(text: str) -> dict[str, Any]:
 
 def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any]) -> tuple[Path, int]:
     """Validation detection with ``setting`` through the bundle's inference config; (folder, NFE per slice)."""
-    out = work_dir / "sampler_validation" / label / "validation"
+    out = work_dir / "sampler_validation" / Path(checkpoint).stem / label / "validation"
     parser = ConfigParser()
     parser.read_config(bundle_dir("vejp_anomaly") + "/configs/inference.yaml")
     parser.update({

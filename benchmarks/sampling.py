@@ -295,7 +295,7 @@ def get_calibration(
     Never chosen on the test split."""
     path = Path(args.calibration) if args.calibration else work_dir / "evaluation" / "tsgm" / "calibration.json"
     if args.calibration or path.is_file():
-        weights, threshold, mode = load_calibration(path)
+        weights, threshold, mode, _ = load_calibration(path)
         chosen_on = json.loads(path.read_text()).get("validation_subjects")
         return {"weights": weights, "threshold": threshold, "mode": mode}, f"file {path}", chosen_on
     settings = evaluation_settings(args.evaluation_config)

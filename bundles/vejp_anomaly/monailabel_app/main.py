@@ -9,7 +9,7 @@
 Settings (``--conf KEY VALUE``):
     models            comma-separated bundle names (default ``vejp_anomaly``)
     bundles_dir       folder holding the bundles (default: the folder above this app, i.e. ``bundles/``)
-    bundle_overrides  JSON object of bundle config keys to override, e.g. ``'{"n_draws": 1}'``
+    bundle_overrides  JSON object of bundle config keys to override, e.g. ``'{"sample_batch_size": 64}'``
     preload           load the network when the server starts (default false)
 
 The image sent to the ``vejp_anomaly`` model is ONE 4-channel NIfTI whose channels are the co-registered
