@@ -75,6 +75,38 @@ def test_true_pairs_pair_each_real_slice_with_its_twin(ladder, prepared_dir, twi
     assert pair["condition"] == str(prepared_dir.resolve() / f"slices/{item['subject']}/flair_z{pair['z']:03d}.npy")
 
 
+def test_true_pairs_get_the_pseudo_pairs_lesion_blending_and_placement(prepared_dir, twins_dir, tmp_path):
+    """With the demo's treatment the condition keeps the twin's tissue outside the lesion region and takes the real
+    lesion, moved to a random place of the brain (the same shift in every modality, the same files on a rerun)."""
+    kwargs = dict(splits=("training",), lesion_blend_threshold=0.1)
+    write_true_pairs(twins_dir, prepared_dir, tmp_path / "in_place", **kwargs)
+    write_true_pairs(twins_dir, prepared_dir, tmp_path / "random", lesion_placement="random", **kwargs)
+    write_true_pairs(twins_dir, prepared_dir, tmp_path / "again", lesion_placement="random", **kwargs)
+    pairs = {name: json.loads((tmp_path / name / "pseudo_pairs.json").read_text())["training"] for name in ("in_place", "random", "again")}
+    flair = [k for k, p in enumerate(pairs["random"]) if p["modality"] == "flair"]
+    moved = 0
+    for k in flair:
+        pair = pairs["random"][k]
+        twin = np.load(tmp_path / "random" / pair["image"])
+        real = np.load(prepared_dir / f"slices/{pair['subject']}/flair_z{pair['z']:03d}.npy")
+        in_place = np.load(tmp_path / "in_place" / pairs["in_place"][k]["condition"])
+        condition = np.load(tmp_path / "random" / pair["condition"])
+        np.testing.assert_array_equal(condition, np.load(tmp_path / "again" / pairs["again"][k]["condition"]))
+        lesion = np.abs(in_place - twin) > 0
+        # in place: the real lesion inside the blended region (far closer to the real slice than the twin is), the twin
+        # elsewhere
+        np.testing.assert_array_equal(in_place[~lesion], twin[~lesion])
+        if lesion.any():
+            assert np.abs(in_place - real)[lesion].mean() < 0.5 * np.abs(twin - real)[lesion].mean()
+        if lesion.sum() > 20:
+            changed = np.abs(condition - twin) > 0
+            moved += int(not np.array_equal(changed, lesion))
+            assert (twin[changed] > 0).all()  # the moved lesion lands in brain
+    assert moved > 0
+    with pytest.raises(ValueError, match="needs a lesion_blend_threshold"):
+        write_true_pairs(twins_dir, prepared_dir, tmp_path / "bad", lesion_placement="random")
+
+
 def test_oracle_reconstruction_is_the_twin_and_zero_on_healthy_tissue(ladder, prepared_dir, twins_dir):
     import nibabel as nib
 

@@ -86,6 +86,9 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     pairs = steps["pseudo-pairs G_A→B(healthy)"].command
     assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # how the shipped TSGM weights were made
     assert pairs[pairs.index("--lesion_placement") + 1] == "random"
+    true_pairs = steps["CEILING true pairs (twin slice, real slice)"].command  # the same treatment: TSGM with a perfect stage 1
+    assert true_pairs[true_pairs.index("--lesion_blend_threshold") + 1] == "0.1"
+    assert true_pairs[true_pairs.index("--lesion_placement") + 1] == "random"
     ceiling_steps = [name for name in steps if name.startswith("CEILING")]
     assert len(ceiling_steps) == 5
 

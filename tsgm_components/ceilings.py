@@ -29,6 +29,7 @@ from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, s
 from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.data.prepare import read_volumes_split
+from tsgm_components.data.pseudo_pairs import LESION_PLACEMENTS, blend_lesions, placement_rng
 from tsgm_components.detection import Detector, detect_datalist
 from tsgm_components.masking import MAPS_ONLY
 from tsgm_components.errors import TsgmInputError
@@ -110,13 +111,26 @@ def write_true_pairs(
     out: str | Path,
     splits: Sequence[str] = ("training", "validation"),
     overwrite: bool = False,
+    lesion_blend_threshold: float | None = None,
+    lesion_placement: str = "generator",
+    lesion_placement_seed: int = 0,
 ) -> dict[str, int]:
     """(twin slice, real slice) pairs of every prepared slice of ``splits`` in the pseudo-pair layout.
 
     ``out/pseudo_pairs.json``: ``{"training": [...], ...}`` with ``image`` = the twin slice (x_A, written to
     ``out/slices/<id>/<mod>_zZZZ.npy``) and ``condition`` = the prepared real slice (absolute path), so that
     ``data.pseudo_pairs.load_pseudo_pairs`` reads them like CycleGAN's pseudo-pairs. Returns pairs per split.
+
+    The same treatment as TSGM's pseudo-pairs (``cyclegan_brats/configs/inference.yaml``), so that the ceiling is
+    TSGM with a perfect stage 1 and nothing else changed: with ``lesion_blend_threshold`` the condition is
+    :func:`~tsgm_components.data.pseudo_pairs.blend_lesions` of (twin, real) (written to
+    ``out/slices/<id>/<mod>_zZZZ_condition.npy``), and ``lesion_placement`` "random" moves each slice's lesion to a
+    random place in its brain, drawn from (``lesion_placement_seed``, subject, z); "generator": where it is.
     """
+    if lesion_placement not in LESION_PLACEMENTS:
+        raise ValueError(f"lesion_placement must be one of {LESION_PLACEMENTS}, got {lesion_placement!r}")
+    if lesion_placement != "generator" and lesion_blend_threshold is None:
+        raise ValueError("lesion_placement 'random' moves the blended lesion region: it needs a lesion_blend_threshold")
     prepared_dir, out = Path(prepared_dir).resolve(), Path(out)
     check_not_over_inputs(out, [prepared_dir, twins_dir])
     check_can_write(out, overwrite)
@@ -129,21 +143,36 @@ def write_true_pairs(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for split in splits:
             items = {str(item["subject"]): item for item in volumes.get(split, [])}
+            by_slice: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
+            for entry in datalist.get(split, []):
+                by_slice.setdefault((str(entry["subject"]), int(entry["z"])), {})[entry["modality"]] = entry
             pairs[split] = []
             slices_of = {}
-            for entry in datalist.get(split, []):
-                subject, modality, z = str(entry["subject"]), entry["modality"], int(entry["z"])
+            for (subject, z), entries in by_slice.items():
                 if subject not in slices_of:
                     slices_of[subject] = twin_slices(twins_dir, subject, items[subject], preprocess)
                     (tmp / "slices" / subject).mkdir(parents=True)
-                name = f"slices/{subject}/{modality}_z{z:03d}.npy"
-                np.save(tmp / name, slices_of[subject][modality][z - preprocess.z_min])
-                pairs[split].append(
-                    {"image": name, "condition": str(prepared_dir / entry["image"]), "subject": subject,
-                     "modality": modality, "z": z}
-                )
+                twin = {m: slices_of[subject][m][z - preprocess.z_min] for m in entries}
+                conditions = {m: str(prepared_dir / entry["image"]) for m, entry in entries.items()}
+                if lesion_blend_threshold is not None:
+                    if sorted(entries) != sorted(MODALITIES):
+                        raise TsgmInputError(prepared_dir / "datalist.json",
+                                             f"{subject} z={z}: lesion blending needs all four modalities, got {sorted(entries)}")
+                    rng = None if lesion_placement == "generator" else placement_rng(lesion_placement_seed, subject, z)
+                    real = {m: np.load(path) for m, path in conditions.items()}
+                    blended = blend_lesions(twin, real, float(lesion_blend_threshold), rng)
+                    for m in entries:
+                        conditions[m] = f"slices/{subject}/{m}_z{z:03d}_condition.npy"
+                        np.save(tmp / conditions[m], blended[m])
+                for modality, entry in entries.items():
+                    name = f"slices/{subject}/{modality}_z{z:03d}.npy"
+                    np.save(tmp / name, twin[modality])
+                    pairs[split].append({"image": name, "condition": conditions[modality], "subject": subject,
+                                         "modality": modality, "z": z})
             logger.info("true pairs, %s: %d slices of %d subjects", split, len(pairs[split]), len(slices_of))
         save_json(pairs, tmp / "pseudo_pairs.json")
         save_json({"what": "true pairs (CEILING): image = healthy twin slice, condition = real slice",
-                   "twins_dir": str(Path(twins_dir).resolve()), "prepared_dir": str(prepared_dir)}, tmp / "true_pairs.json")
+                   "twins_dir": str(Path(twins_dir).resolve()), "prepared_dir": str(prepared_dir),
+                   "lesion_blend_threshold": lesion_blend_threshold, "lesion_placement": lesion_placement,
+                   "lesion_placement_seed": lesion_placement_seed}, tmp / "true_pairs.json")
     return {split: len(p) for split, p in pairs.items()}

@@ -86,6 +86,8 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
     blend = SCALES[scale]["lesion_blend_threshold"]
+    # what the scale does to the pseudo-pairs, done to the true pairs of the CEILING row too
+    pair_treatment = {} if blend is None else {"lesion_blend_threshold": blend, "lesion_placement": SCALES[scale]["lesion_placement"]}
     prepared = work_dir / "prepared"
     multi = ["multi_gpu_train.yaml"] if processes > 1 else []
 
@@ -113,9 +115,7 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
              work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan"),
         Step("pseudo-pairs G_A→B(healthy)",
              bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
-                            checkpoint=work_dir / "cyclegan" / "model.pt",
-                            **({} if blend is None else {"lesion_blend_threshold": blend,
-                                                         "lesion_placement": SCALES[scale]["lesion_placement"]})),
+                            checkpoint=work_dir / "cyclegan" / "model.pt", **pair_treatment),
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
         train([], "vejp"),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
@@ -123,7 +123,7 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
     if ceilings:
         training += [
             Step("CEILING true pairs (twin slice, real slice)",
-                 bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir),
+                 bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment),
                  work_dir / "true_pairs" / "pseudo_pairs.json"),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),
         ]

@@ -8,7 +8,6 @@ see ``data.unpaired``); :func:`generator_channels` tells which kind a generator 
 from __future__ import annotations
 
 import logging
-import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,7 +20,7 @@ from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
-from tsgm_components.data.pseudo_pairs import LESION_PLACEMENTS, blend_lesions
+from tsgm_components.data.pseudo_pairs import LESION_PLACEMENTS, blend_lesions, placement_rng
 from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
@@ -189,7 +188,7 @@ def _blend_in_place(folder: Path, items: Sequence[Mapping[str, Any]], threshold:
         if sorted(by_modality) != sorted(MODALITIES):
             raise TsgmInputError(f"{subject} z={z}", f"lesion blending needs all four modalities of a slice, got {sorted(by_modality)}")
         healthy = {m: np.load(item["image"]) for m, item in by_modality.items()}
-        rng = None if placement_seed is None else np.random.default_rng([placement_seed, zlib.crc32(subject.encode()), z])
+        rng = None if placement_seed is None else placement_rng(placement_seed, subject, z)
         blended = blend_lesions(healthy, {m: np.load(folder / item["condition"]) for m, item in by_modality.items()}, threshold, rng)
         for modality, item in by_modality.items():
             np.save(folder / item["condition"], blended[modality])

@@ -13,6 +13,7 @@ the region where G_A→B put its hyperintense lesion and G_A→B's output inside
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -100,6 +101,12 @@ def lesion_weights(
 
 #: Where a blended lesion goes: where G_A→B put it, or moved to a random place in the brain (:func:`random_shift`).
 LESION_PLACEMENTS = ("generator", "random")
+
+
+def placement_rng(seed: int, subject: str, z: int) -> np.random.Generator:
+    """The generator of one axial slice's random lesion placement: drawn from (seed, subject, z) only, so the same
+    call writes the same pairs whatever the order of the slices."""
+    return np.random.default_rng([int(seed), zlib.crc32(str(subject).encode()), int(z)])
 
 
 def random_shift(weights: np.ndarray, brain: np.ndarray, rng: np.random.Generator, min_inside: float = 0.9, tries: int = 20) -> tuple[int, int]:
