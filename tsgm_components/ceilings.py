@@ -29,7 +29,7 @@ from tsgm_components.data.brats import MODALITIES, SubjectFiles, load_subject, s
 from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.data.prepare import read_volumes_split
-from tsgm_components.data.pseudo_pairs import LESION_PLACEMENTS, blend_lesions, placement_rng
+from tsgm_components.data.pseudo_pairs import blend_slice, placement_seed
 from tsgm_components.detection import Detector, detect_datalist
 from tsgm_components.masking import MAPS_ONLY
 from tsgm_components.errors import TsgmInputError
@@ -123,14 +123,11 @@ def write_true_pairs(
 
     The same treatment as TSGM's pseudo-pairs (``cyclegan_brats/configs/inference.yaml``), so that the ceiling is
     TSGM with a perfect stage 1 and nothing else changed: with ``lesion_blend_threshold`` the condition is
-    :func:`~tsgm_components.data.pseudo_pairs.blend_lesions` of (twin, real) (written to
+    :func:`~tsgm_components.data.pseudo_pairs.blend_slice` of (twin, real) (written to
     ``out/slices/<id>/<mod>_zZZZ_condition.npy``), and ``lesion_placement`` "random" moves each slice's lesion to a
     random place in its brain, drawn from (``lesion_placement_seed``, subject, z); "generator": where it is.
     """
-    if lesion_placement not in LESION_PLACEMENTS:
-        raise ValueError(f"lesion_placement must be one of {LESION_PLACEMENTS}, got {lesion_placement!r}")
-    if lesion_placement != "generator" and lesion_blend_threshold is None:
-        raise ValueError("lesion_placement 'random' moves the blended lesion region: it needs a lesion_blend_threshold")
+    seed = placement_seed(lesion_blend_threshold, lesion_placement, lesion_placement_seed)
     prepared_dir, out = Path(prepared_dir).resolve(), Path(out)
     check_not_over_inputs(out, [prepared_dir, twins_dir])
     check_can_write(out, overwrite)
@@ -155,12 +152,8 @@ def write_true_pairs(
                 twin = {m: slices_of[subject][m][z - preprocess.z_min] for m in entries}
                 conditions = {m: str(prepared_dir / entry["image"]) for m, entry in entries.items()}
                 if lesion_blend_threshold is not None:
-                    if sorted(entries) != sorted(MODALITIES):
-                        raise TsgmInputError(prepared_dir / "datalist.json",
-                                             f"{subject} z={z}: lesion blending needs all four modalities, got {sorted(entries)}")
-                    rng = None if lesion_placement == "generator" else placement_rng(lesion_placement_seed, subject, z)
                     real = {m: np.load(path) for m, path in conditions.items()}
-                    blended = blend_lesions(twin, real, float(lesion_blend_threshold), rng)
+                    blended = blend_slice(subject, z, twin, real, float(lesion_blend_threshold), seed)
                     for m in entries:
                         conditions[m] = f"slices/{subject}/{m}_z{z:03d}_condition.npy"
                         np.save(tmp / conditions[m], blended[m])

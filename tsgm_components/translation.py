@@ -20,7 +20,7 @@ from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
-from tsgm_components.data.pseudo_pairs import LESION_PLACEMENTS, blend_lesions, placement_rng
+from tsgm_components.data.pseudo_pairs import blend_slice, placement_seed
 from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_slice_items, slice_transforms, stack_modalities
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
@@ -135,10 +135,7 @@ def write_pseudo_pairs(
     ``lesion_placement`` "random" moves each slice's blended lesion to a random place in its brain, drawn from
     (``lesion_placement_seed``, subject, z), so the same call writes the same pairs.
     """
-    if lesion_placement not in LESION_PLACEMENTS:
-        raise ValueError(f"lesion_placement must be one of {LESION_PLACEMENTS}, got {lesion_placement!r}")
-    if lesion_placement != "generator" and lesion_blend_threshold is None:
-        raise ValueError("lesion_placement 'random' moves the blended lesion region: it needs a lesion_blend_threshold")
+    seed = placement_seed(lesion_blend_threshold, lesion_placement, lesion_placement_seed)
     output_dir = check_can_write(check_not_over_inputs(output_dir, [prepared_dir]), overwrite)
     datalist = Path(prepared_dir) / "datalist.json"
     in_channels = generator_channels(generator)
@@ -172,27 +169,24 @@ def write_pseudo_pairs(
                         pairs[split].append({"image": path, "condition": condition, "subject": subject, "modality": modality, "z": z})
             logger.info("pseudo-pairs: %d %s slices translated", len(pairs[split]), split)
         if lesion_blend_threshold is not None:
-            seed = None if lesion_placement == "generator" else int(lesion_placement_seed)
             _blend_in_place(tmp, [item for items in pairs.values() for item in items], float(lesion_blend_threshold), seed)
         save_json(pairs, tmp / "pseudo_pairs.json")
     return {split: len(p) for split, p in pairs.items()}
 
 
-def _blend_in_place(folder: Path, items: Sequence[Mapping[str, Any]], threshold: float, placement_seed: int | None = None) -> None:
+def _blend_in_place(folder: Path, items: Sequence[Mapping[str, Any]], threshold: float, seed: int | None = None) -> None:
     """Replace the written conditions of every axial slice (its four modalities together) by their lesion blend;
-    ``placement_seed`` not None: each slice's lesion moved to a random place, drawn from (seed, subject, z)."""
+    ``seed`` not None: each slice's lesion moved to a random place, drawn from (seed, subject, z)."""
     slices: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
     for item in items:
         slices.setdefault((item["subject"], int(item["z"])), {})[item["modality"]] = item
     for (subject, z), by_modality in slices.items():
-        if sorted(by_modality) != sorted(MODALITIES):
-            raise TsgmInputError(f"{subject} z={z}", f"lesion blending needs all four modalities of a slice, got {sorted(by_modality)}")
         healthy = {m: np.load(item["image"]) for m, item in by_modality.items()}
-        rng = None if placement_seed is None else placement_rng(placement_seed, subject, z)
-        blended = blend_lesions(healthy, {m: np.load(folder / item["condition"]) for m, item in by_modality.items()}, threshold, rng)
+        translated = {m: np.load(folder / item["condition"]) for m, item in by_modality.items()}
+        blended = blend_slice(subject, z, healthy, translated, threshold, seed)
         for modality, item in by_modality.items():
             np.save(folder / item["condition"], blended[modality])
-    placement = "where G_AB put them" if placement_seed is None else f"moved at random (seed {placement_seed})"
+    placement = "where G_AB put them" if seed is None else f"moved at random (seed {seed})"
     logger.info("pseudo-pairs: conditions of %d axial slices blended (threshold %g), lesions %s", len(slices), threshold, placement)
 
 

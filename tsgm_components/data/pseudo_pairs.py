@@ -22,6 +22,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from scipy import ndimage as ndi
 
+from tsgm_components.data.brats import MODALITIES
 from tsgm_components.errors import TsgmInputError
 
 PAIR_KEYS = ("image", "condition")
@@ -103,10 +104,14 @@ def lesion_weights(
 LESION_PLACEMENTS = ("generator", "random")
 
 
-def placement_rng(seed: int, subject: str, z: int) -> np.random.Generator:
-    """The generator of one axial slice's random lesion placement: drawn from (seed, subject, z) only, so the same
-    call writes the same pairs whatever the order of the slices."""
-    return np.random.default_rng([int(seed), zlib.crc32(str(subject).encode()), int(z)])
+def placement_seed(lesion_blend_threshold: float | None, lesion_placement: str, lesion_placement_seed: int) -> int | None:
+    """Checks a pair treatment (the keys of the same names of the CycleGAN inference and ceilings configs) and returns
+    the seed of random lesion placement, or None when the lesions stay where they are."""
+    if lesion_placement not in LESION_PLACEMENTS:
+        raise ValueError(f"lesion_placement must be one of {LESION_PLACEMENTS}, got {lesion_placement!r}")
+    if lesion_placement != "generator" and lesion_blend_threshold is None:
+        raise ValueError("lesion_placement 'random' moves the blended lesion region: it needs a lesion_blend_threshold")
+    return None if lesion_placement == "generator" else int(lesion_placement_seed)
 
 
 def random_shift(weights: np.ndarray, brain: np.ndarray, rng: np.random.Generator, min_inside: float = 0.9, tries: int = 20) -> tuple[int, int]:
@@ -150,3 +155,14 @@ def blend_lesions(
         weights = _shifted(weights, shift) * brain
         lesion = {m: _shifted(translated[m], shift) for m in translated}
     return {m: np.clip(healthy[m] + weights * (lesion[m] - healthy[m]), 0.0, 1.0).astype(np.float32) for m in translated}
+
+
+def blend_slice(
+    subject: str, z: int, healthy: Mapping[str, np.ndarray], lesioned: Mapping[str, np.ndarray], threshold: float, seed: int | None
+) -> dict[str, np.ndarray]:
+    """:func:`blend_lesions` of one axial slice's four modalities; with ``seed`` (see :func:`placement_seed`) its lesion
+    is moved at random, drawn from (seed, subject, z) only, so a rerun writes the same pairs whatever the slice order."""
+    if sorted(healthy) != sorted(MODALITIES) or sorted(lesioned) != sorted(MODALITIES):
+        raise TsgmInputError(f"{subject} z={z}", f"lesion blending needs all four modalities of a slice, got {sorted(lesioned)}")
+    rng = None if seed is None else np.random.default_rng([int(seed), zlib.crc32(str(subject).encode()), int(z)])
+    return blend_lesions(healthy, lesioned, threshold, rng)
