@@ -7,6 +7,7 @@ exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import fire
@@ -71,6 +72,22 @@ def prepare(
     )
 
 
+def real_data(source: str, out: str, write_split: bool = False, overwrite: bool = False) -> None:
+    """Lay out the project's real dataset: the 20 BraTS 2018 cases with expert labels of the public DeepBrainSeg
+    repository (SOURCE: a copy of it, or a BraTS 2018/2019 download, or BraTS 2020 with name_mapping.csv), copied into
+    OUT in BraTS layout (t1, t1ce, t2, flair, seg per case; DeepBrainSeg's own predictions are left behind).
+    `tsgm prepare` and `tsgm run` on OUT use the committed split data_manifests/brats18_sample_split.json.
+    --write_split True: also recompute that split from OUT's labels and write it (maintainers)."""
+    from tsgm_components.data import real_brats
+
+    cases = real_brats.lay_out(str(source), str(out), overwrite=bool(overwrite))
+    print(f"wrote {len(cases)} cases to {out}")
+    if bool(write_split):
+        manifest = real_brats.split_manifest(real_brats.band_tumour_voxels(str(out)))
+        real_brats.SPLIT_FILE.write_text(json.dumps(manifest, indent=1) + "\n")
+        print(f"wrote {real_brats.SPLIT_FILE}: {manifest['counts']}")
+
+
 def run(dataset_dir: str, work_dir: str, scale: str = "paper", gpus: str = "auto", seed: int = 0, split_file: str | None = None) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
@@ -113,7 +130,7 @@ def export_weights(work_dir: str, models: str = "cyclegan,vejp,vejp_unconditiona
         print(f"wrote {path}")
 
 
-COMMANDS = {"phantom": phantom, "prepare": prepare, "demo": run_demo, "run": run, "build_weights": build_weights, "export_weights": export_weights}
+COMMANDS = {"phantom": phantom, "real_data": real_data, "prepare": prepare, "demo": run_demo, "run": run, "build_weights": build_weights, "export_weights": export_weights}
 
 
 def main(argv: list[str] | None = None) -> None:

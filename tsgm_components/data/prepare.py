@@ -21,6 +21,7 @@ from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, SEG, SubjectFiles, find_dataset, has_tumour, load_subject, open_subject
 from tsgm_components.data.phantom import PHANTOM_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig, volume_to_slices
+from tsgm_components.data.real_brats import SPLIT_FILE as REAL_SPLIT, SUBJECTS as REAL_SUBJECTS
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_writable
 
@@ -168,6 +169,8 @@ def prepare(
     check_writable(out, n_slices * ((len(MODALITIES) * 4 + 1) * cfg.image_size**2 + (len(MODALITIES) + 1) * 128))
     strata = subject_strata(files)
     split, split_source = None, None
+    if split_file is None and sorted(subjects) == sorted(REAL_SUBJECTS) and (seed, val_fraction, test_fraction) == (0, 0.1, 0.1):
+        split_file = REAL_SPLIT  # the project's real dataset (tsgm real_data): its committed split
     if split_file is None:
         split, note = shipped_split(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction)
         if note and verbose and not (dataset_dir / PHANTOM_RECORD).is_file():  # the phantom borrows BraTS ids
