@@ -1,5 +1,6 @@
 """TSGM components: networks, losses, SDE, samplers, engines, data and metrics for the tsgm MONAI bundles."""
 
+import subprocess
 from pathlib import Path
 
 from tsgm_components.errors import install_excepthook
@@ -20,6 +21,17 @@ def bundle_dir(name: str) -> str:
     if not path.is_dir():
         raise FileNotFoundError(f"bundle '{name}' not found at {path}")
     return str(path)
+
+
+def git_commit() -> str:
+    """The repository's commit, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

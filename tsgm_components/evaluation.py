@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from tsgm_components import REPO_ROOT, git_commit
 from tsgm_components.data.brats import MODALITIES, SEG, VolumeGeometry, load_subject
 from tsgm_components.data.prepare import read_prepare_config, read_prepare_record, read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
@@ -435,8 +437,13 @@ def run_evaluation(
     out_dir: str | Path,
     settings: CalibrationSettings,
     overwrite: bool = False,
+    evaluated_split: str = "test",
 ) -> str:
     """Bundle entry point: calibrate every method on validation, score it on test, write the report; return markdown.
+
+    ``evaluated_split`` "validation" scores the validation split itself (in-sample: its thresholds and weights were
+    chosen there), the way settings are compared during development without reading test. Every evaluation of
+    "test" is appended to the test-read log (:func:`log_test_read`).
 
     methods: ``[{"name": str, "detection_dir": path with validation/ and test/ sub-folders,
     optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search),
@@ -446,8 +453,10 @@ def run_evaluation(
     files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically. Validation
     needs every modality's maps (the weight search); test only those the calibration weights.
     """
+    if evaluated_split not in ("test", "validation"):
+        raise TsgmInputError("evaluated_split", f"must be 'test' or 'validation', got {evaluated_split!r}")
     volumes, preprocess, min_brain_fraction = read_prepared(prepared_dir)
-    splits = {split: read_volumes_split(volumes, split) for split in ("validation", "test")}
+    splits = {split: read_volumes_split(volumes, split) for split in ("validation", evaluated_split)}
     _check_methods(methods)
     check_not_over_inputs(out_dir, [prepared_dir, *(method["detection_dir"] for method in methods)])
     results, examples, example, truths = [], {}, None, {}
@@ -461,15 +470,44 @@ def run_evaluation(
             del validation
             # the test maps a method's calibration gives no weight are not needed (detection may have skipped them)
             weighted = [m for m in MODALITIES if calibration["weights"][m] > 0]
-            test = load_cases(detection_dir / "test", splits["test"], preprocess, truths, weighted)
+            test = load_cases(detection_dir / evaluated_split, splits[evaluated_split], preprocess, truths, weighted)
             results.append(evaluate_cases(name, test, calibration, min_brain_fraction, bool(method.get("ceiling", False))))
             if example is None:
                 example = example_slice(test)
-                item = next(i for i in splits["test"] if i["subject"] == example[0])
+                item = next(i for i in splits[evaluated_split] if i["subject"] == example[0])
                 example_case = load_subject({**item, SEG: None}, preprocess)
                 flair = normalize_volume(example_case.arrays["flair"], example_case.brain_mask, preprocess)
             case = next(c for c in test if c.subject == example[0])
-            examples[name] = example_panels(case, calibration, detection_dir / "test", flair, example[1], example_case.geometry)
+            examples[name] = example_panels(case, calibration, detection_dir / evaluated_split, flair, example[1], example_case.geometry)
             logger.info("%s: evaluated %d test subjects", name, len(test))
-        markdown = write_report(results, tmp, examples, f"test subject {example[0]}, axial slice z={example[1]}")
+        markdown = write_report(results, tmp, examples, f"{evaluated_split} subject {example[0]}, axial slice z={example[1]}")
+        if evaluated_split == "validation":
+            markdown = VALIDATION_NOTE + markdown
+            (tmp / "results.md").write_text(markdown)
+    if evaluated_split == "test":
+        log_test_read(prepared_dir, out_dir, [str(m["name"]) for m in methods])
     return markdown
+
+
+VALIDATION_NOTE = (
+    "**Validation split, in-sample**: every method's weights and threshold were chosen on these same subjects; "
+    "read the rows against each other, not as test results (\"test\" below means the evaluated split).\n\n"
+)
+#: Every evaluation of a test split is appended here (the project's own table commands run from this checkout).
+TEST_READS = REPO_ROOT / "benchmarks" / "results" / "test_reads.md"
+
+
+def log_test_read(prepared_dir: str | Path, out_dir: str | Path, methods: Sequence[str], log: Path = TEST_READS) -> None:
+    """Append one line (UTC date, commit, prepared dataset and its split source, methods, report folder) to ``log``
+    when ``log``'s folder exists (a checkout of the repository), so that how often a test split was read is on record."""
+    if not log.parent.is_dir():
+        return
+    record = read_prepare_record(prepared_dir)
+    header = "| date (UTC) | commit | dataset | split | methods | report |\n|---|---|---|---|---|---|\n"
+    line = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {git_commit()} | {record.get('dataset_dir', '?')} | "
+            f"{record.get('split_source', '?')} | {', '.join(methods)} | {Path(out_dir).resolve()} |\n")
+    with log.open("a") as handle:
+        if log.stat().st_size == 0:
+            handle.write("# Test-split reads\n\nAppended by every evaluation of a test split "
+                         "(`tsgm_components.evaluation.log_test_read`).\n\n" + header)
+        handle.write(line)

@@ -77,12 +77,16 @@ SCALES: dict[str, dict[str, object]] = {
 }
 
 
-def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, processes: int = 1) -> list[Step]:
+def model_steps(
+    work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, processes: int = 1, read_test: bool = True
+) -> list[Step]:
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
 
     ``scale``: a :data:`SCALES` entry (its overlays, e.g. ``cpu.yaml``, merged on each bundle's main config, and its
     pseudo-pair blending); ``ceilings``: the CEILING rows that read healthy twins (phantom only); ``processes`` > 1:
     training and detection under torchrun. Without ``from_scratch`` detection uses the bundles' shipped weights.
+    ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
+    (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
     blend = SCALES[scale]["lesion_blend_threshold"]
@@ -147,15 +151,23 @@ def model_steps(work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, 
                  bundle_command("oracle_reconstruction", "tsgm_evaluation", ["ceilings.yaml"], work_dir, skip_existing=True),
                  None),
         )
-    detection += [
+    detection.append(
         Step("calibrate on validation (before test detection)",
              bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir),
-             work_dir / "calibration"),
-        *(detect(*model, "test") for model in diffusion),
-        Step("calibrate on validation, evaluate on test",
-             bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir),
-             work_dir / "evaluation" / "summary.json"),
-    ]
+             work_dir / "calibration"))
+    if read_test:
+        detection += [
+            *(detect(*model, "test") for model in diffusion),
+            Step("calibrate on validation, evaluate on test",
+                 bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir),
+                 work_dir / "evaluation" / "summary.json"),
+        ]
+    else:
+        detection.append(
+            Step("calibrate on validation, evaluate on validation (in-sample, no test read)",
+                 bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluated_split="validation",
+                                evaluation_dir=work_dir / "evaluation_validation"),
+                 work_dir / "evaluation_validation" / "summary.json"))
     return (training if from_scratch else []) + detection
 
 
@@ -190,7 +202,8 @@ def demo_steps(
 
 
 def dataset_steps(
-    work_dir: Path, dataset_dir: Path, scale: str = "paper", processes: int = 1, seed: int = 0, split_file: Path | None = None
+    work_dir: Path, dataset_dir: Path, scale: str = "paper", processes: int = 1, seed: int = 0, split_file: Path | None = None,
+    read_test: bool = True,
 ) -> list[Step]:
     """``tsgm run``: the whole pipeline on a user's dataset (any layout ``tsgm prepare`` reads), every model trained
     from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING rows (they need healthy twins)."""
@@ -201,7 +214,7 @@ def dataset_steps(
                       "--image_size", str(SCALES[scale]["image_size"]), "--seed", str(seed)]
     if split_file is not None:
         prepare += ["--split_file", str(split_file)]
-    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes)]
+    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes, read_test)]
 
 
 def run_steps(work: Path, steps: list[Step], label: str) -> float:
@@ -286,17 +299,21 @@ def gpu_count() -> int:
 
 
 def run_dataset(
-    dataset_dir: str, work_dir: str, scale: str = "paper", gpus: int | str = "auto", seed: int = 0, split_file: str | None = None
+    dataset_dir: str, work_dir: str, scale: str = "paper", gpus: int | str = "auto", seed: int = 0, split_file: str | None = None,
+    read_test: bool = True,
 ) -> None:
     """``tsgm run``: prepare a user's dataset, train every model, detect, calibrate on validation, evaluate on test
     and print the table next to the published BraTS2020 figures. Resumable like the demo (rerun the same command).
     ``gpus``: "auto" (all visible), or a count; with more than one, training and detection run under torchrun."""
     work = Path(work_dir).resolve()
     processes = gpu_count() if gpus == "auto" else int(gpus)
-    steps = dataset_steps(work, Path(dataset_dir).resolve(), scale, max(processes, 1), seed, None if split_file is None else Path(split_file))
+    steps = dataset_steps(work, Path(dataset_dir).resolve(), scale, max(processes, 1), seed,
+                          None if split_file is None else Path(split_file), read_test)
     work.mkdir(parents=True, exist_ok=True)
     print(f"tsgm run: {dataset_dir} -> {work}, {scale} configs, {max(processes, 1)} process(es) per step", flush=True)
     seconds = run_steps(work, steps, "tsgm run")
-    print(f"\nFinished in {seconds:.0f} s. Report: {work / 'evaluation'}\n")
-    print((work / "evaluation" / "results.md").read_text())
-    print(published_comparison())
+    report = work / ("evaluation" if read_test else "evaluation_validation")
+    print(f"\nFinished in {seconds:.0f} s. Report: {report}\n")
+    print((report / "results.md").read_text())
+    if read_test:
+        print(published_comparison())

@@ -13,13 +13,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from tsgm_components import REPO_ROOT
+from tsgm_components import REPO_ROOT, git_commit
 from tsgm_components.checkpoints import SPEC_KEY, latest_checkpoint, read_checkpoint
 from tsgm_components.data.prepare import read_prepare_record
 from tsgm_components.errors import TsgmInputError
@@ -43,17 +42,6 @@ MAX_BYTES = 10 * 2**20
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _commit() -> str:
-    """The repository's commit, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _iterations(run_dir: Path) -> int | None:
@@ -122,7 +110,7 @@ def export_weights(
             "wall_time_s": steps.get(step, {}).get("seconds"),
             "note": steps.get(step, {}).get("note"),
             "iterations": _iterations(work / folder),
-            "commit": _commit(),
+            "commit": git_commit(),
             "data": {"phantom": steps.get(PHANTOM_STEP, {}).get("command"),
                      "prepare": steps.get(PREPARE_STEP, {}).get("command"), "prepare_config": data},
             "machine": machine,

@@ -159,10 +159,14 @@ def _folder_layout(folder: Path) -> str | None:
 
 
 def _odd_segmentation(folder: Path, taken: set[Path]) -> Path | None:
-    """The folder's only other NIfTI file with "seg" in its name (BraTS20_Training_355: ``W39_1998.09.19_Segm.nii``)."""
+    """The folder's only other NIfTI file with "seg" in its name (BraTS20_Training_355: ``W39_1998.09.19_Segm.nii``).
+
+    A file whose name says it is a model's output ("pred", e.g. DeepBrainSeg's ``DeepBrainSeg_Prediction.nii.gz``) is
+    never a label."""
     others = [
         p for p in sorted(folder.iterdir())
-        if p.is_file() and p not in taken and p.name.endswith(NIFTI_SUFFIXES) and "seg" in p.name.lower() and not p.name.startswith(".")
+        if p.is_file() and p not in taken and p.name.endswith(NIFTI_SUFFIXES) and "seg" in p.name.lower()
+        and "pred" not in p.name.lower() and not p.name.startswith(".")
     ]
     return others[0] if len(others) == 1 else None
 
