@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tsgm_components.inferers import DiffusionSamplerInferer
-from tsgm_components.losses.score_matching import dsm_loss
+from tsgm_components.losses.score_matching import dsm_loss, regression_loss
 from tsgm_components.noise import randn
 from tsgm_components.sampling import (
     LangevinCorrector,
@@ -17,6 +17,7 @@ from tsgm_components.sampling import (
     sample_heun,
     sample_pc,
     sample_posterior_mean,
+    sample_regression,
     sample_sdedit,
 )
 from tsgm_components.sde import VESDE
@@ -414,6 +415,27 @@ def test_posterior_mean_inferer_follows_the_condition():
         DiffusionSamplerInferer(VESDE(), sampler="posterior_mean", n_steps=4)
     with pytest.raises(ValueError, match="unconditional model reconstructs only"):
         DiffusionSamplerInferer(VESDE(), sampler="posterior_mean", conditional=False)
+
+
+def test_regression_control_reads_the_network_at_a_zero_input():
+    """The regression sampler is D(0, σ_max): for the toy model whose healthy image is condition + N(0, STD²) texture
+    that is condition·σ_max²/(σ_max² + STD²), exactly, with no randomness; regression_loss is that output's squared
+    error to x0 (0 for x0 = the output), and its gradient reaches the network."""
+    inputs = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    sde, network = VESDE(sigma_max=20.0), ConditionalGaussianScore()
+    shrink = 20.0**2 / (20.0**2 + STD**2)
+    out = sample_regression(lambda x, s: network(x, s, inputs), inputs, 20.0)
+    torch.testing.assert_close(out.sample, inputs * shrink)
+    assert out.nfe == 1
+    inferer = DiffusionSamplerInferer(sde, sampler="regression", n_draws=2)
+    torch.testing.assert_close(inferer(inputs, network), inputs * shrink)
+    assert inferer.nfe_per_slice == 2
+    assert regression_loss(network, inputs * shrink, inputs, sde).item() == pytest.approx(0.0, abs=1e-12)
+    assert regression_loss(network, inputs * shrink + 0.1, inputs, sde).item() == pytest.approx(0.01, rel=1e-4)
+    conv = nn.Conv2d(2, 1, 1)
+    loss = regression_loss(lambda x, s, c: conv(torch.cat([x, c], 1)), inputs, inputs, sde)
+    loss.backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
 def test_inferer_paper_defaults_and_modes():

@@ -25,6 +25,7 @@ from tsgm_components.sampling import (
     sample_heun,
     sample_pc,
     sample_posterior_mean,
+    sample_regression,
     sample_sdedit,
 )
 from tsgm_components.sde import VESDE
@@ -112,6 +113,12 @@ SAMPLERS: dict[str, Sampler] = {
         nfe=lambda inf: 1,
         steps=False,
     ),
+    "regression": Sampler(
+        sigmas=lambda sde, n_steps, start: torch.tensor([float(sde.sigma_max)]),
+        run=lambda inf, score_fn, chunk, gens, progress: sample_regression(score_fn, chunk, float(inf.sigmas[0])),
+        nfe=lambda inf: 1,
+        steps=False,
+    ),
 }
 
 
@@ -129,6 +136,8 @@ class DiffusionSamplerInferer(Inferer):
             deterministic given the prior draw, or EDM's stochastic sampler with ``churn > 0`` (same NFE).
         ``"posterior_mean"``: Tweedie's denoiser D(x, σ_max) of a prior draw, 1 NFE: the model's estimate of
             E[healthy | condition] (``sampling.sample_posterior_mean``); no ``n_steps``.
+        ``"regression"``: D(0, σ_max), 1 NFE, for the regression control trained with ``regression_loss``
+            (``sampling.sample_regression``); no ``n_steps``.
 
     Averaging: with ``n_draws > 1`` the reconstruction is the mean of that many independent draws (each clamped to
     [0, 1]), NFE = n_draws × the sampler's NFE. One draw of a stochastic sampler carries sampling noise into the

@@ -28,6 +28,7 @@ TRAINING_STEPS = {
     "vejp": "train VE-JP score model (stage 2)",
     "vejp_unconditional": "train unconditional score model (SDEdit baseline)",
     "vejp_true_pairs": "CEILING train VE-JP on true pairs",
+    "vejp_regression": "CONTROL train the regression network (VE-JP's, plain L2)",
 }
 
 
@@ -123,6 +124,7 @@ def model_steps(
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
         train([], "vejp"),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
+        train(["train_regression.yaml"], "vejp_regression"),
     ]
     if ceilings:
         training += [
@@ -135,7 +137,10 @@ def model_steps(
     diffusion = [("TSGM", [], "vejp", "tsgm"), ("SDEdit baseline", ["sdedit.yaml"], "vejp_unconditional", "sdedit")]
     if ceilings:
         diffusion.append(("CEILING VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs", "vejp_true_pairs"))
-    evaluation_configs = ["evaluate.yaml", *overlay, *(["ceilings.yaml"] if ceilings else [])]
+    # the control rows need the regression network: runs that train their models (the shipped demo has none)
+    if from_scratch:
+        diffusion.append(("CONTROL regression network", ["regression.yaml"], "vejp_regression", "regression"))
+    evaluation_configs = ["evaluate.yaml", *overlay, *(["ceilings.yaml"] if ceilings else []), *(["controls.yaml"] if from_scratch else [])]
     detection = [
         *(detect(*model, "validation") for model in diffusion),
         Step("FLAIR-threshold baseline detection",
@@ -145,6 +150,11 @@ def model_steps(
              bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True, **cyclegan),
              None),
     ]
+    if from_scratch:
+        detection.append(
+            Step("CONTROL FLAIR thresholding at the models' slice size",
+                 bundle_command("flair_threshold_model_size", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True),
+                 None))
     if ceilings:
         detection.append(
             Step("CEILING oracle reconstruction detection (healthy = twin)",

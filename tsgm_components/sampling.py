@@ -183,6 +183,12 @@ def sample_posterior_mean(score_fn: ScoreFn, x_init: Tensor, sigma: float) -> Sa
     return SampleOutput(x_init + sigma**2 * score_fn(x_init, _batch(sigma, x_init)), 1)
 
 
+def sample_regression(score_fn: ScoreFn, x_like: Tensor, sigma_max: float) -> SampleOutput:
+    """The regression control's output: D(0, σ_max) (one score evaluation at a zero input), the fixed input its
+    ``regression_loss`` trained. x_like: (B, 1, H, W), only its shape, dtype and device are used."""
+    return sample_posterior_mean(score_fn, torch.zeros_like(x_like), sigma_max)
+
+
 def sample_heun(
     score_fn: ScoreFn,
     x_init: Tensor,

@@ -85,6 +85,7 @@ class ScoreMatchingTrainer(MixedPrecisionTrainer):
         loss_weight: w(σ) of :func:`~tsgm_components.losses.score_matching.dsm_loss`, stated by the caller
             (``ScoreUNet.loss_weight``: EDM's λ(σ), what the configs pass); None: w = 1, score-SDE's σ²-weighted loss.
         epoch_length, non_blocking, train_handlers: as in ``monai.engines.SupervisedTrainer``.
+        loss: ``dsm_loss`` (default) or ``regression_loss`` (the regression control), same signature.
         amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.precision`): float16 autocast with a
             ``GradScaler`` on CUDA, bfloat16 autocast on the CPU.
     """
@@ -107,6 +108,7 @@ class ScoreMatchingTrainer(MixedPrecisionTrainer):
         train_handlers: Sequence | None = None,
         amp: bool = False,
         prepare_batch: Callable = prepare_pair_batch,
+        loss: Callable[..., Tensor] = dsm_loss,
     ):
         super().__init__(
             device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp
@@ -121,6 +123,7 @@ class ScoreMatchingTrainer(MixedPrecisionTrainer):
         score_net = getattr(network, "module", network)  # unwrapped from DistributedDataParallel
         self.conditional = getattr(score_net, "condition_channels", 1) > 0
         self.loss_weight = loss_weight
+        self.loss = loss
         self.ema_network = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.ema_network.update_parameters(network)  # the first update copies: the EMA starts at the initial weights
         self.generator = torch.Generator(device=self.state.device).manual_seed(int(seed))
@@ -153,7 +156,7 @@ class ScoreMatchingTrainer(MixedPrecisionTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with engine.autocast():
-            loss = dsm_loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
+            loss = engine.loss(engine.network, image, condition, engine.sde, engine.generator, engine.loss_weight)
         check_finite_losses(engine, {CommonKeys.LOSS: loss})
         engine.backward_step(loss, engine.optimizer, engine._clip_gradients)
         engine.update_loss_scale()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from tsgm_components.noise import randn
@@ -45,3 +46,24 @@ def dsm_loss(
     if loss_weight is not None:
         squared = loss_weight(sigma)[:, None, None, None] * squared
     return squared.mean()
+
+
+def regression_loss(
+    network: ScoreNetwork,
+    x0: Tensor,
+    condition: Tensor | None,
+    sde: VESDE,
+    generator=None,
+    loss_weight: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """The regression control's loss: mean of (D(0, σ_max | condition) − x0)², D(x, σ) = x + σ²·s_θ(x, σ, condition)
+    (Tweedie's denoiser, the output :func:`~tsgm_components.sampling.sample_regression` reads).
+
+    The same network and trainer as :func:`dsm_loss` (same signature; ``generator`` and ``loss_weight`` unused), but
+    no noise input: the network learns condition → healthy slice by plain L2, one fixed input. If TSGM's diffusion
+    training detects no better than this, its gain comes from the pseudo-pairs, not from the score model.
+    """
+    del generator, loss_weight
+    sigma = x0.new_full((x0.shape[0],), float(sde.sigma_max))
+    denoised = sde.sigma_max**2 * network(torch.zeros_like(x0), sigma, condition)
+    return ((denoised - x0) ** 2).mean()
