@@ -446,3 +446,21 @@ def test_calibration_records_the_sampler_and_refuses_mixed_validation_folders():
     assert validation_reconstruction([not_sampled], "D") is None
     with pytest.raises(TsgmInputError, match=r"D/validation: .*different sampler settings"):
         validation_reconstruction([case("a"), case("b", sampler="heun", n_steps=4, n_draws=2)], "D")
+
+
+def test_paired_bootstrap_known_answers_and_the_report_table():
+    from tsgm_components.metrics import paired_bootstrap
+    from tsgm_components.report import confidence_table
+
+    constant = paired_bootstrap({"a": 0.9, "b": 0.7, "c": 0.5}, {"a": 0.8, "b": 0.6, "c": 0.4, "d": 0.1})
+    assert constant["n"] == 3 and constant["difference"] == pytest.approx(0.1)
+    assert constant["low"] == pytest.approx(0.1) and constant["high"] == pytest.approx(0.1)
+    spread = paired_bootstrap({"a": 1.0, "b": 0.0}, {"a": 0.0, "b": 0.0})
+    assert spread["difference"] == 0.5 and spread["low"] == 0.0 and spread["high"] == 1.0  # resamples: 0, 0.5, 1
+    one = paired_bootstrap({"a": 0.5, "b": float("nan")}, {"a": 0.25, "b": 0.3})
+    assert one["n"] == 1 and one["difference"] == 0.25 and math.isnan(one["low"])
+    summaries = {name: {"per_subject_volume_dice": dice, "per_subject_auprc": dice} for name, dice in
+                 (("tsgm", {"a": 0.9, "b": 0.7}), ("flair_threshold", {"a": 0.8, "b": 0.6}))}
+    table = "\n".join(confidence_table(summaries))
+    assert "| tsgm | +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | — | — |" in table
+    assert "| flair_threshold | — | — | -0.100 [-0.100, -0.100] | -0.100 [-0.100, -0.100] |" in table

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -176,3 +176,26 @@ def mean_std(values: Sequence[float]) -> dict[str, float | int]:
     if array.size == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(array.mean()), "std": float(array.std()), "n": int(array.size)}
+
+
+def paired_bootstrap(
+    values: Mapping[str, float], reference: Mapping[str, float], n_resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> dict[str, float | int]:
+    """Percentile bootstrap CI of the mean paired difference ``values − reference`` over their common subjects.
+
+    values, reference: subject -> metric (non-finite entries dropped). Subjects are resampled with replacement
+    ``n_resamples`` times (``numpy.random.default_rng(seed)``). Returns ``{"n", "difference", "low", "high"}``;
+    NaN bounds for fewer than 2 subjects.
+    """
+    subjects = sorted(s for s in set(values) & set(reference)
+                      if values[s] is not None and reference[s] is not None and np.isfinite(values[s]) and np.isfinite(reference[s]))
+    differences = np.asarray([values[s] - reference[s] for s in subjects], dtype=np.float64)
+    if differences.size == 0:
+        return {"n": 0, "difference": math.nan, "low": math.nan, "high": math.nan}
+    if differences.size < 2:
+        return {"n": 1, "difference": float(differences[0]), "low": math.nan, "high": math.nan}
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, differences.size, size=(n_resamples, differences.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return {"n": int(differences.size), "difference": float(differences.mean()), "low": float(low), "high": float(high)}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from tsgm_components.io import atomic_path, save_json
-from tsgm_components.metrics import OVERLAP_METRICS, mean_std
+from tsgm_components.metrics import OVERLAP_METRICS, mean_std, paired_bootstrap
 
 if TYPE_CHECKING:
     from tsgm_components.evaluation import MethodResult
@@ -50,6 +50,7 @@ def summarise(result: MethodResult) -> dict[str, Any]:
             if result.healthy_volume_rows else math.nan,
         },
         "per_subject_volume_dice": {row["subject"]: row["dice"] for row in result.volume_rows},
+        "per_subject_auprc": {row["subject"]: row["auprc"] for row in result.volume_rows},
         "healthy_slices": {
             "n": len(healthy),
             "false_positive_rate": float(np.mean([row["false_positive"] for row in healthy])) if healthy else math.nan,
@@ -93,6 +94,44 @@ LADDER_NOTE = (
 )
 
 
+#: Rows every other row is compared with, paired per subject, when present.
+REFERENCE_ROWS = ("flair_threshold", "tsgm")
+CI_METRICS = (("volume DSC", "per_subject_volume_dice"), ("AUPRC", "per_subject_auprc"))
+
+
+def _interval(ci: Mapping[str, Any]) -> str:
+    if not ci["n"]:
+        return "n/a"
+    if not math.isfinite(ci["low"]):
+        return f"{ci['difference']:+.3f} (n=1)"
+    return f"{ci['difference']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
+
+
+def confidence_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: every row's mean paired difference to each :data:`REFERENCE_ROWS` row present, in volume DSC and
+    AUPRC, with its bootstrap 95 % CI over the subjects (:func:`~tsgm_components.metrics.paired_bootstrap`)."""
+    references = [name for name in REFERENCE_ROWS if name in summaries]
+    if not references:
+        return []
+    header = " | ".join(f"{label} − {reference}" for reference in references for label, _ in CI_METRICS)
+    lines = [
+        "",
+        "## Paired differences, mean [bootstrap 95 % CI] over the subjects with tumour (10,000 resamples, seed 0)",
+        "",
+        "A difference whose interval contains 0 is not shown to be a difference on these subjects.",
+        "",
+        f"| method | {header} |",
+        "|---" * (1 + len(references) * len(CI_METRICS)) + "|",
+    ]
+    for name, summary in summaries.items():
+        cells = [
+            "—" if name == reference else _interval(paired_bootstrap(summary[key], summaries[reference][key]))
+            for reference in references for _, key in CI_METRICS
+        ]
+        lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """The report's markdown: main table (per 3D volume + slice DSC), per-subject Dice, paper-protocol slice table,
     oracle table."""
@@ -117,6 +156,7 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
     if any(summary.get("ceiling") for summary in summaries.values()):
         lines += ["", LADDER_NOTE]
+    lines += confidence_table(summaries)
     subjects = sorted({subject for summary in summaries.values() for subject in summary["per_subject_volume_dice"]})
     lines += [
         "",
