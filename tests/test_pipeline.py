@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tsgm_components.pipeline import demo_steps, run_demo
+from tsgm_components.pipeline import dataset_steps, demo_steps, run_demo
 
 
 @pytest.mark.parametrize("from_scratch", [False, True])
@@ -14,7 +14,7 @@ def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path, fro
     steps = demo_steps(tmp_path, from_scratch=from_scratch)
     assert [s.name for s in steps][-1] == "calibrate on validation, evaluate on test"
     bundle_steps = [s for s in steps if "monai.bundle" in s.command]
-    assert len(bundle_steps) == (17 if from_scratch else 11)
+    assert len(bundle_steps) == (21 if from_scratch else 11)
     for step in bundle_steps:
         configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
         assert all(Path(c).is_file() for c in configs), step.name
@@ -82,7 +82,7 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     prepare = steps["prepare slices"].command
     assert prepare[prepare.index("--val_fraction") + 1] == prepare[prepare.index("--test_fraction") + 1] == "0.2"
     evaluate = steps["calibrate on validation, evaluate on test"].command
-    assert ast.literal_eval(evaluate[evaluate.index("--config_file") + 1])[-1].endswith("ceilings.yaml")
+    assert ast.literal_eval(evaluate[evaluate.index("--config_file") + 1])[-2].endswith("ceilings.yaml")
     pairs = steps["pseudo-pairs G_A→B(healthy)"].command
     assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # how the shipped TSGM weights were made
     assert pairs[pairs.index("--lesion_placement") + 1] == "random"
@@ -137,3 +137,19 @@ def test_own_dataset_run_stops_at_a_failing_step_and_ends_with_the_published_fig
         run_dataset(str(tmp_path / "data"), str(tmp_path / "w"), "cpu", gpus=0)
     text = published_comparison()
     assert "DSC 0.859" in text and "validation split" in text and "not directly comparable" in text
+
+
+def test_runs_that_train_add_the_controls_and_development_runs_never_read_test(tmp_path):
+    """tsgm run trains the regression control and scores it with FLAIR thresholding at the model size (controls.yaml);
+    --read_test False detects no test subject and scores validation in-sample into W/evaluation_validation."""
+    steps = {s.name: s for s in dataset_steps(tmp_path, tmp_path / "data", "cpu")}
+    regression = steps["CONTROL regression network detection, test"].command
+    assert regression[regression.index("--checkpoint") + 1] == str(tmp_path / "vejp_regression" / "model.pt")
+    assert "CONTROL FLAIR thresholding at the models' slice size" in steps
+    evaluating = steps["calibrate on validation, evaluate on test"].command
+    assert any(c.endswith("controls.yaml") for c in ast.literal_eval(evaluating[evaluating.index("--config_file") + 1]))
+    development = dataset_steps(tmp_path, tmp_path / "data", "cpu", read_test=False)
+    assert not any(s.name.endswith(", test") or "evaluate on test" in s.name for s in development)
+    last = development[-1].command
+    assert last[last.index("--evaluated_split") + 1] == "validation"
+    assert development[-1].output == tmp_path / "evaluation_validation" / "summary.json"
