@@ -109,9 +109,9 @@ def test_own_dataset_pipeline_trains_everything_with_the_scale_configs_and_torch
         configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
         assert all(Path(c).is_file() for c in configs) and not any(c.endswith("cpu.yaml") for c in configs), step.name
         distributed = "torch.distributed.run" in step.command
-        if step.name.startswith("train"):
+        if step.name.startswith(("train", "CONTROL train")):
             assert distributed and "--nproc_per_node=4" in step.command and configs[-1].endswith("multi_gpu_train.yaml")
-        elif step.name.startswith(("TSGM detection", "SDEdit baseline detection")):
+        elif step.name.startswith(("TSGM detection", "SDEdit baseline detection", "CONTROL regression network detection")):
             assert distributed and step.command[step.command.index("--checkpoint") + 1].startswith(str(tmp_path))
         else:
             assert not distributed, step.name
