@@ -1,6 +1,7 @@
 """The demo pipeline: every step names real bundle configs, and an interrupted step resumes."""
 
 import ast
+import json
 import subprocess
 from pathlib import Path
 
@@ -153,3 +154,21 @@ def test_runs_that_train_add_the_controls_and_development_runs_never_read_test(t
     last = development[-1].command
     assert last[last.index("--evaluated_split") + 1] == "validation"
     assert development[-1].output == tmp_path / "evaluation_validation" / "summary.json"
+
+
+def test_training_steps_print_their_expected_duration_from_configs_and_counts(tmp_path):
+    """Iterations come from each step's configs and the prepared training counts: the CPU configs' fixed lengths
+    (8 CycleGAN epochs of 300, 80 score epochs of 50), the paper's passes over the data (1-channel: 4 samples per
+    slice), times the scale's reference seconds per iteration."""
+    from tsgm_components.durations import REFERENCE_RATES, training_iterations
+
+    (tmp_path / "prepared").mkdir()
+    counts = {"healthy_slices": 208, "tumour_slices": 380}
+    (tmp_path / "prepared" / "prepare_config.json").write_text(json.dumps({"counts": {"train": counts}}))
+    estimates = {s.name: s.estimate() for s in dataset_steps(tmp_path, tmp_path / "data", "cpu") if s.estimate}
+    rate = REFERENCE_RATES["cpu"][1]["score"]
+    assert estimates["train CycleGAN (stage 1)"].startswith(f"expected ≈ {2400 * REFERENCE_RATES['cpu'][1]['cyclegan'] / 60:.0f} min")
+    assert estimates["train VE-JP score model (stage 2)"] == f"expected ≈ {4000 * rate / 60:.0f} min on a 2-core x86-64 CPU (4,000 iterations × {rate:.3f} s)"
+    assert len(estimates) == 4
+    assert training_iterations("score", {"max_epochs": 100, "batch_size": 8}, counts) == 100 * 104
+    assert training_iterations("cyclegan", {"n_epochs": 100, "n_epochs_decay": 100, "batch_size": 1}, counts) == 200 * 4 * 380

@@ -89,20 +89,21 @@ def real_data(source: str, out: str, write_split: bool = False, overwrite: bool 
 
 
 def run(
-    dataset_dir: str, work_dir: str, scale: str = "paper", gpus: str = "auto", seed: int = 0, split_file: str | None = None,
+    dataset_dir: str, work_dir: str, scale: str = "auto", gpus: str = "auto", seed: int = 0, split_file: str | None = None,
     read_test: bool = True,
 ) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
-    validation, evaluate on test, print the table next to the published BraTS2020 figures. --scale paper (256², the
-    paper's networks; GPUs) or cpu (64², the small configs). --gpus auto uses every visible GPU (torchrun when more
+    validation, evaluate on test, print the table next to the published BraTS2020 figures. --scale auto (default:
+    paper on a machine with a GPU, cpu otherwise), paper (256², the paper's networks; GPUs) or cpu (64², the small
+    configs); each training step first prints its expected duration. --gpus auto uses every visible GPU (torchrun when more
     than one). Rerunning the same command continues after the last finished step. --read_test False: stop after
     calibration and score the validation split in-sample (W/evaluation_validation), to compare settings without
     reading test."""
     from tsgm_components.pipeline import SCALES, run_dataset
 
-    if str(scale) not in SCALES:
-        raise TsgmInputError("tsgm run", f"--scale must be one of {sorted(SCALES)}, got {scale!r}")
+    if str(scale) not in (*SCALES, "auto"):
+        raise TsgmInputError("tsgm run", f"--scale must be auto or one of {sorted(SCALES)}, got {scale!r}")
     if str(gpus) != "auto" and not str(gpus).isdigit():
         raise TsgmInputError("tsgm run", f"--gpus must be 'auto' or a number, got {gpus!r}")
     run_dataset(str(dataset_dir), str(work_dir), str(scale), str(gpus) if str(gpus) == "auto" else int(gpus), int(seed),

@@ -16,8 +16,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tsgm_components import REPO_ROOT
+from tsgm_components.durations import training_estimate
 
 BUNDLES = REPO_ROOT / "bundles"
 STEPS_RECORD = "demo_steps.json"  # in the work dir: every step's command and wall time
@@ -44,6 +46,7 @@ class Step:
     command: list[str]
     output: Path | None
     checkpoint_dir: Path | None = None  # training steps: an interrupted run here is resumed (--resume True)
+    estimate: Callable[[], str] | None = None  # training steps: the expected duration, printed before the step runs
 
     def resolved_command(self) -> list[str]:
         """The command, with ``--resume True`` when an interrupted training run left checkpoints."""
@@ -109,15 +112,19 @@ def model_steps(
                                    **(test if split == "test" else {"reconstruct_modalities": "all"}), **trained(folder)),
                     None)
 
-    def train(configs: list[str], folder: str) -> Step:
-        return Step(TRAINING_STEPS[folder],
-                    bundle_command("training", "vejp_anomaly", ["train.yaml", *overlay, *configs, *multi], work_dir, processes),
-                    work_dir / folder / "model.pt", work_dir / folder / "checkpoints")
+    def estimate(kind: str, bundle: str, configs: list[str]) -> Callable[[], str]:
+        files = [BUNDLES / bundle / "configs" / name for name in configs]
+        return lambda: training_estimate(kind, files, prepared, scale)
 
+    def train(configs: list[str], folder: str) -> Step:
+        files = ["train.yaml", *overlay, *configs, *multi]
+        return Step(TRAINING_STEPS[folder], bundle_command("training", "vejp_anomaly", files, work_dir, processes),
+                    work_dir / folder / "model.pt", work_dir / folder / "checkpoints", estimate("score", "vejp_anomaly", files))
+
+    cyclegan_files = ["train.yaml", *overlay, *multi]
     training = [
-        Step(TRAINING_STEPS["cyclegan"],
-             bundle_command("training", "cyclegan_brats", ["train.yaml", *overlay, *multi], work_dir, processes),
-             work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan"),
+        Step(TRAINING_STEPS["cyclegan"], bundle_command("training", "cyclegan_brats", cyclegan_files, work_dir, processes),
+             work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan", estimate("cyclegan", "cyclegan_brats", cyclegan_files)),
         Step("pseudo-pairs G_A→B(healthy)",
              bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
                             checkpoint=work_dir / "cyclegan" / "model.pt", **pair_treatment),
@@ -240,6 +247,8 @@ def run_steps(work: Path, steps: list[Step], label: str) -> float:
             continue
         command = step.resolved_command()
         print(f"{header}\n$ {shlex.join(command)}", flush=True)
+        if step.estimate is not None:
+            print(f"{header}: {step.estimate()}", flush=True)
         step_start = time.perf_counter()
         result = subprocess.run(command, cwd=work)
         if result.returncode != 0:
@@ -309,14 +318,18 @@ def gpu_count() -> int:
 
 
 def run_dataset(
-    dataset_dir: str, work_dir: str, scale: str = "paper", gpus: int | str = "auto", seed: int = 0, split_file: str | None = None,
+    dataset_dir: str, work_dir: str, scale: str = "auto", gpus: int | str = "auto", seed: int = 0, split_file: str | None = None,
     read_test: bool = True,
 ) -> None:
     """``tsgm run``: prepare a user's dataset, train every model, detect, calibrate on validation, evaluate on test
     and print the table next to the published BraTS2020 figures. Resumable like the demo (rerun the same command).
     ``gpus``: "auto" (all visible), or a count; with more than one, training and detection run under torchrun."""
     work = Path(work_dir).resolve()
-    processes = gpu_count() if gpus == "auto" else int(gpus)
+    gpus_seen = gpu_count()
+    processes = gpus_seen if gpus == "auto" else int(gpus)
+    if scale == "auto":
+        scale = "paper" if gpus_seen else "cpu"
+        print(f"tsgm run: --scale {scale} ({gpus_seen} GPU(s) visible; pass --scale to choose)", flush=True)
     steps = dataset_steps(work, Path(dataset_dir).resolve(), scale, max(processes, 1), seed,
                           None if split_file is None else Path(split_file), read_test)
     work.mkdir(parents=True, exist_ok=True)
