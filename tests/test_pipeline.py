@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tsgm_components.pipeline import dataset_steps, demo_steps, run_demo
+from tsgm_components.pipeline import BUNDLES, dataset_steps, demo_steps, run_demo
 
 
 @pytest.mark.parametrize("from_scratch", [False, True])
@@ -23,11 +23,16 @@ def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path, fro
 
 
 def test_shipped_weights_by_default_and_the_trained_ones_from_scratch(tmp_path):
-    """Without --from_scratch nothing is trained and detection names no checkpoint (the bundles' shipped weights);
-    from scratch every detection names the model trained in the work dir."""
-    shipped = demo_steps(tmp_path)
-    assert not any(s.name.startswith(("train", "CEILING train", "pseudo-pairs")) for s in shipped)
-    assert not any("--checkpoint" in s.command or "--cyclegan_checkpoint" in s.command for s in shipped)
+    """Without --from_scratch nothing is trained and every detection names the phantom weights the bundles ship (the
+    bundles' defaults are the real-trained ones); from scratch every detection names the model trained in the work dir."""
+    shipped = {s.name: s.command for s in demo_steps(tmp_path)}
+    assert not any(name.startswith(("train", "CEILING train", "pseudo-pairs")) for name in shipped)
+    for name, target in (("TSGM detection, test", "vejp_anomaly/models/phantom.pt"),
+                         ("SDEdit baseline detection, validation", "vejp_anomaly/models/phantom_unconditional.pt"),
+                         ("CEILING VE-JP on true pairs detection, test", "vejp_anomaly/models/phantom_true_pairs.pt")):
+        assert shipped[name][shipped[name].index("--checkpoint") + 1] == str(BUNDLES / target)
+    cyclegan = shipped["CycleGAN-only baseline detection"]
+    assert cyclegan[cyclegan.index("--cyclegan_checkpoint") + 1] == str(BUNDLES / "cyclegan_brats/models/phantom.pt")
     trained = {s.name: s.command for s in demo_steps(tmp_path, from_scratch=True)}
     for name, folder in (("TSGM detection, test", "vejp"), ("SDEdit baseline detection, test", "vejp_unconditional"),
                          ("CEILING VE-JP on true pairs detection, test", "vejp_true_pairs"),

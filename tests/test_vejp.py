@@ -145,7 +145,7 @@ def test_inference_defaults_to_the_shipped_weights():
     inference = ConfigParser()
     inference.read_config([str(INFER)])
     assert Path(inference.get_parsed_content("checkpoint")) == CONFIGS.parent / "models" / "model.pt"
-    for overlay, name in (("sdedit.yaml", "unconditional.pt"), ("true_pairs.yaml", "true_pairs.pt")):
+    for overlay, name in (("sdedit.yaml", "unconditional.pt"), ("true_pairs.yaml", "phantom_true_pairs.pt")):
         inference = ConfigParser()
         inference.read_config([str(INFER), str(CONFIGS / overlay)])
         assert Path(inference.get_parsed_content("checkpoint")) == CONFIGS.parent / "models" / name

@@ -13,8 +13,8 @@ from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, ModelSpec
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.networks.cyclegan import ResnetGenerator
 from tsgm_components.networks.score import ScoreUNet
-from tsgm_components.pipeline import PHANTOM_STEP, STEPS_RECORD, TRAINING_STEPS
-from tsgm_components.weights import BUILD_COMMAND, SHIPPED, export_weights
+from tsgm_components.pipeline import PHANTOM_STEP, STEPS_RECORD, TRAINING_STEPS, WEIGHT_SETS
+from tsgm_components.weights import BUILD_COMMANDS, export_weights
 
 PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, normalization="brain_median", median_target=0.4,
                   lower_percentile=1.0, upper_percentile=99.0)
@@ -50,52 +50,57 @@ def demo_run(tmp_path) -> Path:
     return work
 
 
-def test_export_keeps_inference_entries_and_writes_provenance(demo_run, tmp_path):
+@pytest.mark.parametrize("weights", ["phantom", "real"])
+def test_export_keeps_inference_entries_and_writes_provenance(demo_run, tmp_path, weights):
     bundles = tmp_path / "bundles"
-    written = export_weights(demo_run, bundles=bundles)
-    assert len(written) == 2 * len(SHIPPED) + 1
-    cyclegan = torch.load(bundles / "cyclegan_brats" / "models" / "model.pt", weights_only=True)
+    written = export_weights(demo_run, weights, bundles=bundles)
+    shipped = WEIGHT_SETS[weights]
+    assert len(written) == 2 * len(shipped) + 1
+    cyclegan = torch.load(bundles / shipped["cyclegan"], weights_only=True)
     assert set(cyclegan) == {"G_AB", "G_BA", SPEC_KEY}  # discriminators and optimisers stay behind
-    for target, (folder, _) in SHIPPED.items():
-        shipped = bundles / target
-        provenance = json.loads(shipped.with_name(shipped.stem + "_provenance.json").read_text())
-        assert provenance["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
-        assert provenance["command"] == BUILD_COMMAND and provenance["wall_time_s"] == 100.0
+    for folder, target in shipped.items():
+        path = bundles / target
+        provenance = json.loads(path.with_name(path.stem + "_provenance.json").read_text())
+        assert provenance["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and provenance["data_kind"] == weights
+        assert provenance["command"] == BUILD_COMMANDS[weights] and provenance["wall_time_s"] == 100.0
         assert provenance["training_step"].endswith(folder)
         assert provenance["iterations"] == (2400 if folder == "cyclegan" else 6000)
         assert provenance["data"]["phantom"].startswith("tsgm phantom") and provenance["data"]["prepare_config"]["seed"] == 0
-        assert provenance["machine"]["torch"] == torch.__version__ and "not for real scans" in provenance["trained_on"]
-    calibration = bundles / "vejp_anomaly" / "models" / "model_calibration.json"
+        assert provenance["machine"]["torch"] == torch.__version__
+        assert ("not for real scans" in provenance["trained_on"]) == (weights == "phantom")
+    calibration = bundles / shipped["vejp"].replace(".pt", "_calibration.json")
     assert json.loads(calibration.read_text())["threshold"] == 0.1
 
-    before = (bundles / "vejp_anomaly" / "models" / "model.pt").read_bytes()
+    before = (bundles / shipped["vejp"]).read_bytes()
     with pytest.raises(FileExistsError):  # shipped weights are never replaced silently
-        export_weights(demo_run, bundles=bundles)
-    assert (bundles / "vejp_anomaly" / "models" / "model.pt").read_bytes() == before
-    export_weights(demo_run, overwrite=True, bundles=bundles)
+        export_weights(demo_run, weights, bundles=bundles)
+    assert (bundles / shipped["vejp"]).read_bytes() == before
+    export_weights(demo_run, weights, overwrite=True, bundles=bundles)
 
 
 def test_export_of_some_models_leaves_the_others_shipped(demo_run, tmp_path):
     bundles = tmp_path / "bundles"
-    export_weights(demo_run, bundles=bundles)
+    export_weights(demo_run, "real", bundles=bundles)
     kept = {t: (bundles / t).read_bytes() for t in ("vejp_anomaly/models/unconditional.pt", "vejp_anomaly/models/model.pt")}
     kept["calibration"] = (bundles / "vejp_anomaly" / "models" / "model_calibration.json").read_bytes()
     generator = ResnetGenerator(4, 4, ngf=4, n_blocks=1)  # a retrained stage 1
     state = torch.load(demo_run / "cyclegan" / "model.pt", weights_only=True)
     torch.save(dict(state, G_AB=generator.state_dict()), demo_run / "cyclegan" / "model.pt")
     (demo_run / "vejp_unconditional" / "model.pt").unlink()  # not asked for: not needed
-    written = export_weights(demo_run, overwrite=True, bundles=bundles, models=["cyclegan"])
+    written = export_weights(demo_run, "real", overwrite=True, bundles=bundles, models=["cyclegan"])
     assert [p.name for p in written] == ["model.pt", "model_provenance.json"]
     shipped = torch.load(bundles / "cyclegan_brats" / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(shipped["G_AB"][k], v) for k, v in generator.state_dict().items())
     assert kept == {**{t: (bundles / t).read_bytes() for t in kept if t != "calibration"},
                     "calibration": (bundles / "vejp_anomaly" / "models" / "model_calibration.json").read_bytes()}
     with pytest.raises(ValueError, match="models must be among"):
-        export_weights(demo_run, bundles=bundles, models=["vjep"])
+        export_weights(demo_run, "real", bundles=bundles, models=["vjep"])
+    with pytest.raises(ValueError, match="weights must be one of"):
+        export_weights(demo_run, "mni", bundles=bundles)
 
 
 def test_export_refuses_an_unfinished_run(demo_run, tmp_path):
     (demo_run / "vejp_unconditional" / "model.pt").unlink()
     with pytest.raises(TsgmInputError, match="checkpoint not found"):
-        export_weights(demo_run, bundles=tmp_path / "bundles")
-    assert not (tmp_path / "bundles" / "vejp_anomaly" / "models" / "unconditional.pt").exists()
+        export_weights(demo_run, "phantom", bundles=tmp_path / "bundles")
+    assert not (tmp_path / "bundles" / "vejp_anomaly" / "models" / "phantom_unconditional.pt").exists()

@@ -8,7 +8,9 @@ generator and discriminator arguments). Loading weights into a network built fro
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +22,7 @@ from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.errors import TsgmInputError
 
 SPEC_KEY = "model_spec"
+logger = logging.getLogger(__name__)
 
 
 #: Weight entries tried in order: the exported EMA model (``model.pt``), a full training checkpoint's EMA, raw weights.
@@ -159,6 +162,42 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
     return state
 
 
+#: ``<stem>_provenance.json`` beside a shipped ``<stem>.pt``: how it was made, its SHA-256, the data it was trained on.
+PROVENANCE_SUFFIX = "_provenance.json"
+#: provenance ``data_kind`` values: what the weights were trained on
+DATA_KINDS = ("phantom", "real")
+
+
+def checked_provenance(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The provenance record beside ``checkpoint`` (None for a file without one, e.g. your own training run), after
+    checking that the file is the one it describes: TsgmInputError naming the file on a SHA-256 mismatch."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint.with_name(checkpoint.stem + PROVENANCE_SUFFIX)
+    if not path.is_file():
+        return None
+    try:
+        provenance = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TsgmInputError(path, f"unreadable provenance record ({type(error).__name__}: {error})") from error
+    expected = provenance.get("sha256")
+    if expected and hashlib.sha256(checkpoint.read_bytes()).hexdigest() != expected:
+        raise TsgmInputError(checkpoint, f"the file differs from the one {path.name} records (SHA-256 mismatch: damaged or "
+                                         "replaced); restore it from the repository (git checkout -- <file>)")
+    return provenance
+
+
+def weights_data_kind(checkpoint: str | Path) -> str | None:
+    """What the weights at ``checkpoint`` were trained on ("phantom" or "real", from their provenance), logged once;
+    None without a provenance record."""
+    provenance = checked_provenance(checkpoint)
+    if provenance is None:
+        logger.info("weights %s: no provenance record (trained data unknown)", checkpoint)
+        return None
+    logger.info("weights %s: trained on %s", checkpoint, provenance.get("trained_on", "unknown data"))
+    kind = provenance.get("data_kind")
+    return kind if kind in DATA_KINDS else None
+
+
 def check_checkpoint(checkpoint: str | Path | None, spec: CheckpointSpec) -> str | None:
     """Check a checkpoint's spec against ``spec`` before a resume; returns the path (None passes through)."""
     if checkpoint is None:
@@ -171,9 +210,11 @@ def load_score_weights(network: nn.Module, checkpoint: str | Path, spec: ModelSp
     """Load a checkpoint's EMA weights (``model`` or ``network_ema``; else ``network``) into ``network``.
 
     The checkpoint's ``model_spec`` must equal ``spec`` (the config's); otherwise TsgmInputError names the file
-    and the differing settings. Returns ``network`` in eval mode.
+    and the differing settings; a shipped file must match the SHA-256 of its provenance (:func:`checked_provenance`).
+    Returns ``network`` in eval mode.
     """
     state = read_checkpoint(checkpoint)
+    checked_provenance(checkpoint)
     spec.check(state.get(SPEC_KEY), checkpoint)
     key = next((k for k in WEIGHT_KEYS if k in state), None)
     if key is None:

@@ -112,24 +112,25 @@ def run(
 
 def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> None:
     """Train every model of the demo from scratch in WORK_DIR (`tsgm demo --from_scratch True`) and copy the weights,
-    the TSGM calibration and a provenance file per model into bundles/*/models: the command that made the shipped
-    weights. --overwrite True replaces shipped weights."""
+    the TSGM calibration and a provenance file per model into bundles/*/models as the phantom weight set
+    (models/phantom*.pt): the command that made them. --overwrite True replaces shipped weights."""
     from tsgm_components.weights import export_weights
 
     run_demo(str(work_dir), from_scratch=True)
-    for path in export_weights(str(work_dir), overwrite=bool(overwrite)):
+    for path in export_weights(str(work_dir), "phantom", overwrite=bool(overwrite)):
         print(f"wrote {path}")
 
 
-def export_weights(work_dir: str, models: str = "cyclegan,vejp,vejp_unconditional,vejp_true_pairs", overwrite: bool = False) -> None:
-    """Copy the trained models of a from-scratch demo run in WORK_DIR into bundles/*/models with their provenance
-    (the last step of `tsgm build_weights`). MODELS: comma-separated run folders, to re-ship only retrained stages;
-    the other shipped files stay as they are."""
+def export_weights(work_dir: str, weights: str = "real", models: str | None = None, overwrite: bool = False) -> None:
+    """Copy the trained models of a run in WORK_DIR into bundles/*/models with their provenance: --weights real (the
+    bundles' defaults, models/model.pt: a `tsgm run` on the real dataset) or phantom (models/phantom*.pt: a
+    from-scratch demo, the last step of `tsgm build_weights`). MODELS: comma-separated run folders (default: all of
+    the set), to re-ship only retrained stages; the other shipped files stay as they are."""
     from tsgm_components.weights import export_weights as run_export
 
-    names = [m.strip() for m in (models if isinstance(models, str) else ",".join(models)).split(",") if m.strip()]
+    names = None if models is None else [m.strip() for m in (models if isinstance(models, str) else ",".join(models)).split(",") if m.strip()]
     try:
-        written = run_export(str(work_dir), overwrite=bool(overwrite), models=names)
+        written = run_export(str(work_dir), str(weights), overwrite=bool(overwrite), models=names)
     except ValueError as error:
         raise TsgmInputError("tsgm export_weights", str(error)) from error
     for path in written:

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 from torch import Tensor
@@ -25,6 +26,7 @@ from torch import Tensor
 import tsgm_components
 from tsgm_components.anomaly import anomaly_maps
 from tsgm_components.data.brats import MODALITIES, SubjectFiles, VolumeGeometry, load_subject, open_subject, subject_files
+from tsgm_components.data.phantom import PHANTOM_DESCRIPTION
 from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.errors import TsgmInputError
@@ -71,6 +73,8 @@ class Detector:
     reconstruct_modalities: "all", or "weighted" to reconstruct (and write maps for) only the modalities with a
     non-zero weight, at a fraction of the sampling time (the same model and sampler; the slices' noise streams follow
     their position in the stack, so the maps equal an "all" run's up to sampling noise).
+    weights_data: "phantom" or "real" (:func:`~tsgm_components.checkpoints.weights_data_kind`): a subject of the other
+    kind gets a warning (phantom weights on a real scan, or real weights on the phantom).
     """
 
     reconstruct: Reconstructor
@@ -79,6 +83,7 @@ class Detector:
     method: str
     provenance: Mapping[str, Any] | None = None
     reconstruct_modalities: str = "all"
+    weights_data: str | None = None  # what the weights were trained on: "phantom", "real" or None (unknown)
 
     def __post_init__(self) -> None:
         if self.reconstruct_modalities not in RECONSTRUCT_MODALITIES:
@@ -119,6 +124,19 @@ def _reconstruct_volume(
     return out
 
 
+def warn_on_data_mismatch(weights_data: str | None, reference: nib.Nifti1Image, subject: str) -> bool:
+    """Log a warning, and return True, when weights trained on the phantom meet a real scan or real weights meet the
+    phantom (a volume whose header carries :data:`~tsgm_components.data.phantom.PHANTOM_DESCRIPTION`)."""
+    scan = "phantom" if bytes(reference.header["descrip"]).rstrip(b"\0") == PHANTOM_DESCRIPTION else "real"
+    if weights_data is None or weights_data == scan:
+        return False
+    advice = ("use the real-trained weights (the bundles' models/model.pt)" if weights_data == "phantom"
+              else "the demo uses the phantom-trained weights (models/phantom.pt)")
+    logger.warning("%s: weights trained on the %s applied to a %s scan: its maps are not meaningful; %s",
+                   subject, weights_data, "phantom" if scan == "phantom" else "real-looking", advice)
+    return True
+
+
 def detect_subject(
     files: SubjectFiles | Mapping[str, Any],
     out_dir: str | Path,
@@ -145,6 +163,7 @@ def detect_subject(
     files = dataclasses.replace(files, paths={k: Path(v) for k, v in files.paths.items() if k in MODALITIES})
     target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.paths.values()), overwrite)
     volumes = load_subject(files, preprocess)
+    warn_on_data_mismatch(detector.weights_data, volumes.reference, subject)
     check_writable(target, output_bytes(volumes.geometry, len(reconstructed)))  # before the sampling
 
     reconstruction_started = time.perf_counter()

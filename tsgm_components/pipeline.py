@@ -34,6 +34,22 @@ TRAINING_STEPS = {
 }
 
 
+#: weight set -> run folder in the work dir -> shipped file (the TSGM calibration goes beside the "vejp" file)
+WEIGHT_SETS: dict[str, dict[str, str]] = {
+    "real": {
+        "vejp": "vejp_anomaly/models/model.pt",
+        "vejp_unconditional": "vejp_anomaly/models/unconditional.pt",
+        "cyclegan": "cyclegan_brats/models/model.pt",
+    },
+    "phantom": {
+        "vejp": "vejp_anomaly/models/phantom.pt",
+        "vejp_unconditional": "vejp_anomaly/models/phantom_unconditional.pt",
+        "vejp_true_pairs": "vejp_anomaly/models/phantom_true_pairs.pt",
+        "cyclegan": "cyclegan_brats/models/phantom.pt",
+    },
+}
+
+
 @dataclass(frozen=True)
 class Step:
     """One pipeline command and the file whose existence means it has already run.
@@ -100,7 +116,8 @@ def model_steps(
     multi = ["multi_gpu_train.yaml"] if processes > 1 else []
 
     def trained(folder: str) -> dict[str, Path]:
-        return {"checkpoint": work_dir / folder / "model.pt"} if from_scratch else {}
+        """The model a detection uses: the one trained in the work dir, or the phantom set the bundles ship."""
+        return {"checkpoint": work_dir / folder / "model.pt" if from_scratch else BUNDLES / WEIGHT_SETS["phantom"][folder]}
 
     def detect(name: str, configs: list[str], folder: str, method: str, split: str) -> Step:
         """VE-JP detection of a split: validation samples all four modalities (the weight search needs them); test
@@ -140,7 +157,7 @@ def model_steps(
                  work_dir / "true_pairs" / "pseudo_pairs.json"),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),
         ]
-    cyclegan = {"cyclegan_checkpoint": work_dir / "cyclegan" / "model.pt"} if from_scratch else {}
+    cyclegan = {"cyclegan_checkpoint": trained("cyclegan")["checkpoint"]}
     diffusion = [("TSGM", [], "vejp", "tsgm"), ("SDEdit baseline", ["sdedit.yaml"], "vejp_unconditional", "sdedit")]
     if ceilings:
         diffusion.append(("CEILING VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs", "vejp_true_pairs"))

@@ -16,7 +16,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from torch import nn
 
-from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, read_checkpoint
+from tsgm_components.checkpoints import SPEC_KEY, CycleGANSpec, checked_provenance, read_checkpoint
 from tsgm_components.data.brats import MODALITIES, load_subject, load_volume, subject_files
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
@@ -56,6 +56,7 @@ def load_generator(
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     state = read_checkpoint(checkpoint)
+    checked_provenance(checkpoint)
     key = f"G_{direction}"
     if key not in state:
         raise TsgmInputError(checkpoint, f"no '{key}' entry (found {sorted(state)}): not a cyclegan_brats checkpoint")

@@ -1,9 +1,14 @@
-"""The bundles' shipped weights: what ``tsgm build_weights`` copies from a from-scratch demo run into ``bundles/*/models``.
+"""The bundles' shipped weights: two sets, each copied from a run that trained every model into ``bundles/*/models``.
+
+- ``real`` (the bundles' defaults, ``models/model.pt``): trained by ``tsgm run`` on the project's real dataset (20
+  BraTS 2018 cases, ``tsgm real_data``, the committed split's training subjects; calibration from its validation split).
+- ``phantom`` (``models/phantom*.pt``): trained by ``tsgm build_weights`` on the phantom dataset of ``tsgm demo``; for
+  the demo, the tests and MONAI Label trials, not for real scans.
 
 Each shipped file holds only what inference needs (EMA weights of a score model, or CycleGAN's two generators) and its
-``model_spec``; next to it, ``<stem>_provenance.json`` records the command that made it, the commit, the data, the
-training iterations and wall time, and the machine. They are trained on the phantom, for the demo, the tests and
-MONAI Label trials, not for real scans.
+``model_spec``; next to it, ``<stem>_provenance.json`` records what it was trained on (``data_kind``, checked against
+every scan at inference), the command that made it, the commit, the data, the training iterations and wall time, the
+machine and the file's SHA-256 (checked at load).
 """
 
 from __future__ import annotations
@@ -19,24 +24,29 @@ from typing import Any, Sequence
 import torch
 
 from tsgm_components import REPO_ROOT, git_commit
-from tsgm_components.checkpoints import SPEC_KEY, latest_checkpoint, read_checkpoint
+from tsgm_components.checkpoints import PROVENANCE_SUFFIX, SPEC_KEY, latest_checkpoint, read_checkpoint
 from tsgm_components.data.prepare import read_prepare_record
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_path, save_json
-from tsgm_components.pipeline import PHANTOM_STEP, PREPARE_STEP, STEPS_RECORD, TRAINING_STEPS
+from tsgm_components.pipeline import PHANTOM_STEP, PREPARE_STEP, STEPS_RECORD, TRAINING_STEPS, WEIGHT_SETS
 
 BUNDLES = REPO_ROOT / "bundles"
-BUILD_COMMAND = "tsgm build_weights --work_dir runs/weights"
-#: shipped file -> (run folder in the work dir, entries kept)
-SHIPPED: dict[str, tuple[str, tuple[str, ...]]] = {
-    "vejp_anomaly/models/model.pt": ("vejp", ("model",)),
-    "vejp_anomaly/models/unconditional.pt": ("vejp_unconditional", ("model",)),
-    "vejp_anomaly/models/true_pairs.pt": ("vejp_true_pairs", ("model",)),
-    "cyclegan_brats/models/model.pt": ("cyclegan", ("G_AB", "G_BA")),
+#: entries kept from a run folder's model.pt: CycleGAN's generators (not its discriminators), else the EMA model
+KEPT_ENTRIES = {"cyclegan": ("G_AB", "G_BA")}
+TRAINED_ON = {
+    "real": "20 real BraTS 2018 training cases with expert labels (github.com/koriavinash1/DeepBrainSeg, "
+            "sample_volume/brats; `tsgm real_data`), the training subjects of data_manifests/brats18_sample_split.json; "
+            "healthy slices = the tumour-free slices of these patients",
+    "phantom": "the phantom dataset of `tsgm demo` (nilearn's MNI152 brain): for the demo, tests and MONAI Label trials, "
+               "not for real scans",
 }
-#: the TSGM calibration (weights + threshold chosen on the validation split alone: the calibrating step) shipped beside
-#: the TSGM weights
-CALIBRATION = ("calibration/tsgm/calibration.json", "vejp_anomaly/models/model_calibration.json")
+BUILD_COMMANDS = {
+    "real": "tsgm real_data --source <DeepBrainSeg copy> --out DATA && tsgm run DATA runs/real --scale cpu "
+            "&& tsgm export_weights --work_dir runs/real --weights real",
+    "phantom": "tsgm build_weights --work_dir runs/weights",
+}
+#: the TSGM calibration (weights + threshold chosen on the validation split alone: the calibrating step)
+CALIBRATION_SOURCE = "calibration/tsgm/calibration.json"
 MAX_BYTES = 10 * 2**20
 
 
@@ -54,22 +64,31 @@ def _iterations(run_dir: Path) -> int | None:
     return None
 
 
-def export_weights(
-    work_dir: str | os.PathLike, overwrite: bool = False, bundles: Path = BUNDLES, models: Sequence[str] | None = None
-) -> list[Path]:
-    """Copy the models of a from-scratch demo run in WORK_DIR into ``bundles/*/models`` with their provenance.
+def calibration_target(vejp_target: str) -> str:
+    """The TSGM calibration shipped beside a VE-JP file: ``<stem>_calibration.json`` (what inference reads beside it)."""
+    return vejp_target[: -len(".pt")] + "_calibration.json"
 
-    MODELS: the run folders to export (``cyclegan``, ``vejp``, ``vejp_unconditional``, ``vejp_true_pairs``; default
-    all), e.g. to re-ship one retrained stage; the others' shipped files and provenance are left as they are. The
-    TSGM calibration goes with ``vejp``. Refuses (TsgmInputError) if a model or the TSGM calibration is missing, a
-    file would exceed 10 MB, or shipped weights exist and ``overwrite`` is False. Returns the written paths.
+
+def export_weights(
+    work_dir: str | os.PathLike, weights: str = "phantom", overwrite: bool = False, bundles: Path = BUNDLES,
+    models: Sequence[str] | None = None,
+) -> list[Path]:
+    """Copy the models of a run in WORK_DIR (``tsgm demo --from_scratch True`` for ``weights="phantom"``, ``tsgm run``
+    on the real dataset for ``"real"``) into ``bundles/*/models`` as that weight set (:data:`WEIGHT_SETS`), each with its
+    provenance.
+
+    MODELS: the run folders to export (default: all of the set), e.g. to re-ship one retrained stage; the others'
+    shipped files and provenance are left as they are. The TSGM calibration goes with ``vejp``. Refuses
+    (TsgmInputError) if a model or the TSGM calibration is missing, a file would exceed 10 MB, or shipped weights exist
+    and ``overwrite`` is False. Returns the written paths.
     """
-    folders = {folder for folder, _ in SHIPPED.values()}
-    models = sorted(folders) if models is None else list(models)
-    unknown = sorted(set(models) - folders)
+    if weights not in WEIGHT_SETS:
+        raise ValueError(f"weights must be one of {sorted(WEIGHT_SETS)}, got {weights!r}")
+    targets_of = WEIGHT_SETS[weights]
+    models = sorted(targets_of) if models is None else list(models)
+    unknown = sorted(set(models) - set(targets_of))
     if unknown or not models:
-        raise ValueError(f"models must be among {sorted(folders)}, got {list(models)}")
-    shipped = {target: entry for target, entry in SHIPPED.items() if entry[0] in models}
+        raise ValueError(f"models must be among {sorted(targets_of)}, got {list(models)}")
     work = Path(work_dir).resolve()
     steps_file = work / STEPS_RECORD
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
@@ -77,17 +96,18 @@ def export_weights(
     machine = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
     sources = {}
-    for target, (folder, keys) in shipped.items():  # every source checked before anything is written
-        source = work / folder / "model.pt"
+    for folder in models:  # every source checked before anything is written
+        source, keys = work / folder / "model.pt", KEPT_ENTRIES.get(folder, ("model",))
         state = read_checkpoint(source)
         missing = [k for k in (*keys, SPEC_KEY) if k not in state]
         if missing:
-            raise TsgmInputError(source, f"lacks {missing}: not a finished training run of the demo")
-        sources[target] = (folder, {k: state[k] for k in (*keys, SPEC_KEY)})
-    calibration = work / CALIBRATION[0] if "vejp" in models else None
+            raise TsgmInputError(source, f"lacks {missing}: not a finished training run")
+        sources[targets_of[folder]] = (folder, {k: state[k] for k in (*keys, SPEC_KEY)})
+    calibration = work / CALIBRATION_SOURCE if "vejp" in models else None
     if calibration is not None and not calibration.is_file():
-        raise TsgmInputError(calibration, "no TSGM calibration: the demo's calibrating step has not run")
-    targets = [*shipped, *([CALIBRATION[1]] if calibration is not None else [])]
+        raise TsgmInputError(calibration, "no TSGM calibration: the run's calibrating step has not run")
+    calibration_out = calibration_target(targets_of["vejp"]) if calibration is not None else None
+    targets = [*sources, *([calibration_out] if calibration_out else [])]
     existing = [str(bundles / t) for t in targets if (bundles / t).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]}: shipped weights exist (pass --overwrite True to replace them)")
@@ -103,9 +123,9 @@ def export_weights(
         provenance: dict[str, Any] = {
             "file": target,
             "sha256": _sha256(out),
-            "trained_on": "the phantom dataset of `tsgm demo` (nilearn's MNI152 brain): for the demo, tests and MONAI "
-                          "Label trials, not for real scans",
-            "command": BUILD_COMMAND,
+            "data_kind": weights,
+            "trained_on": TRAINED_ON[weights],
+            "command": BUILD_COMMANDS[weights],
             "training_step": steps.get(step, {}).get("command"),
             "wall_time_s": steps.get(step, {}).get("seconds"),
             "note": steps.get(step, {}).get("note"),
@@ -115,10 +135,10 @@ def export_weights(
                      "prepare": steps.get(PREPARE_STEP, {}).get("command"), "prepare_config": data},
             "machine": machine,
         }
-        save_json(provenance, out.with_name(out.stem + "_provenance.json"))
-        written += [out, out.with_name(out.stem + "_provenance.json")]
+        save_json(provenance, out.with_name(out.stem + PROVENANCE_SUFFIX))
+        written += [out, out.with_name(out.stem + PROVENANCE_SUFFIX)]
     if calibration is not None:
-        target = bundles / CALIBRATION[1]
+        target = bundles / calibration_out
         with atomic_path(target, overwrite=overwrite) as tmp:
             shutil.copyfile(calibration, tmp)
         written.append(target)

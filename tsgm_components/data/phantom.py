@@ -64,6 +64,8 @@ TISSUE_TABLE: dict[str, tuple[float, ...]] = {
 TWINS_RECORD = "twins.json"
 #: The generation record next to the subjects of a phantom dataset.
 PHANTOM_RECORD = "phantom.json"
+#: The NIfTI header description of every phantom volume (real scans never carry it).
+PHANTOM_DESCRIPTION = b"tsgm phantom"
 
 # Crop of the output grid that holds the (deformed) brain; everything outside it is background.
 _CROP = (slice(30, 210), slice(10, 230), slice(0, 155))
@@ -504,6 +506,7 @@ def save_nifti_deterministic(array: np.ndarray, path: Path) -> None:
     """Write ``array`` as ``.nii.gz`` with the BraTS affine; gzip header without time or name (reproducible)."""
     image = nib.Nifti1Image(array, AFFINE)
     image.header.set_xyzt_units("mm", "sec")
+    image.header["descrip"] = PHANTOM_DESCRIPTION  # how inference tells the phantom from real scans
     image.header.set_qform(AFFINE, code=1)
     image.header.set_sform(AFFINE, code=1)
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1, mtime=0) as gz:
