@@ -142,4 +142,4 @@ def test_single_subject_inference_with_the_shipped_weights_and_calibration(phant
         run("inference", config_file=str(VEJP / "inference.yaml"), logging_file=False, subject_dir=str(subject),
             detection_dir=str(tmp_path / "real_weights"), device="$torch.device('cpu')")
     assert "trained on 20 real BraTS 2018" in caplog.text
-    assert "weights trained on the real applied to a phantom scan" in caplog.text
+    assert "weights trained on real scans applied to a phantom scan" in caplog.text

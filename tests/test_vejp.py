@@ -141,6 +141,44 @@ def test_inference_builds_the_model_its_checkpoint_records(overrides, tmp_path):
     assert inference.get_parsed_content("network_def").condition_channels == (0 if UNCONDITIONAL in overrides else 1)
 
 
+def test_fine_tuning_starts_from_a_finished_models_weights_and_refuses_another_spec(tmp_path):
+    """init_checkpoint (train.yaml): the training network starts with the given model's weights, in train mode; a
+    model of another spec is refused naming the differing key; None keeps the fresh initialisation."""
+    from tsgm_components.checkpoints import initial_score_weights
+    from tsgm_components.networks.score import ScoreUNet
+
+    network_args = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
+                        num_head_channels=8, norm_num_groups=8, sigma_data=0.5)
+    spec = ModelSpec(dict(z_min=2, z_max=5, image_size=16, pad_to=16), network_args, {"sigma_min": 0.01, "sigma_max": 20.0})
+    torch.manual_seed(0)
+    finished = ScoreUNet(**network_args)
+    torch.save({"model": finished.state_dict(), "model_spec": spec.state_dict()}, tmp_path / "model.pt")
+    torch.manual_seed(1)
+    fresh = ScoreUNet(**network_args)
+    assert initial_score_weights(fresh, None, spec) is fresh
+    started = initial_score_weights(ScoreUNet(**network_args), tmp_path / "model.pt", spec)
+    assert started.training and all(torch.equal(a, b) for a, b in zip(started.state_dict().values(), finished.state_dict().values()))
+    other = ModelSpec(dict(z_min=2, z_max=5, image_size=16, pad_to=16), network_args, {"sigma_min": 0.01, "sigma_max": 30.0})
+    with pytest.raises(TsgmInputError, match="sigma_max"):
+        initial_score_weights(ScoreUNet(**network_args), tmp_path / "model.pt", other)
+
+
+def test_weights_of_the_other_data_kind_warn(caplog):
+    """Phantom weights on a real scan, or real weights on a phantom volume (its header says so), log a warning."""
+    from tsgm_components.data.phantom import PHANTOM_DESCRIPTION
+    from tsgm_components.detection import warn_on_data_mismatch
+
+    real = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    phantom = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    phantom.header["descrip"] = PHANTOM_DESCRIPTION
+    with caplog.at_level(logging.WARNING):
+        assert warn_on_data_mismatch("phantom", real, "case_a")
+        assert "case_a: weights trained on the phantom applied to a real-looking scan" in caplog.text
+        assert warn_on_data_mismatch("real", phantom, "case_b") and "case_b: weights trained on real scans applied to a phantom scan" in caplog.text
+        assert not any(warn_on_data_mismatch(kind, image, "c") for kind, image in
+                       (("phantom", phantom), ("real", real), (None, real), (None, phantom)))
+
+
 def test_inference_defaults_to_the_shipped_weights():
     inference = ConfigParser()
     inference.read_config([str(INFER)])

@@ -228,6 +228,14 @@ def load_score_weights(network: nn.Module, checkpoint: str | Path, spec: ModelSp
     return network.eval()
 
 
+def initial_score_weights(network: nn.Module, checkpoint: str | Path | None, spec: "ModelSpec") -> nn.Module:
+    """``network`` as training starts: as built (``checkpoint`` None), or with the weights of a finished model whose
+    spec equals ``spec`` (fine-tuning, e.g. from the phantom-trained ``models/phantom.pt``), in train mode."""
+    if checkpoint is None:
+        return network
+    return load_score_weights(network, checkpoint, spec).train()
+
+
 def latest_checkpoint(checkpoint_dir: str | Path) -> str | None:
     """Most recently written training checkpoint (``checkpoint_*.pt``: ``checkpoint_epoch=N.pt`` after an epoch,
     ``checkpoint_final.pt`` after a VE-JP run) in ``checkpoint_dir``, None if there is none: the resume point of

@@ -132,8 +132,9 @@ def warn_on_data_mismatch(weights_data: str | None, reference: nib.Nifti1Image, 
         return False
     advice = ("use the real-trained weights (the bundles' models/model.pt)" if weights_data == "phantom"
               else "the demo uses the phantom-trained weights (models/phantom.pt)")
-    logger.warning("%s: weights trained on the %s applied to a %s scan: its maps are not meaningful; %s",
-                   subject, weights_data, "phantom" if scan == "phantom" else "real-looking", advice)
+    trained = {"phantom": "the phantom", "real": "real scans"}[weights_data]
+    logger.warning("%s: weights trained on %s applied to a %s scan: its maps are not meaningful; %s",
+                   subject, trained, "phantom" if scan == "phantom" else "real-looking", advice)
     return True
 
 
