@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.figure}")
     if args.out:
         command = "python benchmarks/cyclegan_tumour_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        table = "\n".join([f"# CycleGAN tumour probe (`benchmarks/cyclegan_tumour_probe.py`)", "", f"`{command}`", "", "```", *lines, "```", ""])
+        table = "\n".join(["# CycleGAN tumour probe (`benchmarks/cyclegan_tumour_probe.py`)", "", f"`{command}`", "", "```", *lines, "```", ""])
         print(f"wrote {save_report(table, dict(record, command=command), REPO_ROOT / 'benchmarks' / 'results', args.out)}.md")
     return 0
 

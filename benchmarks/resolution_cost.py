@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tsgm_components.anomaly import anomaly_support
-from tsgm_components.data.brats import SEG, find_dataset, load_subject
+from tsgm_components.data.brats import find_dataset, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.data.real_brats import read_split_manifest
 from tsgm_components.metrics import average_precision

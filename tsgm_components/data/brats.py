@@ -288,7 +288,7 @@ def find_dataset(dataset_dir: str | Path, require_seg: bool = False) -> Dataset:
         raise _unknown_layout(dataset_dir)
     layouts = sorted(set(found.values()))
     if len(layouts) > 1:
-        example = {layout: next(s for s, l in found.items() if l == layout) for layout in layouts}
+        example = {layout: next(s for s, kind in found.items() if kind == layout) for layout in layouts}
         raise TsgmInputError(dataset_dir, f"subjects of several layouts in one dataset: {example}; keep one release per dataset folder")
     subjects = {name: folder_subject_files(dataset_dir / name, require_seg) for name in sorted(found)}
     skipped = [d.name for d in folders if d.name not in found]
