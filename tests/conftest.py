@@ -16,6 +16,19 @@ PHANTOM_CONFIG = PhantomConfig(n_subjects=5, seed=0)
 PREPARE_CONFIG = PreprocessConfig(image_size=32)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def test_reads_log(tmp_path_factory) -> Path:
+    """Test-split evaluations of the suite are logged in a temporary file, not in benchmarks/results/test_reads.md
+    (the project's record of real reads); subprocesses inherit the variable."""
+    import os
+
+    from tsgm_components.evaluation import TEST_READS_ENV
+
+    log = tmp_path_factory.mktemp("test_reads") / "test_reads.md"
+    os.environ[TEST_READS_ENV] = str(log)
+    return log
+
+
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """BraTS-layout phantom dataset (read-only for tests: copy it before damaging files); its healthy twins are in

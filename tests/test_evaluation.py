@@ -464,3 +464,19 @@ def test_paired_bootstrap_known_answers_and_the_report_table():
     table = "\n".join(confidence_table(summaries))
     assert "| tsgm | +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | — | — |" in table
     assert "| flair_threshold | — | — | -0.100 [-0.100, -0.100] | -0.100 [-0.100, -0.100] |" in table
+
+
+def test_every_test_split_evaluation_is_logged_and_validation_ones_are_not(synthetic, test_reads_log, tmp_path):
+    """The test-read log gets one line per evaluation of a test split (commit, dataset, split source, methods);
+    an in-sample validation evaluation adds none and says it is in-sample."""
+    before = test_reads_log.read_text().count("\n") if test_reads_log.exists() else 0
+    methods = [{"name": "good", "detection_dir": str(synthetic / "detections" / "good")}]
+    validation = run_evaluation(synthetic / "prepared", methods, tmp_path / "v", CalibrationSettings(weight_step=0.1),
+                                evaluated_split="validation")
+    assert validation.startswith("**Validation split, in-sample**")
+    assert (test_reads_log.read_text().count("\n") if test_reads_log.exists() else 0) == before
+    run_evaluation(synthetic / "prepared", methods, tmp_path / "t", CalibrationSettings(weight_step=0.1))
+    lines = test_reads_log.read_text().splitlines()
+    assert len(lines) == (before or 6) + 1 and lines[-1].endswith(f"| good | {tmp_path / 't'} |")
+    with pytest.raises(TsgmInputError, match="must be 'test' or 'validation'"):
+        run_evaluation(synthetic / "prepared", methods, tmp_path / "x", CalibrationSettings(weight_step=0.1), evaluated_split="train")

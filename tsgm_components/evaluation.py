@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,13 +494,17 @@ VALIDATION_NOTE = (
     "**Validation split, in-sample**: every method's weights and threshold were chosen on these same subjects; "
     "read the rows against each other, not as test results (\"test\" below means the evaluated split).\n\n"
 )
-#: Every evaluation of a test split is appended here (the project's own table commands run from this checkout).
+#: Every evaluation of a test split is appended here (the project's own table commands run from this checkout), or to
+#: the file the environment variable TEST_READS_ENV names (the test suite points it elsewhere).
 TEST_READS = REPO_ROOT / "benchmarks" / "results" / "test_reads.md"
+TEST_READS_ENV = "TSGM_TEST_READS_LOG"
 
 
-def log_test_read(prepared_dir: str | Path, out_dir: str | Path, methods: Sequence[str], log: Path = TEST_READS) -> None:
+def log_test_read(prepared_dir: str | Path, out_dir: str | Path, methods: Sequence[str], log: Path | None = None) -> None:
     """Append one line (UTC date, commit, prepared dataset and its split source, methods, report folder) to ``log``
-    when ``log``'s folder exists (a checkout of the repository), so that how often a test split was read is on record."""
+    (default: :data:`TEST_READS`, or $TSGM_TEST_READS_LOG) when its folder exists (a checkout of the repository), so
+    that how often a test split was read is on record."""
+    log = Path(os.environ.get(TEST_READS_ENV, TEST_READS)) if log is None else log
     if not log.parent.is_dir():
         return
     record = read_prepare_record(prepared_dir)
@@ -507,7 +512,7 @@ def log_test_read(prepared_dir: str | Path, out_dir: str | Path, methods: Sequen
     line = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {git_commit()} | {record.get('dataset_dir', '?')} | "
             f"{record.get('split_source', '?')} | {', '.join(methods)} | {Path(out_dir).resolve()} |\n")
     with log.open("a") as handle:
-        if log.stat().st_size == 0:
+        if handle.tell() == 0:
             handle.write("# Test-split reads\n\nAppended by every evaluation of a test split "
                          "(`tsgm_components.evaluation.log_test_read`).\n\n" + header)
         handle.write(line)
