@@ -372,7 +372,7 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     assert good["healthy_volumes"]["n"] == 1
     assert good["healthy_volumes"]["false_positive_rate"] == float(predict(healthy_case, calibration)[1].any())
     assert sorted(good["per_subject_volume_dice"]) == ["test_0", "test_1"] and "| test_0 |" in markdown
-    assert good["ceiling"] is False and "CEILING" not in markdown
+    assert good["role"] is None and "CEILING" not in markdown
     assert "oracle (upper bound, NOT a result" in markdown and "| good |" in markdown
     for figure in ("boxplots.png", "examples.png"):
         image = matplotlib.image.imread(out / "figures" / figure)

@@ -54,8 +54,8 @@ def ladder(phantom_dir, prepared_dir, twins_dir, tmp_path_factory) -> Path:
     run("flair_threshold", config_file=baselines, logging_file=False, work_dir=str(work))
     detect_oracle_splits(twins_dir, prepared_dir / "volumes.json", work / "detections", read_prepared(prepared_dir)[1])
     methods = [
-        {"name": ORACLE_METHOD, "detection_dir": str(work / "detections" / ORACLE_METHOD), "ceiling": True},
-        {"name": "vejp_true_pairs", "detection_dir": str(work / "detections" / "vejp_true_pairs"), "ceiling": True},
+        {"name": ORACLE_METHOD, "detection_dir": str(work / "detections" / ORACLE_METHOD), "role": "ceiling"},
+        {"name": "vejp_true_pairs", "detection_dir": str(work / "detections" / "vejp_true_pairs"), "role": "reference"},
         {"name": "flair_threshold", "detection_dir": str(work / "detections" / "flair_threshold"),
          "fixed_weights": {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}},
     ]
@@ -125,9 +125,9 @@ def test_oracle_reconstruction_is_the_twin_and_zero_on_healthy_tissue(ladder, pr
 def test_ladder_rows_are_labelled_and_pinned(ladder):
     summary = json.loads((ladder / "evaluation" / "summary.json").read_text())
     markdown = (ladder / "evaluation" / "results.md").read_text()
-    assert "oracle_reconstruction (CEILING)" in markdown and "vejp_true_pairs (CEILING)" in markdown
-    assert "| flair_threshold |" in markdown and "Rows marked CEILING are upper bounds" in markdown
-    assert [summary[m]["ceiling"] for m in PINNED] == [True, True, False]
+    assert "oracle_reconstruction (CEILING)" in markdown and "vejp_true_pairs (REFERENCE)" in markdown
+    assert "| flair_threshold |" in markdown and "CEILING rows are upper bounds by construction" in markdown
+    assert [summary[m]["role"] for m in PINNED] == ["ceiling", "reference", None]
     measured = {m: (summary[m]["volume"]["dice"]["mean"], summary[m]["volume"]["auprc"]["mean"]) for m in PINNED}
     print("measured (volume Dice, AUPRC):", json.dumps(measured))
     for method, (dice, auprc) in PINNED.items():

@@ -26,16 +26,16 @@ def test_shipped_weights_by_default_and_the_trained_ones_from_scratch(tmp_path):
     """Without --from_scratch nothing is trained and every detection names the phantom weights the bundles ship (the
     bundles' defaults are the real-trained ones); from scratch every detection names the model trained in the work dir."""
     shipped = {s.name: s.command for s in demo_steps(tmp_path)}
-    assert not any(name.startswith(("train", "CEILING train", "pseudo-pairs")) for name in shipped)
+    assert not any(name.startswith(("train", "REFERENCE train", "pseudo-pairs")) for name in shipped)
     for name, target in (("TSGM detection, test", "vejp_anomaly/models/phantom.pt"),
                          ("SDEdit baseline detection, validation", "vejp_anomaly/models/phantom_unconditional.pt"),
-                         ("CEILING VE-JP on true pairs detection, test", "vejp_anomaly/models/phantom_true_pairs.pt")):
+                         ("REFERENCE VE-JP on true pairs detection, test", "vejp_anomaly/models/phantom_true_pairs.pt")):
         assert shipped[name][shipped[name].index("--checkpoint") + 1] == str(BUNDLES / target)
     cyclegan = shipped["CycleGAN-only baseline detection"]
     assert cyclegan[cyclegan.index("--cyclegan_checkpoint") + 1] == str(BUNDLES / "cyclegan_brats/models/phantom.pt")
     trained = {s.name: s.command for s in demo_steps(tmp_path, from_scratch=True)}
     for name, folder in (("TSGM detection, test", "vejp"), ("SDEdit baseline detection, test", "vejp_unconditional"),
-                         ("CEILING VE-JP on true pairs detection, test", "vejp_true_pairs"),
+                         ("REFERENCE VE-JP on true pairs detection, test", "vejp_true_pairs"),
                          ("pseudo-pairs G_A→B(healthy)", "cyclegan")):
         assert trained[name][trained[name].index("--checkpoint") + 1] == str(tmp_path / folder / "model.pt")
     cyclegan = trained["CycleGAN-only baseline detection"]
@@ -66,7 +66,7 @@ def test_test_detection_samples_only_what_the_validation_calibration_weighs(tmp_
     names = [s.name for s in steps]
     calibrating = names.index("calibrate on validation (before test detection)")
     assert "run" in steps[calibrating].command and steps[calibrating].command[steps[calibrating].command.index("run") + 1] == "calibrating"
-    for name, method in (("TSGM", "tsgm"), ("SDEdit baseline", "sdedit"), ("CEILING VE-JP on true pairs", "vejp_true_pairs")):
+    for name, method in (("TSGM", "tsgm"), ("SDEdit baseline", "sdedit"), ("REFERENCE VE-JP on true pairs", "vejp_true_pairs")):
         validation, test = steps[names.index(f"{name} detection, validation")], steps[names.index(f"{name} detection, test")]
         assert names.index(validation.name) < calibrating < names.index(test.name)
         assert validation.command[validation.command.index("--reconstruct_modalities") + 1] == "all"
@@ -92,11 +92,12 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     pairs = steps["pseudo-pairs G_A→B(healthy)"].command
     assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # how the shipped TSGM weights were made
     assert pairs[pairs.index("--lesion_placement") + 1] == "random"
-    true_pairs = steps["CEILING true pairs (twin slice, real slice)"].command  # the same treatment: TSGM with a perfect stage 1
+    true_pairs = steps["REFERENCE true pairs (twin slice, real slice)"].command  # the same treatment: TSGM with a perfect stage 1
     assert true_pairs[true_pairs.index("--lesion_blend_threshold") + 1] == "0.1"
     assert true_pairs[true_pairs.index("--lesion_placement") + 1] == "random"
-    ceiling_steps = [name for name in steps if name.startswith("CEILING")]
-    assert len(ceiling_steps) == 5
+    twin_steps = [name for name in steps if name.startswith(("CEILING", "REFERENCE"))]
+    assert len(twin_steps) == 5
+
 
 
 def test_own_dataset_pipeline_trains_everything_with_the_scale_configs_and_torchrun_on_several_gpus(tmp_path):

@@ -272,7 +272,7 @@ class MethodResult:
     oracle: dict[str, float]
     nfe_per_slice: float | None
     seconds_per_volume: float | None
-    ceiling: bool = False
+    role: str | None = None
 
     @property
     def volumes_without_tumour(self) -> list[str]:
@@ -292,14 +292,14 @@ def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | N
 
 
 def evaluate_cases(
-    name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01, ceiling: bool = False
+    name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01, role: str | None = None
 ) -> MethodResult:
     """Apply ``calibration`` unchanged to the (test) cases and score them (see :mod:`tsgm_components.metrics`).
 
     Slices whose brain covers less than ``min_brain_fraction`` of the plane are skipped by the slice-level metrics,
     as they were by ``tsgm prepare``. A volume without tumour in the evaluated slices is a healthy volume: it is a
     false positive when any voxel is predicted. The oracle is the best mean volume Dice of a global threshold
-    chosen on these very cases: an upper bound, never a result. ``ceiling`` marks a ceiling row (reads the twins).
+    chosen on these very cases: an upper bound, never a result. ``role``: :data:`ROLES` (how the row is labelled).
     """
     volume_rows, slice_rows, healthy_rows, healthy_volume_rows = [], [], [], []
     for case in cases:
@@ -329,7 +329,7 @@ def evaluate_cases(
         oracle={"threshold": oracle_threshold, "volume_dice": oracle_dice},
         nfe_per_slice=_record_value(records, "reconstruction", "nfe_per_slice"),
         seconds_per_volume=_record_value(records, "seconds", "total"),
-        ceiling=ceiling,
+        role=role,
     )
 
 
@@ -403,10 +403,17 @@ def validation_reconstruction(validation: Sequence[Case], detection_dir: str | P
     return json.loads(settings.pop()) if settings else None
 
 
+#: What a row that is not a method is, as labelled in the tables.
+ROLES = ("ceiling", "reference", "control")
+
+
 def _check_methods(methods: Sequence[Mapping[str, Any]]) -> None:
     names = [str(method["name"]) for method in methods]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"methods need distinct names, got {names}")
+    for method in methods:
+        if method.get("role") is not None and method["role"] not in ROLES:
+            raise ValueError(f"method {method['name']}: role must be one of {ROLES} or absent, got {method['role']!r}")
 
 
 def run_calibration(
@@ -448,7 +455,9 @@ def run_evaluation(
 
     methods: ``[{"name": str, "detection_dir": path with validation/ and test/ sub-folders,
     optional "mode": "fixed"|"otsu", optional "fixed_weights": {mod: w} (skips the weight search),
-    optional "ceiling": true (a ceiling row: an upper bound that reads what no method may, labelled so),
+    optional "role": one of :data:`ROLES` (the row's label: "ceiling", an upper bound by construction that reads what no
+    method may; "reference", a model given what no method has, not an upper bound; "control", what a part of TSGM
+    must beat),
     optional "sampled": true (a method that samples each weighted modality: ``settings.modality_tolerance`` applies)}]``.
     Writes ``out_dir/<name>/calibration.json`` per method (what VE-JP inference reads for "tsgm") and the report
     files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically. Validation
@@ -472,7 +481,7 @@ def run_evaluation(
             # the test maps a method's calibration gives no weight are not needed (detection may have skipped them)
             weighted = [m for m in MODALITIES if calibration["weights"][m] > 0]
             test = load_cases(detection_dir / evaluated_split, splits[evaluated_split], preprocess, truths, weighted)
-            results.append(evaluate_cases(name, test, calibration, min_brain_fraction, bool(method.get("ceiling", False))))
+            results.append(evaluate_cases(name, test, calibration, min_brain_fraction, method.get("role")))
             if example is None:
                 example = example_slice(test)
                 item = next(i for i in splits[evaluated_split] if i["subject"] == example[0])

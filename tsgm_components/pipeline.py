@@ -29,7 +29,7 @@ TRAINING_STEPS = {
     "cyclegan": "train CycleGAN (stage 1)",
     "vejp": "train VE-JP score model (stage 2)",
     "vejp_unconditional": "train unconditional score model (SDEdit baseline)",
-    "vejp_true_pairs": "CEILING train VE-JP on true pairs",
+    "vejp_true_pairs": "REFERENCE train VE-JP on true pairs",
     "vejp_regression": "CONTROL train the regression network (VE-JP's, plain L2)",
 }
 
@@ -103,14 +103,14 @@ def model_steps(
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
 
     ``scale``: a :data:`SCALES` entry (its overlays, e.g. ``cpu.yaml``, merged on each bundle's main config, and its
-    pseudo-pair blending); ``ceilings``: the CEILING rows that read healthy twins (phantom only); ``processes`` > 1:
+    pseudo-pair blending); ``ceilings``: the CEILING and REFERENCE rows that read healthy twins (phantom only); ``processes`` > 1:
     training and detection under torchrun. Without ``from_scratch`` detection uses the bundles' shipped weights.
     ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
     (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
     blend = SCALES[scale]["lesion_blend_threshold"]
-    # what the scale does to the pseudo-pairs, done to the true pairs of the CEILING row too
+    # what the scale does to the pseudo-pairs, done to the true pairs of the REFERENCE row too
     pair_treatment = {} if blend is None else {"lesion_blend_threshold": blend, "lesion_placement": SCALES[scale]["lesion_placement"]}
     prepared = work_dir / "prepared"
     multi = ["multi_gpu_train.yaml"] if processes > 1 else []
@@ -152,7 +152,7 @@ def model_steps(
     ]
     if ceilings:
         training += [
-            Step("CEILING true pairs (twin slice, real slice)",
+            Step("REFERENCE true pairs (twin slice, real slice)",
                  bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment),
                  work_dir / "true_pairs" / "pseudo_pairs.json"),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),
@@ -160,7 +160,7 @@ def model_steps(
     cyclegan = {"cyclegan_checkpoint": trained("cyclegan")["checkpoint"]}
     diffusion = [("TSGM", [], "vejp", "tsgm"), ("SDEdit baseline", ["sdedit.yaml"], "vejp_unconditional", "sdedit")]
     if ceilings:
-        diffusion.append(("CEILING VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs", "vejp_true_pairs"))
+        diffusion.append(("REFERENCE VE-JP on true pairs", ["true_pairs.yaml"], "vejp_true_pairs", "vejp_true_pairs"))
     # the control rows need the regression network: runs that train their models (the shipped demo has none)
     if from_scratch:
         diffusion.append(("CONTROL regression network", ["regression.yaml"], "vejp_regression", "regression"))
@@ -217,7 +217,7 @@ def demo_steps(
 
     Default: detection with the bundles' shipped weights (``bundles/*/models``, trained on the phantom by
     ``tsgm build_weights``). ``from_scratch``: train every model first with the CPU configs (CycleGAN, pseudo-pairs,
-    VE-JP, the unconditional SDEdit model, the true-pairs CEILING model) and detect with those.
+    VE-JP, the unconditional SDEdit model, the true-pairs REFERENCE model) and detect with those.
     ``split_fraction`` of the healthy and of the tumour subjects go to validation, and as many to test
     (stratified split): with the defaults, 6 tumour + 2 healthy subjects in each.
     """
@@ -240,7 +240,7 @@ def dataset_steps(
     read_test: bool = True,
 ) -> list[Step]:
     """``tsgm run``: the whole pipeline on a user's dataset (any layout ``tsgm prepare`` reads), every model trained
-    from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING rows (they need healthy twins)."""
+    from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING or REFERENCE rows (they need healthy twins)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
     tsgm = [sys.executable, "-m", "tsgm_components.cli"]

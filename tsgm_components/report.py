@@ -43,7 +43,7 @@ def summarise(result: MethodResult) -> dict[str, Any]:
     return {
         "volume": {m: mean_std([row[m] for row in result.volume_rows]) for m in CASE_METRICS},
         "slice": {m: mean_std([row[m] for row in result.slice_rows]) for m in CASE_METRICS},
-        "ceiling": result.ceiling,
+        "role": result.role,
         "healthy_volumes": {
             "n": len(result.healthy_volume_rows),
             "false_positive_rate": float(np.mean([row["false_positive"] for row in result.healthy_volume_rows]))
@@ -81,16 +81,19 @@ def _number(value: float | None, digits: int) -> str:
 
 
 def row_label(name: str, summary: Mapping[str, Any]) -> str:
-    """A method's name in the tables; ceiling rows say so (they read the healthy twins, which no method sees)."""
-    return f"{name} (CEILING)" if summary.get("ceiling") else name
+    """A method's name in the tables, with its role when it is not a method: CEILING (an upper bound by construction),
+    REFERENCE (given what no method has, not a bound), CONTROL."""
+    return f"{name} ({summary['role'].upper()})" if summary.get("role") else name
 
 
 LADDER_NOTE = (
-    "Rows marked CEILING are upper bounds, not results: they read the phantom's healthy twins, which no method sees. "
-    "The ladder: oracle_reconstruction (healthy = the twin: what residual detection reaches with a perfect "
-    "reconstruction) → vejp_true_pairs (stage 2 trained on (twin, real) pairs: TSGM with a perfect stage 1) → tsgm "
-    "(stage 2 on CycleGAN pseudo-pairs) → cyclegan (stage 1 alone). The gap oracle → true pairs is what stage 2 and "
-    "its sampler lose, true pairs → tsgm what stage 1's pseudo-pairs lose, cyclegan → tsgm what stage 2 adds."
+    "CEILING rows are upper bounds by construction, not results: oracle_reconstruction reads the phantom's healthy "
+    "twins (healthy = the twin: what residual detection reaches with a perfect reconstruction). REFERENCE rows are "
+    "given what no method has and are not bounds: vejp_true_pairs is stage 2 trained on (twin, real) pairs, i.e. TSGM "
+    "with a perfect stage 1 (it also trains on tumour slices, about 2.6x TSGM's training slices). CONTROL rows are what "
+    "a part of TSGM must beat: regression (the same network, pairs and budget, plain L2 regression: does diffusion "
+    "training add anything?) and flair_threshold_model_size (FLAIR thresholding through the models' resampling). "
+    "cyclegan is stage 1 alone: tsgm − cyclegan is what stage 2 adds."
 )
 
 
@@ -154,7 +157,7 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         cells.append(_number(summary["nfe_per_slice"], 0))
         cells.append(_number(summary["seconds_per_volume"], 1))
         lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
-    if any(summary.get("ceiling") for summary in summaries.values()):
+    if any(summary.get("role") in ("ceiling", "reference") for summary in summaries.values()):
         lines += ["", LADDER_NOTE]
     lines += confidence_table(summaries)
     subjects = sorted({subject for summary in summaries.values() for subject in summary["per_subject_volume_dice"]})
