@@ -848,3 +848,10 @@ def test_diverged_reconstruction_stops_detection_without_output(assets, tmp_path
         run_vejp(assets, out, subject_dir=str(assets["dataset"] / "S001"), checkpoint=str(checkpoint))
     assert "S001_t1.nii.gz contains non-finite values" in str(excinfo.value.__cause__ or excinfo.value)
     assert_nothing_written(out)
+
+
+def test_importing_the_package_changes_no_global_state():
+    """The one-line error hook is installed by the bundles' entry module (their configs import it), not by the package."""
+    code = ("import sys; hook = sys.excepthook; import tsgm_components, tsgm_components.detection, tsgm_components.evaluation; "
+            "assert sys.excepthook is hook; import tsgm_components.bundle_entry; assert sys.excepthook is not hook")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

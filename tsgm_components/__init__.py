@@ -3,7 +3,6 @@
 import subprocess
 from pathlib import Path
 
-from tsgm_components.errors import install_excepthook
 
 __version__ = "0.1.0"
 
@@ -46,6 +45,3 @@ def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
-
-# bundle runs (`python -m monai.bundle run ...`) that die of bad input end with the project's one-line message, exit 2
-install_excepthook()
