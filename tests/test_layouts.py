@@ -341,3 +341,32 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     assert labels["LPS"].any()
     expected = nib.Nifti1Image(np.asarray(labels["LPS"][0]), LPS).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
     np.testing.assert_array_equal(np.asarray(labels["RAS"][0]), np.asarray(expected.dataobj))
+
+
+def _subject(root: Path, name: str = "BraTS20_Training_001") -> Path:
+    for modality, array in volumes().items():
+        save(array, root / name / f"{name}_{modality}.nii.gz")
+    return root / name
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: a - a[a > 0].mean(), r"voxels have negative intensities \(z-scored or otherwise normalised\?\): give the scan with its raw"),
+    (lambda a: a + 100.0, r"no zero background \(100\.0% of the voxels are non-zero\): tsgm needs skull-stripped scans"),
+])
+def test_z_scored_or_offset_scans_get_a_one_line_error_naming_the_file(tmp_path, damage, message):
+    """Real inputs the brain mask and the normalisation cannot serve: a z-scored FLAIR (negative intensities inside the
+    brain) and one with a constant background offset are refused before any work, naming the file and what to do."""
+    folder = _subject(tmp_path)
+    flair = folder / "BraTS20_Training_001_flair.nii.gz"
+    data = np.asarray(nib.load(str(flair)).dataobj, dtype=np.float32)
+    save(np.where(data != 0, damage(data), 0.0 if "negative" in message else damage(data)).astype(np.float32), flair)
+    with pytest.raises(TsgmInputError, match=message) as error:
+        load_subject(subject_files(folder, require_seg=False), SMALL)
+    assert str(error.value).startswith(str(flair))
+
+
+def test_an_empty_file_is_reported_as_empty(tmp_path):
+    folder = _subject(tmp_path)
+    (folder / "BraTS20_Training_001_t2.nii.gz").write_bytes(b"")
+    with pytest.raises(TsgmInputError, match=r"_t2\.nii\.gz: file is empty \(0 bytes\)"):
+        load_subject(subject_files(folder, require_seg=False), SMALL)

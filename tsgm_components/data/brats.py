@@ -317,6 +317,8 @@ def _open(path: Path, channel: int | None = None) -> nib.Nifti1Image:
     ``channel`` picks one volume of a 4D file."""
     if not path.is_file():
         raise TsgmInputError(path, "file not found" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise TsgmInputError(path, "file is empty (0 bytes): copy or convert it again")
     problem = _extension_problem(path)
     if problem:
         raise TsgmInputError(path, problem)
@@ -351,6 +353,25 @@ def _read_data(path: Path, image: nib.Nifti1Image) -> np.ndarray:
         n_nan, n_inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
         raise TsgmInputError(path, f"contains non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
     return array
+
+
+#: A volume with more than this fraction of non-zero voxels has no zero background (BraTS brains fill about 15 %).
+MAX_NONZERO_FRACTION = 0.99
+
+
+def check_intensities(data: np.ndarray, path: Path) -> None:
+    """What the normalisation and the brain mask (non-zero voxels) assume of a modality, else TsgmInputError naming the
+    file: a zero background (skull-stripped, no intensity offset: BraTS preprocessing) and no negative intensities
+    (raw scanner intensities, not z-scored)."""
+    nonzero = float(np.count_nonzero(data)) / data.size
+    if nonzero > MAX_NONZERO_FRACTION:
+        raise TsgmInputError(path, f"no zero background ({nonzero:.1%} of the voxels are non-zero): tsgm needs "
+                                   "skull-stripped scans whose background is 0 (BraTS preprocessing); skull-strip the "
+                                   "scan or remove its intensity offset first")
+    negative = int(np.count_nonzero(data < 0))
+    if negative:
+        raise TsgmInputError(path, f"{negative} voxels have negative intensities (z-scored or otherwise normalised?): "
+                                   "give the scan with its raw, non-negative intensities; tsgm normalises each volume itself")
 
 
 def _fmt(values: Any, unit: str = "") -> str:
@@ -539,6 +560,7 @@ def load_subject(files: SubjectFiles | Mapping[str, Any], preprocess: Preprocess
         data = _read_data(path, images[modality])
         if not data.any():
             raise TsgmInputError(path, "volume is all zero" if modality not in files.channels else f"channel {files.channels[modality]} ({modality}) is all zero")
+        check_intensities(data, path)
         arrays[modality] = geometry.to_training(data)
     seg = None
     if SEG in files.paths:
