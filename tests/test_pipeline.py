@@ -178,3 +178,24 @@ def test_training_steps_print_their_expected_duration_from_configs_and_counts(tm
     assert len(estimates) == 4
     assert training_iterations("score", {"max_epochs": 100, "batch_size": 8}, counts) == 100 * 104
     assert training_iterations("cyclegan", {"n_epochs": 100, "n_epochs_decay": 100, "batch_size": 1}, counts) == 200 * 4 * 380
+
+
+def test_run_picks_the_scale_from_the_hardware_unless_given(tmp_path, monkeypatch, capsys):
+    """--scale auto: the paper's configs with a GPU, the CPU configs without; the choice is printed before any step."""
+    import tsgm_components.pipeline as pipeline
+
+    seen = {}
+
+    def fake_steps(work, dataset, scale, processes, seed, split_file, read_test):
+        seen["scale"] = scale
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline, "dataset_steps", fake_steps)
+    for gpus, expected in ((0, "cpu"), (2, "paper")):
+        monkeypatch.setattr(pipeline, "gpu_count", lambda gpus=gpus: gpus)
+        with pytest.raises(SystemExit):
+            pipeline.run_dataset(str(tmp_path / "data"), str(tmp_path / "w"), "auto")
+        assert seen["scale"] == expected and f"--scale {expected} ({gpus} GPU(s) visible" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        pipeline.run_dataset(str(tmp_path / "data"), str(tmp_path / "w"), "cpu")
+    assert seen["scale"] == "cpu"
