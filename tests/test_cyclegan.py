@@ -232,7 +232,8 @@ def test_metadata_is_valid():
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     image, pred = meta["network_data_format"]["inputs"]["image"], meta["network_data_format"]["outputs"]["pred"]
-    assert image["num_channels"] == pred["num_channels"] == 1 and image["spatial_shape"] == [256, 256]
+    # the shipped generators' format (4-channel slices at 64², the CPU scale); the paper scale trains 1 channel at 256²
+    assert image["num_channels"] == pred["num_channels"] == 4 and image["spatial_shape"] == [64, 64]
     assert image["value_range"] == pred["value_range"] == [0, 1]
     for path in ("LICENSE", "docs/README.md", "configs/logging.conf"):
         assert (BUNDLE / path).is_file()
@@ -420,3 +421,13 @@ def test_translate_volume_keeps_geometry(phantom_dir, prepared_dir, tiny_checkpo
     written = translate_subject(generator, source.parent, tmp_path / "subject", prepared_dir / "prepare_config.json", "AB")
     assert sorted(Path(p).name for p in written) == sorted(f"{source.parent.name}_{m}_AB.nii.gz" for m in MODS)
     assert all(nib.load(p).shape == reference.shape for p in written)
+
+
+@pytest.mark.parametrize("checkpoint", ["model.pt", "phantom.pt"])
+def test_model_zoo_net_check_passes_for_the_shipped_generators(checkpoint):
+    """MONAI's verify_net_in_out: the metadata describes what the shipped generators take and return (4 channels at
+    64²), for the real-trained default and the phantom set."""
+    from monai.bundle import verify_net_in_out
+
+    verify_net_in_out("network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.yaml"),
+                      device="cpu", checkpoint=str(CONFIGS.parent / "models" / checkpoint))
