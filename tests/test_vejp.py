@@ -431,3 +431,14 @@ def test_numeric_work_dir_stays_a_path():
             assert isinstance(value, str) and value.startswith("2024/"), (config.name, key, value)
             checked += 1
     assert checked >= 15
+
+
+def test_model_zoo_checks_pass_for_the_shipped_score_network():
+    """MONAI's verify_metadata and verify_net_in_out on the shipped phantom network (the default real one has the same
+    format): x_t in, a score of the same shape out, σ and the condition through extra_forward_args."""
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(CONFIGS.parents[1] / "meta_schema_20240725.json"))
+    verify_net_in_out("network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(INFER), device="cpu",
+                      checkpoint=str(CONFIGS.parent / "models" / "phantom.pt"),
+                      extra_forward_args={"sigma": torch.tensor([1.0]), "condition": torch.rand(1, 1, 64, 64)})
