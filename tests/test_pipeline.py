@@ -186,7 +186,7 @@ def test_run_picks_the_scale_from_the_hardware_unless_given(tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_steps(work, dataset, scale, processes, seed, split_file, read_test):
+    def fake_steps(work, dataset, scale, processes, seed, split_file, read_test, init_checkpoint):
         seen["scale"] = scale
         raise SystemExit(0)
 
@@ -199,3 +199,11 @@ def test_run_picks_the_scale_from_the_hardware_unless_given(tmp_path, monkeypatc
     with pytest.raises(SystemExit):
         pipeline.run_dataset(str(tmp_path / "data"), str(tmp_path / "w"), "cpu")
     assert seen["scale"] == "cpu"
+
+
+def test_run_can_fine_tune_the_tsgm_model_from_given_weights(tmp_path):
+    """--init_checkpoint reaches the TSGM training step only (the controls and the SDEdit model start from scratch)."""
+    steps = {s.name: s.command for s in dataset_steps(tmp_path, tmp_path / "data", "cpu", init_checkpoint=tmp_path / "phantom.pt")}
+    tsgm = steps["train VE-JP score model (stage 2)"]
+    assert tsgm[tsgm.index("--init_checkpoint") + 1] == str(tmp_path / "phantom.pt")
+    assert not any("--init_checkpoint" in command for name, command in steps.items() if name != "train VE-JP score model (stage 2)")

@@ -90,7 +90,7 @@ def real_data(source: str, out: str, write_split: bool = False, overwrite: bool 
 
 def run(
     dataset_dir: str, work_dir: str, scale: str = "auto", gpus: str = "auto", seed: int = 0, split_file: str | None = None,
-    read_test: bool = True,
+    read_test: bool = True, init_checkpoint: str | None = None,
 ) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
@@ -99,7 +99,8 @@ def run(
     configs); each training step first prints its expected duration. --gpus auto uses every visible GPU (torchrun when more
     than one). Rerunning the same command continues after the last finished step. --read_test False: stop after
     calibration and score the validation split in-sample (W/evaluation_validation), to compare settings without
-    reading test."""
+    reading test. --init_checkpoint FILE: the TSGM score model starts from FILE's weights (fine-tuning, e.g.
+    bundles/vejp_anomaly/models/phantom.pt, the phantom-trained model of the same configs)."""
     from tsgm_components.pipeline import SCALES, run_dataset
 
     if str(scale) not in (*SCALES, "auto"):
@@ -107,7 +108,8 @@ def run(
     if str(gpus) != "auto" and not str(gpus).isdigit():
         raise TsgmInputError("tsgm run", f"--gpus must be 'auto' or a number, got {gpus!r}")
     run_dataset(str(dataset_dir), str(work_dir), str(scale), str(gpus) if str(gpus) == "auto" else int(gpus), int(seed),
-                None if split_file is None else str(split_file), bool(read_test))
+                None if split_file is None else str(split_file), bool(read_test),
+                None if init_checkpoint is None else str(init_checkpoint))
 
 
 def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> None:

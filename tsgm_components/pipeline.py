@@ -98,14 +98,16 @@ SCALES: dict[str, dict[str, object]] = {
 
 
 def model_steps(
-    work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, processes: int = 1, read_test: bool = True
+    work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, processes: int = 1, read_test: bool = True,
+    init_checkpoint: Path | None = None,
 ) -> list[Step]:
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
 
     ``scale``: a :data:`SCALES` entry (its overlays, e.g. ``cpu.yaml``, merged on each bundle's main config, and its
     pseudo-pair blending); ``ceilings``: the CEILING and REFERENCE rows that read healthy twins (phantom only); ``processes`` > 1:
     training and detection under torchrun. Without ``from_scratch`` detection uses the bundles' shipped weights.
-    ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
+    ``init_checkpoint``: the TSGM score model starts from these weights (fine-tuning, e.g. the phantom-trained
+    ``models/phantom.pt``) instead of a random initialisation. ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
     (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
@@ -133,9 +135,9 @@ def model_steps(
         files = [BUNDLES / bundle / "configs" / name for name in configs]
         return lambda: training_estimate(kind, files, prepared, scale)
 
-    def train(configs: list[str], folder: str) -> Step:
+    def train(configs: list[str], folder: str, **overrides: object) -> Step:
         files = ["train.yaml", *overlay, *configs, *multi]
-        return Step(TRAINING_STEPS[folder], bundle_command("training", "vejp_anomaly", files, work_dir, processes),
+        return Step(TRAINING_STEPS[folder], bundle_command("training", "vejp_anomaly", files, work_dir, processes, **overrides),
                     work_dir / folder / "model.pt", work_dir / folder / "checkpoints", estimate("score", "vejp_anomaly", files))
 
     cyclegan_files = ["train.yaml", *overlay, *multi]
@@ -146,7 +148,7 @@ def model_steps(
              bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
                             checkpoint=work_dir / "cyclegan" / "model.pt", **pair_treatment),
              work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
-        train([], "vejp"),
+        train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint})),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
         train(["train_regression.yaml"], "vejp_regression"),
     ]
@@ -237,7 +239,7 @@ def demo_steps(
 
 def dataset_steps(
     work_dir: Path, dataset_dir: Path, scale: str = "paper", processes: int = 1, seed: int = 0, split_file: Path | None = None,
-    read_test: bool = True,
+    read_test: bool = True, init_checkpoint: Path | None = None,
 ) -> list[Step]:
     """``tsgm run``: the whole pipeline on a user's dataset (any layout ``tsgm prepare`` reads), every model trained
     from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING or REFERENCE rows (they need healthy twins)."""
@@ -248,7 +250,7 @@ def dataset_steps(
                       "--image_size", str(SCALES[scale]["image_size"]), "--seed", str(seed)]
     if split_file is not None:
         prepare += ["--split_file", str(split_file)]
-    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes, read_test)]
+    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes, read_test, init_checkpoint)]
 
 
 def run_steps(work: Path, steps: list[Step], label: str) -> float:
@@ -336,7 +338,7 @@ def gpu_count() -> int:
 
 def run_dataset(
     dataset_dir: str, work_dir: str, scale: str = "auto", gpus: int | str = "auto", seed: int = 0, split_file: str | None = None,
-    read_test: bool = True,
+    read_test: bool = True, init_checkpoint: str | None = None,
 ) -> None:
     """``tsgm run``: prepare a user's dataset, train every model, detect, calibrate on validation, evaluate on test
     and print the table next to the published BraTS2020 figures. Resumable like the demo (rerun the same command).
@@ -348,7 +350,8 @@ def run_dataset(
         scale = "paper" if gpus_seen else "cpu"
         print(f"tsgm run: --scale {scale} ({gpus_seen} GPU(s) visible; pass --scale to choose)", flush=True)
     steps = dataset_steps(work, Path(dataset_dir).resolve(), scale, max(processes, 1), seed,
-                          None if split_file is None else Path(split_file), read_test)
+                          None if split_file is None else Path(split_file), read_test,
+                          None if init_checkpoint is None else Path(init_checkpoint).resolve())
     work.mkdir(parents=True, exist_ok=True)
     print(f"tsgm run: {dataset_dir} -> {work}, {scale} configs, {max(processes, 1)} process(es) per step", flush=True)
     seconds = run_steps(work, steps, "tsgm run")
