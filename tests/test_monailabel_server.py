@@ -30,7 +30,9 @@ APP = REPO / "bundles" / "vejp_anomaly" / "monailabel_app"
 MODALITIES = ("t1", "t1ce", "t2", "flair")  # the bundle's channel_modalities
 #: the phantom's BraTS affine diag(-1, -1, 1) moved by an offset: the label must come back in this geometry
 AFFINE = np.array([[-1.0, 0, 0, 12.5], [0, -1.0, 0, 230.0], [0, 0, 1.0, -40.0], [0, 0, 0, 1]])
-OVERRIDES = {"sample_batch_size": 64, "slice_inferer#progress": False}
+#: the image is a phantom subject: the phantom-trained weights (and their calibration, read beside them) serve it
+OVERRIDES = {"sample_batch_size": 64, "slice_inferer#progress": False,
+             "checkpoint": str(Path(__file__).resolve().parents[1] / "bundles" / "vejp_anomaly" / "models" / "phantom.pt")}
 START_TIMEOUT_S = 120
 INFER_TIMEOUT_S = 300
 
