@@ -130,10 +130,11 @@ def warn_on_data_mismatch(weights_data: str | None, reference: nib.Nifti1Image, 
     scan = "phantom" if bytes(reference.header["descrip"]).rstrip(b"\0") == PHANTOM_DESCRIPTION else "real"
     if weights_data is None or weights_data == scan:
         return False
-    advice = ("use the real-trained weights (the bundles' models/model.pt)" if weights_data == "phantom"
-              else "the demo uses the phantom-trained weights (models/phantom.pt)")
+    advice = ("their calibration was chosen on the phantom: use the real-trained weights (the bundles' models/model.pt) "
+              "or calibrate these on your validation split" if weights_data == "phantom"
+              else "their calibration was chosen on real scans: the demo uses the phantom-trained weights (models/phantom.pt)")
     trained = {"phantom": "the phantom", "real": "real scans"}[weights_data]
-    logger.warning("%s: weights trained on %s applied to a %s scan: its maps are not meaningful; %s",
+    logger.warning("%s: weights trained on %s applied to a %s scan; %s",
                    subject, trained, "phantom" if scan == "phantom" else "real-looking", advice)
     return True
 
