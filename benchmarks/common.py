@@ -47,7 +47,7 @@ def timed(inferer: Any, inputs: torch.Tensor, network: torch.nn.Module) -> tuple
 
 def evaluation_settings(config_files: list[str] | tuple[str, ...] = tuple(EVALUATION_CPU_CONFIGS)) -> dict[str, Any]:
     """The evaluation bundle's calibration settings (mode, objective, weight grid, bins, sample size, seed): the keyword
-    arguments of ``tsgm_components.evaluation.calibrate``."""
+    arguments of ``tsgm_components.evaluation.harness.calibrate``."""
     parser = ConfigParser()
     parser.read_config([str(Path(f)) for f in config_files])
     keys = ("mode", "objective", "weight_step", "search_bins", "threshold_bins", "max_voxels", "seed", "modality_tolerance")

@@ -33,7 +33,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT, cpu_has_fast_bf16
-from tsgm_components.metrics import average_precision
+from tsgm_components.evaluation.metrics import average_precision
 
 from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 

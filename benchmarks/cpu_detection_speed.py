@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.inferers import DiffusionSamplerInferer
+from tsgm_components.diffusion.inferers import DiffusionSamplerInferer
 from tsgm_components.networks.score import ScoreUNet
-from tsgm_components.sde import VESDE
+from tsgm_components.diffusion.sde import VESDE
 
 from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 

@@ -36,10 +36,10 @@ import torch
 from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.metrics import average_precision
+from tsgm_components.evaluation.metrics import average_precision
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import read_prepare_config
-from tsgm_components.translation import load_generator, translate_modalities
+from tsgm_components.stage1.translation import load_generator, translate_modalities
 
 from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from tsgm_components.data.brats import find_dataset, load_subject
 from tsgm_components.data.preprocessing import NORMALIZATIONS, PreprocessConfig, normalize_volume
-from tsgm_components.ensembling import BrainVoxels, select_threshold
+from tsgm_components.detection.ensembling import BrainVoxels, select_threshold
 
 from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 

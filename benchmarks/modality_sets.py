@@ -24,8 +24,8 @@ from common import evaluation_settings, save_report
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import read_volumes_split
-from tsgm_components.ensembling import simplex_grid
-from tsgm_components.evaluation import calibrate, load_cases, read_prepared
+from tsgm_components.detection.ensembling import simplex_grid
+from tsgm_components.evaluation.harness import calibrate, load_cases, read_prepared
 
 
 def main(argv: list[str] | None = None) -> None:

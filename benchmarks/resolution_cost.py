@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tsgm_components.anomaly import anomaly_support
+from tsgm_components.detection.anomaly import anomaly_support
 from tsgm_components.data.brats import find_dataset, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.data.real_brats import read_split_manifest
-from tsgm_components.metrics import average_precision
+from tsgm_components.evaluation.metrics import average_precision
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import save_report  # noqa: E402

@@ -31,7 +31,7 @@ from monai.bundle import ConfigParser
 from common import evaluation_settings, save_report
 from tsgm_components import REPO_ROOT, bundle_dir
 from tsgm_components.data.brats import MODALITIES
-from tsgm_components.evaluation import calibrate, load_cases, read_prepared
+from tsgm_components.evaluation.harness import calibrate, load_cases, read_prepared
 from tsgm_components.data.prepare import read_volumes_split
 
 

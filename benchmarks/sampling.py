@@ -18,7 +18,7 @@ samplers, ``--repeats`` times round-robin for each seed; the median wall time is
 reproduce the first run exactly (same seed → same output). Every figure of a sampler is its mean over the seeds: one
 draw of the reference is itself a random variable, and the spread of its draws is the noise floor of a comparison.
 
-Detection quality uses the evaluation code unchanged (``tsgm_components.evaluation.predict`` and
+Detection quality uses the evaluation code unchanged (``tsgm_components.evaluation.harness.predict`` and
 ``metrics.evaluate_case``): residuals mapped to the input geometry, weighted ensemble, mask, Dice per tumour slice,
 AUPRC of the continuous map over the brain voxels of the evaluated slices, and the volume-like subset Dice (one Dice
 over all evaluated slices of a subject, mean over subjects) on which the target is judged. Weights and threshold,
@@ -53,14 +53,14 @@ from monai.bundle import ConfigParser
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.anomaly import anomaly_support, residual_volume
-from tsgm_components.masking import load_calibration
-from tsgm_components.ensembling import select_threshold
+from tsgm_components.detection.anomaly import anomaly_support, residual_volume
+from tsgm_components.detection.masking import load_calibration
+from tsgm_components.detection.ensembling import select_threshold
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import Case, calibrate, load_cases, predict, read_prepared
-from tsgm_components.inferers import SAMPLERS, DiffusionSamplerInferer
+from tsgm_components.evaluation.harness import Case, calibrate, load_cases, predict, read_prepared
+from tsgm_components.diffusion.inferers import SAMPLERS, DiffusionSamplerInferer
 from tsgm_components.io import atomic_path
-from tsgm_components.metrics import average_precision, evaluate_case
+from tsgm_components.evaluation.metrics import average_precision, evaluate_case
 
 from common import EVALUATION_CPU_CONFIGS, evaluation_settings, save_report, timed  # benchmarks/common.py (this script's folder is sys.path[0])
 

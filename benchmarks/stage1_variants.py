@@ -23,7 +23,7 @@ import torch
 from pathlib import Path
 from tsgm_components.networks.cyclegan import ResnetGenerator, PatchDiscriminator
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool, discriminator_loss
-from tsgm_components.metrics import average_precision
+from tsgm_components.evaluation.metrics import average_precision
 
 p = argparse.ArgumentParser()
 p.add_argument("--prepared", default="runs/demo/prepared")

@@ -22,7 +22,7 @@ def test_reads_log(tmp_path_factory) -> Path:
     (the project's record of real reads); subprocesses inherit the variable."""
     import os
 
-    from tsgm_components.evaluation import TEST_READS_ENV
+    from tsgm_components.evaluation.harness import TEST_READS_ENV
 
     log = tmp_path_factory.mktemp("test_reads") / "test_reads.md"
     os.environ[TEST_READS_ENV] = str(log)

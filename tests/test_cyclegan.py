@@ -26,7 +26,7 @@ from tsgm_components.engines.cyclegan import CycleGANTrainer, LinearDecayLR
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.losses.gan import CycleGANLossWeights, ImagePool
 from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
-from tsgm_components.translation import load_generator, translate_slices, translate_subject, translate_volume
+from tsgm_components.stage1.translation import load_generator, translate_slices, translate_subject, translate_volume
 
 MODS = ("t1", "t1ce", "t2", "flair")
 

@@ -19,8 +19,8 @@ from sklearn.metrics import average_precision_score
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES
-from tsgm_components.masking import load_calibration
-from tsgm_components.ensembling import (
+from tsgm_components.detection.masking import load_calibration
+from tsgm_components.detection.ensembling import (
     BrainVoxels,
     fixed_mask,
     min_component_pixels,
@@ -31,10 +31,10 @@ from tsgm_components.ensembling import (
     simplex_grid,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import (
+from tsgm_components.evaluation.harness import (
     Case, CalibrationSettings, calibrate, load_cases, predict, read_prepared, run_evaluation, validation_reconstruction,
 )
-from tsgm_components.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
+from tsgm_components.evaluation.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
 
 BUNDLE = REPO_ROOT / "bundles" / "tsgm_evaluation"
 SHAPE = (24, 24, 12)
@@ -93,7 +93,7 @@ def test_modality_tolerance_trades_a_little_objective_for_fewer_weighted_modalit
 
 def test_modality_tolerance_applies_only_to_methods_that_sample(monkeypatch):
     """A method without sampling (CycleGAN, the oracle) pays nothing per modality: it always gets the best weights."""
-    import tsgm_components.evaluation as evaluation
+    import tsgm_components.evaluation.harness as evaluation
 
     seen = []
     monkeypatch.setattr(evaluation, "calibrate", lambda cases, *args: seen.append(args[-1]) or {})
@@ -449,8 +449,8 @@ def test_calibration_records_the_sampler_and_refuses_mixed_validation_folders():
 
 
 def test_paired_bootstrap_known_answers_and_the_report_table():
-    from tsgm_components.metrics import paired_bootstrap
-    from tsgm_components.report import confidence_table
+    from tsgm_components.evaluation.metrics import paired_bootstrap
+    from tsgm_components.evaluation.report import confidence_table
 
     constant = paired_bootstrap({"a": 0.9, "b": 0.7, "c": 0.5}, {"a": 0.8, "b": 0.6, "c": 0.4, "d": 0.1})
     assert constant["n"] == 3 and constant["difference"] == pytest.approx(0.1)

@@ -17,8 +17,8 @@ import pytest
 from monai.bundle import run
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.ceilings import ORACLE_METHOD, detect_oracle_splits, twin_slices, write_true_pairs
-from tsgm_components.evaluation import CalibrationSettings, read_prepared, run_evaluation
+from tsgm_components.evaluation.references import ORACLE_METHOD, detect_oracle_splits, twin_slices, write_true_pairs
+from tsgm_components.evaluation.harness import CalibrationSettings, read_prepared, run_evaluation
 
 VEJP = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 EVALUATION = REPO_ROOT / "bundles" / "tsgm_evaluation" / "configs"

@@ -147,9 +147,9 @@ def _stored(data: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> tupl
     ids=["RAS", "axial-first"],
 )
 def test_other_orientations_are_processed_in_the_training_orientation_and_written_back(tmp_path, transform):
-    from tsgm_components.detection import Detector, detect_subject
-    from tsgm_components.masking import MaskSettings
-    from tsgm_components.ensembling import PAPER_WEIGHTS
+    from tsgm_components.detection.detector import Detector, detect_subject
+    from tsgm_components.detection.masking import MaskSettings
+    from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
     data = volumes()
@@ -316,9 +316,9 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     volume stored in two voxel orders: the model sees the same slices, the label comes back in each input's order."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from tsgm_components.masking import MaskSettings
+    from tsgm_components.detection.masking import MaskSettings
     from tsgm_components.monai_label import AnomalyFromHealthyd, MultiModalSlicesd
-    from tsgm_components.ensembling import PAPER_WEIGHTS
+    from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
     data = volumes()

@@ -692,7 +692,7 @@ def test_prepare_interrupted_midway_leaves_the_previous_state(assets, tmp_path, 
 
 
 def test_detection_interrupted_while_writing_leaves_nothing(assets, tmp_path, monkeypatch):
-    import tsgm_components.detection as detection
+    import tsgm_components.detection.detector as detection
 
     def interrupted(*args, **kwargs):  # the overlay is written after the NIfTI maps
         raise KeyboardInterrupt
@@ -852,6 +852,6 @@ def test_diverged_reconstruction_stops_detection_without_output(assets, tmp_path
 
 def test_importing_the_package_changes_no_global_state():
     """The one-line error hook is installed by the bundles' entry module (their configs import it), not by the package."""
-    code = ("import sys; hook = sys.excepthook; import tsgm_components, tsgm_components.detection, tsgm_components.evaluation; "
+    code = ("import sys; hook = sys.excepthook; import tsgm_components, tsgm_components.detection.detector, tsgm_components.evaluation.harness; "
             "assert sys.excepthook is hook; import tsgm_components.bundle_entry; assert sys.excepthook is not hook")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -14,9 +14,9 @@ from tsgm_components.checkpoints import ModelSpec
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.data.brats import MODALITIES, subject_files
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import Detector, detect_subject
-from tsgm_components.masking import MaskSettings
-from tsgm_components.ensembling import PAPER_WEIGHTS
+from tsgm_components.detection.detector import Detector, detect_subject
+from tsgm_components.detection.masking import MaskSettings
+from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 from tsgm_components.networks.score import ScoreUNet
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))

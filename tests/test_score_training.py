@@ -10,7 +10,7 @@ from tsgm_components import REPO_ROOT
 from tsgm_components.engines.score import ScoreMatchingTrainer, linear_warmup
 from tsgm_components.losses.score_matching import dsm_loss
 from tsgm_components.networks.score import NOISE_LABEL_SCALE, PAPER_PRESET, ScoreUNet
-from tsgm_components.sde import VESDE
+from tsgm_components.diffusion.sde import VESDE
 
 TINY = dict(channels=(32, 32), attention_levels=(False, True), num_res_blocks=1, num_head_channels=32)
 
@@ -158,7 +158,7 @@ def test_checkpoint_resume_matches_uninterrupted_training(tmp_path):
 
 
 def test_inferer_runs_a_real_score_unet():
-    from tsgm_components.inferers import DiffusionSamplerInferer
+    from tsgm_components.diffusion.inferers import DiffusionSamplerInferer
 
     torch.manual_seed(0)
     net = ScoreUNet(1, **TINY).eval()
@@ -175,7 +175,7 @@ def test_inferer_runs_a_real_score_unet():
 
 
 def test_amp_means_bfloat16_autocast_without_a_scaler_on_the_cpu():
-    """amp has one meaning (tsgm_components.precision): float16 + GradScaler on CUDA, bfloat16 on the CPU."""
+    """amp has one meaning (tsgm_components.diffusion.precision): float16 + GradScaler on CUDA, bfloat16 on the CPU."""
     net = ScoreUNet(1, **TINY)
     trainer = ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(),
                                    loss_weight=net.loss_weight, amp=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from tsgm_components.inferers import DiffusionSamplerInferer
+from tsgm_components.diffusion.inferers import DiffusionSamplerInferer
 from tsgm_components.losses.score_matching import dsm_loss, regression_loss
-from tsgm_components.noise import randn
-from tsgm_components.sampling import (
+from tsgm_components.diffusion.noise import randn
+from tsgm_components.diffusion.sampling import (
     LangevinCorrector,
     ReverseDiffusionPredictor,
     geometric_sigmas,
@@ -20,7 +20,7 @@ from tsgm_components.sampling import (
     sample_regression,
     sample_sdedit,
 )
-from tsgm_components.sde import VESDE
+from tsgm_components.diffusion.sde import VESDE
 
 MU, STD = 0.4, 0.15  # Gaussian "data": every pixel i.i.d. N(MU, STD²)
 SHAPE = (2, 1, 32, 32)
@@ -277,8 +277,8 @@ def test_inferer_chunking_seed_and_nfe(kwargs):
 def test_a_sampler_is_one_registry_entry(monkeypatch):
     """Adding a sampler = one SAMPLERS entry: the inferer validates, grids, runs and counts it from the entry alone,
     and refuses a run whose reported NFE differs from the entry's (the recorded nfe_per_slice must be what ran)."""
-    from tsgm_components import inferers
-    from tsgm_components.sampling import SampleOutput
+    from tsgm_components.diffusion import inferers
+    from tsgm_components.diffusion.sampling import SampleOutput
 
     def euler(inf, score_fn, chunk, generators, progress):  # probability-flow Euler from the prior
         x = inf.sde.prior_sample(chunk.shape, generators, chunk.device)
@@ -312,7 +312,7 @@ def test_inferer_averages_independent_draws():
     """n_draws: the mean of draws 0..k-1, each drawn from its own (seed, slice, draw) stream and clamped; draw 0 is
     the single-draw result. For the toy model (healthy = condition + N(0, STD²) texture) the residual noise of the
     mean of 4 draws is half that of one draw."""
-    from tsgm_components.inferers import slice_generator
+    from tsgm_components.diffusion.inferers import slice_generator
 
     sde = VESDE()
     inputs = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
@@ -463,14 +463,14 @@ def test_inferer_rejects_unnormalised_or_nan_inputs_and_reports_progress(caplog)
         inferer(torch.full((1, 1, 4, 4), 250.0).index_fill_(2, torch.tensor([0]), 0.0), ConditionalGaussianScore())
     with pytest.raises(ValueError, match="NaN"):
         inferer(torch.full((1, 1, 4, 4), float("nan")), ConditionalGaussianScore())
-    with caplog.at_level("INFO", logger="tsgm_components.inferers"):
+    with caplog.at_level("INFO", logger="tsgm_components.diffusion.inferers"):
         inferer(torch.rand(1, 1, 4, 4), ConditionalGaussianScore())
     assert "pc sampling slices 1-1 of 1: step 4/4" in caplog.text
-    with caplog.at_level("INFO", logger="tsgm_components.inferers"):
+    with caplog.at_level("INFO", logger="tsgm_components.diffusion.inferers"):
         DiffusionSamplerInferer(VESDE(), n_steps=4, n_draws=3, progress=True)(torch.rand(2, 1, 4, 4), ConditionalGaussianScore())
     assert "pc sampling slice draws 1-6 of 6: step 4/4" in caplog.text
     caplog.clear()  # a log file gets a line per PROGRESS_SECONDS and the end of the stack, not one per step or chunk
-    with caplog.at_level("INFO", logger="tsgm_components.inferers"):
+    with caplog.at_level("INFO", logger="tsgm_components.diffusion.inferers"):
         DiffusionSamplerInferer(VESDE(), n_steps=4, batch_size=1, progress=True)(torch.rand(3, 1, 4, 4), ConditionalGaussianScore())
     assert caplog.messages == ["pc sampling slices 3-3 of 3: step 4/4"]
 
@@ -499,7 +499,7 @@ def test_sampler_progress_callback_sees_every_step():
 
 
 def test_max_pairwise_distance_is_exact_and_chunk_independent():
-    from tsgm_components.sde import max_pairwise_distance
+    from tsgm_components.diffusion.sde import max_pairwise_distance
 
     images = torch.rand(7, 1, 5, 5, generator=torch.Generator().manual_seed(0))
     brute = max((a - b).norm().item() for a in images for b in images)

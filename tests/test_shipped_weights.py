@@ -20,7 +20,7 @@ from tsgm_components.data.preprocessing import preprocess_volume, volume_to_slic
 from tsgm_components.checkpoints import checked_provenance
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.pipeline import WEIGHT_SETS
-from tsgm_components.translation import load_generator, saved_cyclegan_spec
+from tsgm_components.stage1.translation import load_generator, saved_cyclegan_spec
 from tsgm_components.weights import MAX_BYTES, calibration_target
 
 BUNDLES = REPO_ROOT / "bundles"

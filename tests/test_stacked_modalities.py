@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from test_cyclegan import MODS, make_prepared
-from tsgm_components.baselines import GeneratorReconstructor
+from tsgm_components.evaluation.baselines import GeneratorReconstructor
 from tsgm_components.data.unpaired import UnpairedSliceDataset, fixed_examples, lesion_fraction, load_slice_items, stack_modalities
 from tsgm_components.engines.cyclegan import CycleGANTrainer, TranslationSnapshots
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.losses.gan import ImagePool
 from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
-from tsgm_components.translation import translate_modalities, translate_subject, translate_volume, write_pseudo_pairs
+from tsgm_components.stage1.translation import translate_modalities, translate_subject, translate_volume, write_pseudo_pairs
 
 
 class ChannelOffset(nn.Module):

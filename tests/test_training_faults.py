@@ -39,8 +39,8 @@ from tsgm_components.errors import TsgmInputError
 from tsgm_components.losses.gan import ImagePool
 from tsgm_components.networks.cyclegan import PatchDiscriminator, ResnetGenerator
 from tsgm_components.networks.score import ScoreUNet
-from tsgm_components.sde import VESDE
-from tsgm_components.translation import load_generator
+from tsgm_components.diffusion.sde import VESDE
+from tsgm_components.stage1.translation import load_generator
 
 CYCLEGAN = Path(tsgm_components.bundle_dir("cyclegan_brats")) / "configs"
 VEJP = Path(tsgm_components.bundle_dir("vejp_anomaly")) / "configs"

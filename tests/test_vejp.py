@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser, run
 import tsgm_components
 from tsgm_components.checkpoints import ModelSpec, read_model_spec
 from tsgm_components.data.brats import MODALITIES
-from tsgm_components.ensembling import PAPER_WEIGHTS
+from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 from tsgm_components.errors import TsgmInputError
 
 CONFIGS = Path(tsgm_components.bundle_dir("vejp_anomaly")) / "configs"
@@ -166,7 +166,7 @@ def test_fine_tuning_starts_from_a_finished_models_weights_and_refuses_another_s
 def test_weights_of_the_other_data_kind_warn(caplog):
     """Phantom weights on a real scan, or real weights on a phantom volume (its header says so), log a warning."""
     from tsgm_components.data.phantom import PHANTOM_DESCRIPTION
-    from tsgm_components.detection import warn_on_data_mismatch
+    from tsgm_components.detection.detector import warn_on_data_mismatch
 
     real = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
     phantom = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
@@ -237,7 +237,7 @@ def subject(trained) -> Path:
 
 def test_inference_writes_maps_in_input_geometry_without_mask(trained, subject, caplog):
     before = digest(subject)
-    with caplog.at_level(logging.WARNING, logger="tsgm_components.detection"):
+    with caplog.at_level(logging.WARNING, logger="tsgm_components.detection.detector"):
         out = infer(trained, subject_dir=str(subject), name="plain") / "S001"
     assert "NO binary mask" in caplog.text
     assert digest(subject) == before  # inputs untouched
@@ -282,7 +282,7 @@ def test_inference_with_calibration_writes_mask(trained, subject, tmp_path, capl
     calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed", "chosen_on": "validation",
                                        "reconstruction": chosen_with}))
     files = {m: str(subject / f"S001_{m}.nii.gz") for m in MODALITIES}
-    with caplog.at_level(logging.WARNING, logger="tsgm_components.detection"):
+    with caplog.at_level(logging.WARNING, logger="tsgm_components.detection.detector"):
         out = infer(trained, calibration_file=str(calibration), name="calibrated", **files) / "S001"
     assert "other sampler settings" in caplog.text and "'posterior_mean', 'heun'" in caplog.text
     mask = nib.load(str(out / "S001_mask.nii.gz"))

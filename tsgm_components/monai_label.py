@@ -1,8 +1,8 @@
 """MONAI Label's dict pipeline for VE-JP (``BundleInferTask``): preprocessing(dict with "image") ->
 ``inferer(image[None], network)`` -> [0] -> "pred" -> postprocessing(dict). "image" is one multi-channel NIfTI
-(channels = ``channel_modalities``). The steps are the detection step's (:mod:`tsgm_components.detection`):
-``preprocess_volume`` per modality, the same slice inferer, :func:`~tsgm_components.anomaly.anomaly_maps` and
-:meth:`~tsgm_components.masking.MaskSettings.mask`.
+(channels = ``channel_modalities``). The steps are the detection step's (:mod:`tsgm_components.detection.detector`):
+``preprocess_volume`` per modality, the same slice inferer, :func:`~tsgm_components.detection.anomaly.anomaly_maps` and
+:meth:`~tsgm_components.detection.masking.MaskSettings.mask`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform
 from torch import Tensor
 
-from tsgm_components.anomaly import anomaly_maps
+from tsgm_components.detection.anomaly import anomaly_maps
 from tsgm_components.data.brats import MODALITIES, grid_geometry
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.masking import MaskSettings
+from tsgm_components.detection.masking import MaskSettings
 
 
 class SliceStackInferer(Inferer):

@@ -59,7 +59,7 @@ class CycleGANTrainer(MixedPrecisionTrainer):
         d_optimizer: optimises both discriminators.
         pool_a, pool_b: image pools of generated A and B images (fed to D_A and D_B).
         loss_weights: cycle/identity weights.
-        amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.precision`): the network passes under
+        amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.diffusion.precision`): the network passes under
             bfloat16 autocast on the CPU (1.4× faster for the demo's CPU config on a CPU with AVX512-BF16,
             ``benchmarks/cpu_bf16.py``), float16 with a ``GradScaler`` on CUDA; losses, image pools and weights stay
             float32.

@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tsgm_components.engines.fault_tolerance import check_finite_losses
 from tsgm_components.engines.trainer import MixedPrecisionTrainer
 from tsgm_components.losses.score_matching import dsm_loss
-from tsgm_components.sde import VESDE
+from tsgm_components.diffusion.sde import VESDE
 
 IMAGE_KEY = "image"
 CONDITION_KEY = "condition"
@@ -86,7 +86,7 @@ class ScoreMatchingTrainer(MixedPrecisionTrainer):
             (``ScoreUNet.loss_weight``: EDM's λ(σ), what the configs pass); None: w = 1, score-SDE's σ²-weighted loss.
         epoch_length, non_blocking, train_handlers: as in ``monai.engines.SupervisedTrainer``.
         loss: ``dsm_loss`` (default) or ``regression_loss`` (the regression control), same signature.
-        amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.precision`): float16 autocast with a
+        amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.diffusion.precision`): float16 autocast with a
             ``GradScaler`` on CUDA, bfloat16 autocast on the CPU.
     """
 

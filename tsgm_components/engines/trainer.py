@@ -9,11 +9,11 @@ import torch
 from monai.engines import Trainer
 from monai.engines.utils import default_prepare_batch
 
-from tsgm_components.precision import autocast, grad_scaler
+from tsgm_components.diffusion.precision import autocast, grad_scaler
 
 
 class MixedPrecisionTrainer(Trainer):
-    """``monai.engines.Trainer`` (outputs not decollated) whose ``amp`` is :mod:`tsgm_components.precision`'s:
+    """``monai.engines.Trainer`` (outputs not decollated) whose ``amp`` is :mod:`tsgm_components.diffusion.precision`'s:
     :meth:`autocast` around the network passes, :meth:`backward_step` through a loss scaler when there is one
     (float16 on CUDA), :meth:`update_loss_scale` once per iteration. Subclasses write ``_iteration``.
 

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from tsgm_components.noise import randn
-from tsgm_components.sde import VESDE
+from tsgm_components.diffusion.noise import randn
+from tsgm_components.diffusion.sde import VESDE
 
 #: network(x_t (B,1,H,W), sigma (B,), condition (B,C,H,W) | None) -> score (B,1,H,W); e.g. ``ScoreUNet``.
 ScoreNetwork = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -57,7 +57,7 @@ def regression_loss(
     loss_weight: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """The regression control's loss: mean of (D(0, σ_max | condition) − x0)², D(x, σ) = x + σ²·s_θ(x, σ, condition)
-    (Tweedie's denoiser, the output :func:`~tsgm_components.sampling.sample_regression` reads).
+    (Tweedie's denoiser, the output :func:`~tsgm_components.diffusion.sampling.sample_regression` reads).
 
     The same network and trainer as :func:`dsm_loss` (same signature; ``generator`` and ``loss_weight`` unused), but
     no noise input: the network learns condition → healthy slice by plain L2, one fixed input. If TSGM's diffusion

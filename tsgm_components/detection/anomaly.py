@@ -1,5 +1,5 @@
 """Healthy reconstruction -> anomaly maps: the residual |input − healthy| of the processed slices, mapped to the input
-grid, and the weighted ensemble. The one implementation behind detection (:mod:`tsgm_components.detection`) and the
+grid, and the weighted ensemble. The one implementation behind detection (:mod:`tsgm_components.detection.detector`) and the
 MONAI Label transforms (:mod:`tsgm_components.monai_label`).
 """
 
@@ -10,7 +10,7 @@ from typing import Mapping
 import numpy as np
 
 from tsgm_components.data.preprocessing import PreprocessConfig, slices_to_volume
-from tsgm_components.ensembling import weighted_anomaly
+from tsgm_components.detection.ensembling import weighted_anomaly
 
 
 def anomaly_support(brain_mask: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:

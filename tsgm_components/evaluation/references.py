@@ -4,7 +4,7 @@ Both read the healthy twins of the phantom (``tsgm phantom --twins_out``), which
 
 - **oracle reconstruction** (:func:`detect_oracle_splits`): the "healthy" image of each subject is its twin, put
   through exactly the preprocessing, slicing, residual, ensemble, calibration and threshold code of every method
-  (a :data:`~tsgm_components.detection.Reconstructor` that returns the twin's slices). The gap to it is what the
+  (a :data:`~tsgm_components.detection.detector.Reconstructor` that returns the twin's slices). The gap to it is what the
   residual-and-threshold detection itself cannot do, even with a perfect reconstruction.
 - **VE-JP on true pairs** (:func:`write_true_pairs`): stage 2 trained on (twin slice, real slice) pairs instead of
   CycleGAN pseudo-pairs, in the pseudo-pair layout, so the vejp_anomaly bundle trains and detects with it
@@ -30,10 +30,10 @@ from tsgm_components.data.phantom import TWINS_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.pseudo_pairs import blend_slice, placement_seed
-from tsgm_components.detection import Detector, detect_datalist
-from tsgm_components.masking import MAPS_ONLY
+from tsgm_components.detection.detector import Detector, detect_datalist
+from tsgm_components.detection.masking import MAPS_ONLY
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.evaluation import read_prepared
+from tsgm_components.evaluation.harness import read_prepared
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json
 
 logger = logging.getLogger(__name__)

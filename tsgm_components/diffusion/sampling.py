@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from tsgm_components.noise import GeneratorLike, randn
+from tsgm_components.diffusion.noise import GeneratorLike, randn
 
 #: score_fn(x (B,1,H,W), sigma (B,)) -> score (B,1,H,W)
 ScoreFn = Callable[[Tensor, Tensor], Tensor]

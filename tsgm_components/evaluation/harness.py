@@ -24,7 +24,7 @@ from tsgm_components import REPO_ROOT, git_commit
 from tsgm_components.data.brats import MODALITIES, SEG, VolumeGeometry, load_subject
 from tsgm_components.data.prepare import read_prepare_config, read_prepare_record, read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume
-from tsgm_components.ensembling import (
+from tsgm_components.detection.ensembling import (
     MASK_MODES,
     OBJECTIVES,
     OTSU_MIN_COMPONENT_MM2,
@@ -36,9 +36,10 @@ from tsgm_components.ensembling import (
 )
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_not_over_inputs, save_json
-from tsgm_components.masking import reconstruction_settings
-from tsgm_components.metrics import evaluate_case, overlap_metrics
-from tsgm_components.report import write_report
+from tsgm_components.detection.masking import reconstruction_settings
+from tsgm_components.evaluation.metrics import evaluate_case, overlap_metrics
+from tsgm_components.evaluation.report import write_report
+from tsgm_components.evaluation.results import MethodResult
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def calibrate(
     """Ensemble weights and binarisation from validation cases: the content of ``calibration.json``.
 
     Weights: simplex grid search (``weight_step``) maximising ``objective`` (see
-    :func:`tsgm_components.ensembling.search_weights`; ``modality_tolerance``: objective given up for fewer weighted
+    :func:`tsgm_components.detection.ensembling.search_weights`; ``modality_tolerance``: objective given up for fewer weighted
     modalities), or ``fixed_weights`` when given (no search).
     Threshold: maximum mean per-volume Dice over ``threshold_bins`` thresholds on all validation voxels; it is
     the mask rule in ``"fixed"`` mode and recorded (but unused) in ``"otsu"`` mode, which thresholds per slice.
@@ -259,26 +260,6 @@ def calibrate(
     return calibration
 
 
-@dataclass
-class MethodResult:
-    """Test-split results of one method: metric rows (dicts with ``subject``) and the settings behind them."""
-
-    name: str
-    calibration: dict[str, Any]
-    volume_rows: list[dict[str, Any]]
-    slice_rows: list[dict[str, Any]]
-    healthy_rows: list[dict[str, Any]]
-    healthy_volume_rows: list[dict[str, Any]]
-    oracle: dict[str, float]
-    nfe_per_slice: float | None
-    seconds_per_volume: float | None
-    role: str | None = None
-
-    @property
-    def volumes_without_tumour(self) -> list[str]:
-        return [row["subject"] for row in self.healthy_volume_rows]
-
-
 def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | None:
     """Mean of a numeric field (``path`` of keys) over the detection records that have it, else None."""
     values = []
@@ -294,7 +275,7 @@ def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | N
 def evaluate_cases(
     name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01, role: str | None = None
 ) -> MethodResult:
-    """Apply ``calibration`` unchanged to the (test) cases and score them (see :mod:`tsgm_components.metrics`).
+    """Apply ``calibration`` unchanged to the (test) cases and score them (see :mod:`tsgm_components.evaluation.metrics`).
 
     Slices whose brain covers less than ``min_brain_fraction`` of the plane are skipped by the slice-level metrics,
     as they were by ``tsgm prepare``. A volume without tumour in the evaluated slices is a healthy volume: it is a
@@ -391,7 +372,7 @@ class CalibrationSettings:
 
 
 def validation_reconstruction(validation: Sequence[Case], detection_dir: str | Path) -> dict[str, Any] | None:
-    """The sampler settings (:func:`~tsgm_components.masking.reconstruction_settings`) of a method's validation
+    """The sampler settings (:func:`~tsgm_components.detection.masking.reconstruction_settings`) of a method's validation
     detections, recorded in its calibration; None for methods that do not sample. Raises TsgmInputError if the
     subjects were reconstructed with different settings (e.g. a folder resumed with another sampler): one threshold
     cannot fit both."""
@@ -460,7 +441,7 @@ def run_evaluation(
     must beat),
     optional "sampled": true (a method that samples each weighted modality: ``settings.modality_tolerance`` applies)}]``.
     Writes ``out_dir/<name>/calibration.json`` per method (what VE-JP inference reads for "tsgm") and the report
-    files of :mod:`tsgm_components.report` in ``out_dir``. The whole folder appears at the end, atomically. Validation
+    files of :mod:`tsgm_components.evaluation.report` in ``out_dir``. The whole folder appears at the end, atomically. Validation
     needs every modality's maps (the weight search); test only those the calibration weights.
     """
     if evaluated_split not in ("test", "validation"):
@@ -523,5 +504,5 @@ def log_test_read(prepared_dir: str | Path, out_dir: str | Path, methods: Sequen
     with log.open("a") as handle:
         if handle.tell() == 0:
             handle.write("# Test-split reads\n\nAppended by every evaluation of a test split "
-                         "(`tsgm_components.evaluation.log_test_read`).\n\n" + header)
+                         "(`tsgm_components.evaluation.harness.log_test_read`).\n\n" + header)
         handle.write(line)

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from tsgm_components.noise import GeneratorLike, randn
+from tsgm_components.diffusion.noise import GeneratorLike, randn
 
 
 class VESDE:

@@ -1,8 +1,8 @@
 """Ensemble weights and mask rule of a detection: reading a ``calibration.json`` and resolving explicit values.
 
 The evaluation bundle writes ``calibration.json`` (weights and threshold chosen on the validation split); detection
-(:mod:`tsgm_components.detection`), the MONAI Label transforms (:mod:`tsgm_components.monai_label`) and baselines take
-one :class:`MaskSettings`, whose :meth:`MaskSettings.mask` is :func:`~tsgm_components.ensembling.score_to_mask`.
+(:mod:`tsgm_components.detection.detector`), the MONAI Label transforms (:mod:`tsgm_components.monai_label`) and baselines take
+one :class:`MaskSettings`, whose :meth:`MaskSettings.mask` is :func:`~tsgm_components.detection.ensembling.score_to_mask`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tsgm_components.ensembling import MASK_MODES, OTSU_MIN_COMPONENT_MM2, PAPER_WEIGHTS, check_weights, score_to_mask
+from tsgm_components.detection.ensembling import MASK_MODES, OTSU_MIN_COMPONENT_MM2, PAPER_WEIGHTS, check_weights, score_to_mask
 from tsgm_components.errors import TsgmInputError
 
 
@@ -95,7 +95,7 @@ class MaskSettings:
             raise ValueError('mask_mode "fixed" needs a threshold (explicit or from a calibration file)')
 
     def mask(self, score: np.ndarray, brain: np.ndarray, spacing_mm: Sequence[float], z_indices: range) -> np.ndarray | None:
-        """uint8 (H, W, D) mask of an ensemble ``score`` by :func:`~tsgm_components.ensembling.score_to_mask`, or None."""
+        """uint8 (H, W, D) mask of an ensemble ``score`` by :func:`~tsgm_components.detection.ensembling.score_to_mask`, or None."""
         return None if self.mode is None else score_to_mask(score, brain, self.mode, self.threshold, spacing_mm, z_indices)
 
     def record(self) -> dict[str, Any]:

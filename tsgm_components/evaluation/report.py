@@ -12,15 +12,13 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from tsgm_components.io import atomic_path, save_json
-from tsgm_components.metrics import OVERLAP_METRICS, mean_std, paired_bootstrap
-
-if TYPE_CHECKING:
-    from tsgm_components.evaluation import MethodResult
+from tsgm_components.evaluation.metrics import OVERLAP_METRICS, mean_std, paired_bootstrap
+from tsgm_components.evaluation.results import MethodResult
 
 CASE_METRICS = (*OVERLAP_METRICS, "auprc")
 #: Main table: (header, summary level, metric); per 3D volume unless stated.
@@ -112,7 +110,7 @@ def _interval(ci: Mapping[str, Any]) -> str:
 
 def confidence_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown lines: every row's mean paired difference to each :data:`REFERENCE_ROWS` row present, in volume DSC and
-    AUPRC, with its bootstrap 95 % CI over the subjects (:func:`~tsgm_components.metrics.paired_bootstrap`)."""
+    AUPRC, with its bootstrap 95 % CI over the subjects (:func:`~tsgm_components.evaluation.metrics.paired_bootstrap`)."""
     references = [name for name in REFERENCE_ROWS if name in summaries]
     if not references:
         return []

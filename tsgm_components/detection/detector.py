@@ -5,8 +5,8 @@ A method is a ``reconstruct(slices) -> healthy`` callable over (N, 1, s, s) slic
 slices of all four modalities in one call, and writes the detection output of ``docs/architecture.md`` in the input's
 exact geometry, atomically; :func:`detect_datalist` does a split (rank sharding, resume) and :func:`run_detection` is
 the bundle entry point (input-form dispatch). The parts live in their own modules: mask policy
-(:mod:`~tsgm_components.masking`), residual maps (:mod:`~tsgm_components.anomaly`), overlay
-(:mod:`~tsgm_components.overlays`); MONAI Label's dict pipeline over the same parts is :mod:`~tsgm_components.monai_label`.
+(:mod:`~tsgm_components.detection.masking`), residual maps (:mod:`~tsgm_components.detection.anomaly`), overlay
+(:mod:`~tsgm_components.detection.overlays`); MONAI Label's dict pipeline over the same parts is :mod:`~tsgm_components.monai_label`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import torch
 from torch import Tensor
 
 import tsgm_components
-from tsgm_components.anomaly import anomaly_maps
+from tsgm_components.detection.anomaly import anomaly_maps
 from tsgm_components.data.brats import MODALITIES, SubjectFiles, VolumeGeometry, load_subject, open_subject, subject_files
 from tsgm_components.data.phantom import PHANTOM_DESCRIPTION
 from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
-from tsgm_components.masking import MaskSettings, reconstruction_settings
-from tsgm_components.overlays import save_overlay
+from tsgm_components.detection.masking import MaskSettings, reconstruction_settings
+from tsgm_components.detection.overlays import save_overlay
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from tsgm_components.data.preprocessing import PreprocessConfig
-from tsgm_components.detection import Detector, Reconstructor, detect_datalist
-from tsgm_components.masking import MAPS_ONLY, MaskSettings
-from tsgm_components.ensembling import PAPER_WEIGHTS
-from tsgm_components.translation import translate_modalities
+from tsgm_components.detection.detector import Detector, Reconstructor, detect_datalist
+from tsgm_components.detection.masking import MAPS_ONLY, MaskSettings
+from tsgm_components.detection.ensembling import PAPER_WEIGHTS
+from tsgm_components.stage1.translation import translate_modalities
 
 #: Ensemble weights of the FLAIR-thresholding baseline (fixed: no weight search).
 FLAIR_ONLY: dict[str, float] = {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}
@@ -72,7 +72,7 @@ def detect_splits(
 ) -> list[Path]:
     """Detection maps (no mask: the evaluation calibrates) for every subject of ``splits`` of ``volumes.json``.
 
-    Writes ``detections_dir/<method>/<split>/<id>/`` through :func:`tsgm_components.detection.detect_datalist`;
+    Writes ``detections_dir/<method>/<split>/<id>/`` through :func:`tsgm_components.detection.detector.detect_datalist`;
     ``weights`` only shape the stored combined map and overlay. Returns the written subject folders.
     """
     detector = Detector(reconstruct, preprocess, MaskSettings(weights, weights_source=MAPS_ONLY.weights_source), method, provenance)

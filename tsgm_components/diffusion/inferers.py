@@ -13,8 +13,8 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 from torch import Tensor, nn
 
-from tsgm_components.precision import autocast
-from tsgm_components.sampling import (
+from tsgm_components.diffusion.precision import autocast
+from tsgm_components.diffusion.sampling import (
     LangevinCorrector,
     ProgressFn,
     ReverseDiffusionPredictor,
@@ -28,7 +28,7 @@ from tsgm_components.sampling import (
     sample_regression,
     sample_sdedit,
 )
-from tsgm_components.sde import VESDE
+from tsgm_components.diffusion.sde import VESDE
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class DiffusionSamplerInferer(Inferer):
     reconstruction instead, which changes intensities slice by slice).
 
     Mixed precision: ``amp=True`` runs the network calls under autocast, float16 on CUDA and bfloat16 on the CPU
-    (:mod:`tsgm_components.precision`; the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
+    (:mod:`tsgm_components.diffusion.precision`; the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
     AVX512-BF16/AMX (1.9× for the demo's model on the 2-core AMD EPYC here, reconstructions within 2e-4 of
     float32 on average: ``benchmarks/cpu_bf16.py``) and is slower on CPUs without.
 

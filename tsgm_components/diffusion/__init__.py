@@ -1,0 +1,1 @@
+"""Stage 2's diffusion machinery: the VE SDE, the samplers over ``denoise(x, sigma)``, noise, the slice inferer and precision."""
