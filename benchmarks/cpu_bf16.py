@@ -44,8 +44,18 @@ VEJP = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 def cyclegan_seconds_per_iteration(work_dir: Path, bf16: bool, iterations: int) -> float:
     config = ConfigParser()
     config.read_config([str(CYCLEGAN / "train.yaml"), str(CYCLEGAN / "cpu.yaml")])
-    config.update({"work_dir": str(work_dir), "amp": bf16, "epoch_length": iterations, "n_epochs": 1, "n_epochs_decay": 0,
-                   "progress_bar": False, "train#handlers": [], "summary_writer#_disabled_": True})
+    config.update(
+        {
+            "work_dir": str(work_dir),
+            "amp": bf16,
+            "epoch_length": iterations,
+            "n_epochs": 1,
+            "n_epochs_decay": 0,
+            "progress_bar": False,
+            "train#handlers": [],
+            "summary_writer#_disabled_": True,
+        }
+    )
     trainer = config.get_parsed_content("train#trainer")
     weights = torch.load(work_dir / "cyclegan" / "model.pt", weights_only=True)
     for name, network in (("G_AB", trainer.g_ab), ("G_BA", trainer.g_ba), ("D_A", trainer.d_a), ("D_B", trainer.d_b)):
@@ -103,27 +113,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     gan = {bf16: min(v) for bf16, v in cyclegan.items()}
     rows = [
         ("CycleGAN training, s / iteration (batch 4, 4 × 64²)", f"{gan[False]:.3f}", f"{gan[True]:.3f}", f"{gan[False] / gan[True]:.2f}×"),
-        (f"VE-JP sampling ({sampler}), s for {len(items)} slices", f"{seconds[False]:.1f}", f"{seconds[True]:.1f}", f"{seconds[False] / seconds[True]:.2f}×"),
+        (
+            f"VE-JP sampling ({sampler}), s for {len(items)} slices",
+            f"{seconds[False]:.1f}",
+            f"{seconds[True]:.1f}",
+            f"{seconds[False] / seconds[True]:.2f}×",
+        ),
         ("AUPRC of the residual map (tumour voxels)", f"{auprc[False]:.4f}", f"{auprc[True]:.4f}", ""),
     ]
-    table = "\n".join([
-        f"# bfloat16 autocast on the CPU (`{' '.join(['python', *sys.argv])}`)",
-        "",
-        f"{platform.processor() or platform.machine()}, {args.threads} threads, native bfloat16: {cpu_has_fast_bf16()}; "
-        f"best of {args.repeats} interleaved runs.",
-        "",
-        "| measure | float32 | bfloat16 autocast | speed-up |",
-        "|---|---:|---:|---:|",
-        *[f"| {' | '.join(row)} |" for row in rows],
-        "",
-        f"Reconstructions, bfloat16 vs float32 (same seed): mean |difference| {float(difference.mean()):.2e}, largest "
-        f"{float(difference.max()):.2e}; mean residual |x − healthy| {float(residual[False].mean()):.4f}.",
-        "",
-    ])
+    table = "\n".join(
+        [
+            f"# bfloat16 autocast on the CPU (`{' '.join(['python', *sys.argv])}`)",
+            "",
+            f"{platform.processor() or platform.machine()}, {args.threads} threads, native bfloat16: {cpu_has_fast_bf16()}; "
+            f"best of {args.repeats} interleaved runs.",
+            "",
+            "| measure | float32 | bfloat16 autocast | speed-up |",
+            "|---|---:|---:|---:|",
+            *[f"| {' | '.join(row)} |" for row in rows],
+            "",
+            f"Reconstructions, bfloat16 vs float32 (same seed): mean |difference| {float(difference.mean()):.2e}, largest "
+            f"{float(difference.max()):.2e}; mean residual |x − healthy| {float(residual[False].mean()):.4f}.",
+            "",
+        ]
+    )
     record = {
         "command": "python " + shlex.join(sys.argv),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "native_bf16": cpu_has_fast_bf16(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "native_bf16": cpu_has_fast_bf16(),
         "cyclegan_seconds_per_iteration": {"float32": cyclegan[False], "bfloat16": cyclegan[True]},
         "sampling_seconds": {"float32": [run[1] for run in runs[False]], "bfloat16": [run[1] for run in runs[True]]},
         "sampler": sampler,

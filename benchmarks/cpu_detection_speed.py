@@ -32,10 +32,19 @@ from common import save_report  # benchmarks/common.py (this script's folder is 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: cpu.yaml's network
-NETWORK = dict(condition_channels=1, channels=[16, 32, 64], attention_levels=[False] * 3, num_res_blocks=1,
-               num_head_channels=16, norm_num_groups=8, sigma_data=0.5)
+NETWORK = dict(
+    condition_channels=1,
+    channels=[16, 32, 64],
+    attention_levels=[False] * 3,
+    num_res_blocks=1,
+    num_head_channels=16,
+    norm_num_groups=8,
+    sigma_data=0.5,
+)
 #: how many modalities the shipped TSGM calibration weighs (what single-subject inference samples)
-SHIPPED_MODALITIES = sum(w > 0 for w in json.loads((REPO_ROOT / "bundles" / "vejp_anomaly" / "models" / "model_calibration.json").read_text())["weights"].values())
+SHIPPED_MODALITIES = sum(
+    w > 0 for w in json.loads((REPO_ROOT / "bundles" / "vejp_anomaly" / "models" / "model_calibration.json").read_text())["weights"].values()
+)
 HEUN4 = dict(sampler="heun", n_steps=4)
 POSTERIOR_MEAN = dict(sampler="posterior_mean")
 #: setting -> (inferer arguments of one draw, draws per slice, modalities sampled per volume)
@@ -43,8 +52,16 @@ SETTINGS = {
     "0.5.0 demo: Heun-4, 4 draws, chunks of 256, default layout, 4 modalities": (dict(**HEUN4, batch_size=256, channels_last=False), 4, 4),
     "Heun-4, 4 draws, chunks of 32, channels-last, 4 modalities": (dict(**HEUN4, batch_size=32, channels_last=True), 4, 4),
     "previous default: Heun-4, 2 draws, chunks of 32, channels-last, 3 modalities": (dict(**HEUN4, batch_size=32, channels_last=True), 2, 3),
-    "posterior mean, chunks of 32, channels-last, 4 modalities (the demo's validation split: reconstruct_modalities all)": (dict(**POSTERIOR_MEAN, batch_size=32, channels_last=True), 1, 4),
-    f"default: posterior mean, chunks of 32, channels-last, the {SHIPPED_MODALITIES} modalit{'y' if SHIPPED_MODALITIES == 1 else 'ies'} the shipped calibration weighs": (dict(**POSTERIOR_MEAN, batch_size=32, channels_last=True), 1, SHIPPED_MODALITIES),
+    "posterior mean, chunks of 32, channels-last, 4 modalities (the demo's validation split: reconstruct_modalities all)": (
+        dict(**POSTERIOR_MEAN, batch_size=32, channels_last=True),
+        1,
+        4,
+    ),
+    f"default: posterior mean, chunks of 32, channels-last, the {SHIPPED_MODALITIES} modalit{'y' if SHIPPED_MODALITIES == 1 else 'ies'} the shipped calibration weighs": (
+        dict(**POSTERIOR_MEAN, batch_size=32, channels_last=True),
+        1,
+        SHIPPED_MODALITIES,
+    ),
 }
 SLICES_PER_MODALITY = 49
 
@@ -88,13 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         key = tuple(sorted(setting.items()))
         per_slice_nfe_ms = 1000 * min(times[key]) / (args.slices * nfe[key])
         nfe_per_slice = nfe[key] * draws
-        rows.append({
-            "setting": name,
-            "ms_per_slice_nfe": round(per_slice_nfe_ms, 2),
-            "nfe_per_slice": nfe_per_slice,
-            "slices_per_volume": SLICES_PER_MODALITY * modalities,
-            "s_per_volume": round(per_slice_nfe_ms * nfe_per_slice * SLICES_PER_MODALITY * modalities / 1000, 2),
-        })
+        rows.append(
+            {
+                "setting": name,
+                "ms_per_slice_nfe": round(per_slice_nfe_ms, 2),
+                "nfe_per_slice": nfe_per_slice,
+                "slices_per_volume": SLICES_PER_MODALITY * modalities,
+                "s_per_volume": round(per_slice_nfe_ms * nfe_per_slice * SLICES_PER_MODALITY * modalities / 1000, 2),
+            }
+        )
     for row in rows:
         row["speed_up"] = round(rows[0]["s_per_volume"] / row["s_per_volume"], 2)
     machine = f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}"
@@ -109,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         "| setting | ms per slice per NFE | NFE per slice | slices per volume | s per volume | speed-up |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['setting']} | {r['ms_per_slice_nfe']} | {r['nfe_per_slice']} | {r['slices_per_volume']} | {r['s_per_volume']} | {r['speed_up']}× |"
-              for r in rows]
+    lines += [
+        f"| {r['setting']} | {r['ms_per_slice_nfe']} | {r['nfe_per_slice']} | {r['slices_per_volume']} | {r['s_per_volume']} | {r['speed_up']}× |"
+        for r in rows
+    ]
     record = {"machine": machine, "rows": rows, "times_s": {str(dict(key)): values for key, values in times.items()}}
     save_report("\n".join(lines) + "\n", record, RESULTS, "cpu_detection_speed")
     print("\n".join(lines))

@@ -104,21 +104,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes = np.bincount(labels.ravel())
             compact += int(sizes[1:][sizes[1:] >= MIN_REGION].sum())
         return compact / max(1, int(brain.sum()))
+
     residual = (x_b - fake_a).abs()
     target = seg_b[brain_b].numpy()
     mean = lambda x, where: float(x[where].mean())  # noqa: E731
     record = {
-        "checkpoint": checkpoint, "n_healthy": len(healthy), "n_tumour": len(tumour), "image_size": size,
-        "bright_fraction": {"healthy": frac(x_a, brain_a), "tumour": frac(x_b, brain_b),
-                            "G_AB(healthy)": frac(fake_b, brain_a), "G_BA(tumour)": frac(fake_a, brain_b)},
-        "compact_bright_fraction": {"healthy": compact_frac(x_a, brain_a), "tumour": compact_frac(x_b, brain_b),
-                                    "G_AB(healthy)": compact_frac(fake_b, brain_a), "G_BA(tumour)": compact_frac(fake_a, brain_b)},
-        "normal_tissue_mean": {"healthy": mean(x_a, brain_a), "tumour": mean(x_b, brain_b & ~seg_b),
-                               "G_AB(healthy)": mean(fake_b, brain_a), "G_BA(tumour)": mean(fake_a, brain_b & ~seg_b)},
+        "checkpoint": checkpoint,
+        "n_healthy": len(healthy),
+        "n_tumour": len(tumour),
+        "image_size": size,
+        "bright_fraction": {
+            "healthy": frac(x_a, brain_a),
+            "tumour": frac(x_b, brain_b),
+            "G_AB(healthy)": frac(fake_b, brain_a),
+            "G_BA(tumour)": frac(fake_a, brain_b),
+        },
+        "compact_bright_fraction": {
+            "healthy": compact_frac(x_a, brain_a),
+            "tumour": compact_frac(x_b, brain_b),
+            "G_AB(healthy)": compact_frac(fake_b, brain_a),
+            "G_BA(tumour)": compact_frac(fake_a, brain_b),
+        },
+        "normal_tissue_mean": {
+            "healthy": mean(x_a, brain_a),
+            "tumour": mean(x_b, brain_b & ~seg_b),
+            "G_AB(healthy)": mean(fake_b, brain_a),
+            "G_BA(tumour)": mean(fake_a, brain_b & ~seg_b),
+        },
         "G_BA_change": {"inside_tumour": float(residual[seg_b].mean()), "outside": float(residual[brain_b & ~seg_b].mean())},
         "G_AB_change_median": float((fake_b - x_a).abs()[brain_a].median()),
-        "auprc": {"G_BA_residual": average_precision(residual[brain_b].numpy(), target),
-                  "flair_intensity": average_precision(x_b[brain_b].numpy(), target), "chance": float(target.mean())},
+        "auprc": {
+            "G_BA_residual": average_precision(residual[brain_b].numpy(), target),
+            "flair_intensity": average_precision(x_b[brain_b].numpy(), target),
+            "chance": float(target.mean()),
+        },
     }
     b, m, c, a = record["bright_fraction"], record["normal_tissue_mean"], record["G_BA_change"], record["auprc"]
     k = record["compact_bright_fraction"]
@@ -132,14 +151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"G_A→B(healthy) {m['G_AB(healthy)']:.3f}, G_B→A(tumour) {m['G_BA(tumour)']:.3f}",
         f"mean |G_B→A(x) − x| on tumour slices: inside the tumour {c['inside_tumour']:.4f}, outside {c['outside']:.4f}",
         f"median |G_A→B(x) − x| over the brain of healthy slices (change to normal tissue): {record['G_AB_change_median']:.4f}",
-        f"AUPRC over brain voxels: |x − G_B→A(x)| {a['G_BA_residual']:.3f}, FLAIR intensity {a['flair_intensity']:.3f}, "
-        f"chance {a['chance']:.3f}",
+        f"AUPRC over brain voxels: |x − G_B→A(x)| {a['G_BA_residual']:.3f}, FLAIR intensity {a['flair_intensity']:.3f}, chance {a['chance']:.3f}",
     ]
     print("\n".join(lines))
     if args.figure:
         n = min(args.n_figure, len(healthy), len(tumour))
-        rows = [("healthy x_A", x_a), ("G_A→B(x_A)", fake_b), ("G_A→B(x_A) − x_A", fake_b - x_a),
-                ("tumour x_B", x_b), ("G_B→A(x_B)", fake_a), ("x_B − G_B→A(x_B)", x_b - fake_a)]
+        rows = [
+            ("healthy x_A", x_a),
+            ("G_A→B(x_A)", fake_b),
+            ("G_A→B(x_A) − x_A", fake_b - x_a),
+            ("tumour x_B", x_b),
+            ("G_B→A(x_B)", fake_a),
+            ("x_B − G_B→A(x_B)", x_b - fake_a),
+        ]
         plot_translations([(name, images[:n, 0].numpy()) for name, images in rows], Path(args.figure))
         print(f"wrote {args.figure}")
     if args.out:
@@ -162,8 +186,9 @@ def plot_translations(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
         difference = "−" in name
         for k in range(n):
             axis = axes[r][k]
-            axis.imshow(np.rot90(images[k]), cmap="RdBu_r" if difference else "gray",
-                        vmin=-0.5 if difference else 0.0, vmax=0.5 if difference else 1.0)
+            axis.imshow(
+                np.rot90(images[k]), cmap="RdBu_r" if difference else "gray", vmin=-0.5 if difference else 0.0, vmax=0.5 if difference else 1.0
+            )
             axis.set_xticks([]), axis.set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=7)
     figure.tight_layout()

@@ -48,8 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work_dir", required=True, help="folder with PAIRS/ and vejp/model.pt")
     parser.add_argument("--config_file", nargs="+", default=[str(CONFIGS / "inference.yaml")])
     parser.add_argument("--pairs", default="pseudo_pairs", help="pairs folder in WORK_DIR (pseudo_pairs, true_pairs)")
-    parser.add_argument("--checkpoints", nargs="+", default=None,
-                        help="model.pt or training checkpoint files / glob patterns (default: WORK_DIR/vejp/model.pt)")
+    parser.add_argument(
+        "--checkpoints", nargs="+", default=None, help="model.pt or training checkpoint files / glob patterns (default: WORK_DIR/vejp/model.pt)"
+    )
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 20.0])
     parser.add_argument("--n_pairs", type=int, default=32, help="validation pairs with changed pixels, evenly spaced")
     parser.add_argument("--out", default=None, help="also write benchmarks/results/OUT.md and .json")
@@ -87,8 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 error = (network.denoise(x_a + noise, torch.tensor(sigma), cond) - x_a).abs()
                 errors_all.append(round(float(error.mean()), 4))
                 errors_changed.append(round(float(error[changed].mean()), 4) if changed.any() else None)
-        rows.append({"checkpoint": str(checkpoint), "iteration": _iteration(checkpoint),
-                     "error_all": errors_all, "error_changed": errors_changed})
+        rows.append({"checkpoint": str(checkpoint), "iteration": _iteration(checkpoint), "error_all": errors_all, "error_changed": errors_changed})
         print(f"{checkpoint.name} (iteration {rows[-1]['iteration']}): all {errors_all} changed {errors_changed}", flush=True)
 
     sigma_cols = " | ".join(f"σ={s:g}" for s in args.sigmas)
@@ -115,8 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        record = {"command": lines[2], "pairs": args.pairs, "sigmas": args.sigmas, "n_pairs": len(pool), "image_size": size,
-                  "copy_condition_all": copy_all, "copy_condition_changed": copy_changed, "rows": rows}
+        record = {
+            "command": lines[2],
+            "pairs": args.pairs,
+            "sigmas": args.sigmas,
+            "n_pairs": len(pool),
+            "image_size": size,
+            "copy_condition_all": copy_all,
+            "copy_condition_changed": copy_changed,
+            "rows": rows,
+        }
         print(f"wrote {save_report(table, record, RESULTS, args.out)}.md")
     return 0
 

@@ -55,11 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, voxels, fraction in zip(names, volumes, lesion_fraction):
         predicted = voxels.maps[:, 0] > threshold
         at_global = 2 * np.count_nonzero(predicted & voxels.target) / (np.count_nonzero(predicted) + np.count_nonzero(voxels.target))
-        rows.append({"subject": name, "lesion_percent_of_brain": round(100 * fraction, 2),
-                     "dice_at_global_threshold": round(float(at_global), 3),
-                     "dice_at_own_best_threshold": round(select_threshold([voxels], np.ones(1))[1], 3)})
+        rows.append(
+            {
+                "subject": name,
+                "lesion_percent_of_brain": round(100 * fraction, 2),
+                "dice_at_global_threshold": round(float(at_global), 3),
+                "dice_at_own_best_threshold": round(select_threshold([voxels], np.ones(1))[1], 3),
+            }
+        )
     command = f"python benchmarks/flair_best_possible.py --dataset_dir {args.dataset_dir}" + (
-        f" --normalization {args.normalization}" if args.normalization != "brain_median" else "")
+        f" --normalization {args.normalization}" if args.normalization != "brain_median" else ""
+    )
     lines = [
         f"# Best-possible FLAIR thresholding on {dataset.name}",
         "",
@@ -72,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         "| subject | lesion % of brain (evaluated slices) | Dice at the global threshold | Dice at its own best threshold |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {r['subject']} | {r['lesion_percent_of_brain']} | {r['dice_at_global_threshold']} | {r['dice_at_own_best_threshold']} |" for r in rows]
+    lines += [
+        f"| {r['subject']} | {r['lesion_percent_of_brain']} | {r['dice_at_global_threshold']} | {r['dice_at_own_best_threshold']} |" for r in rows
+    ]
     record = {"command": command, "best_possible_mean_volume_dice": dice, "threshold": threshold, "anchor": BRATS_ANCHOR, "rows": rows}
     save_report("\n".join(lines) + "\n", record, RESULTS, f"flair_best_possible_{dataset.name}")
     print("\n".join(lines))

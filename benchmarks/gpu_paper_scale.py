@@ -50,8 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n_subjects", type=int, default=6)
     parser.add_argument("--iterations", type=int, default=40, help="training iterations per timed run")
     parser.add_argument("--warm_up", type=int, default=10, help="iterations excluded from the training rate")
-    parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS),
-                        help="detection samplers as SAMPLER:N_STEPS (heun, pc); each is timed with amp on")
+    parser.add_argument(
+        "--samplers", nargs="+", default=list(DEFAULT_SAMPLERS), help="detection samplers as SAMPLER:N_STEPS (heun, pc); each is timed with amp on"
+    )
     parser.add_argument("--small", action="store_true", help="the cpu.yaml configs instead of the paper scale")
     parser.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     return parser.parse_args(argv)
@@ -72,8 +73,9 @@ def run_command(command: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def time_training(bundle: str, configs: Sequence[str], trainer_key: str, run_keys: Sequence[str],
-                  overrides: dict[str, Any], iterations: int, warm_up: int) -> dict[str, Any]:
+def time_training(
+    bundle: str, configs: Sequence[str], trainer_key: str, run_keys: Sequence[str], overrides: dict[str, Any], iterations: int, warm_up: int
+) -> dict[str, Any]:
     """Runs a bundle's training config in this process for ``iterations`` iterations (one epoch) and times them.
 
     Returns iterations/s after ``warm_up`` iterations (CUDA-synchronised timestamps) and peak GPU memory."""
@@ -96,8 +98,14 @@ def time_training(bundle: str, configs: Sequence[str], trainer_key: str, run_key
     rate = (len(stamps) - warm_up) / (stamps[-1] - stamps[warm_up - 1])
     batch = int(parser.get_parsed_content("batch_size"))
     params = sum(p.numel() for p in trainer.network.parameters()) if hasattr(trainer, "network") else None
-    return {"iterations_per_s": rate, "images_per_s": rate * batch, "batch_size": batch, "iterations": len(stamps),
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "parameters": params}
+    return {
+        "iterations_per_s": rate,
+        "images_per_s": rate * batch,
+        "batch_size": batch,
+        "iterations": len(stamps),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "parameters": params,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,41 +123,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(json.dumps(rows[-1]), flush=True)
 
     if not (work / "prepared" / "volumes.json").exists():
-        seconds = run_command(TSGM + ["phantom", "--out", str(work / "phantom"), "--n_subjects", str(args.n_subjects),
-                                      "--workers", str(min(8, os.cpu_count() or 1))], work)
+        seconds = run_command(
+            TSGM + ["phantom", "--out", str(work / "phantom"), "--n_subjects", str(args.n_subjects), "--workers", str(min(8, os.cpu_count() or 1))],
+            work,
+        )
         add("phantom dataset", seconds=seconds, detail=f"{args.n_subjects} subjects, 240×240×155")
-        seconds = run_command(TSGM + ["prepare", "--dataset_dir", str(work / "phantom"), "--out",
-                                      str(work / "prepared"), "--image_size", str(image_size)], work)
+        seconds = run_command(
+            TSGM + ["prepare", "--dataset_dir", str(work / "phantom"), "--out", str(work / "prepared"), "--image_size", str(image_size)], work
+        )
         add(f"prepare slices at {image_size}²", seconds=seconds)
 
     common = {"work_dir": str(work), "num_workers": 4}
-    result = time_training("cyclegan_brats", train, "train#trainer", ["initialize", "training"],
-                           {**common, "progress_bar": False}, args.iterations, args.warm_up)
+    result = time_training(
+        "cyclegan_brats", train, "train#trainer", ["initialize", "training"], {**common, "progress_bar": False}, args.iterations, args.warm_up
+    )
     add(f"CycleGAN training ({' + '.join(train)})", **result)
 
-    seconds = run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work,
-                                         checkpoint=work / "cyclegan" / "model.pt"), work)
+    seconds = run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work, checkpoint=work / "cyclegan" / "model.pt"), work)
     n_pairs = len(json.loads((work / "pseudo_pairs" / "pseudo_pairs.json").read_text()).get("training", []))
     add("pseudo-pairs G_A→B (cyclegan_brats inference.yaml)", seconds=seconds, detail=f"{n_pairs} training pairs, start-up included")
 
     amps = (False,) if args.small else (False, True)
     for amp in amps:
-        result = time_training("vejp_anomaly", train, "trainer", ["initialize", "training"],
-                               {**common, "amp": amp, "vejp_dir": str(work / f"vejp_amp_{amp}")},
-                               args.iterations, args.warm_up)
+        result = time_training(
+            "vejp_anomaly",
+            train,
+            "trainer",
+            ["initialize", "training"],
+            {**common, "amp": amp, "vejp_dir": str(work / f"vejp_amp_{amp}")},
+            args.iterations,
+            args.warm_up,
+        )
         add(f"VE-JP training ({' + '.join(train)}, amp {'on' if amp else 'off'})", **result)
 
     subject = sorted(p for p in (work / "phantom").iterdir() if p.is_dir())[0]
     for text in args.samplers:
         sampler, n_steps = text.split(":")
-        command = bundle_command("inference", "vejp_anomaly", infer, work, subject_dir=subject,
-                                 checkpoint=work / f"vejp_amp_{amps[-1]}" / "model.pt", sampler=sampler, n_steps=n_steps,
-                                 sample_amp=amps[-1], detection_dir=work / "detections" / text.replace(":", "_"),
-                                 sample_batch_size=64)
+        command = bundle_command(
+            "inference",
+            "vejp_anomaly",
+            infer,
+            work,
+            subject_dir=subject,
+            checkpoint=work / f"vejp_amp_{amps[-1]}" / "model.pt",
+            sampler=sampler,
+            n_steps=n_steps,
+            sample_amp=amps[-1],
+            detection_dir=work / "detections" / text.replace(":", "_"),
+            sample_batch_size=64,
+        )
         seconds = run_command(command, work)
-        add(f"VE-JP detection, one subject ({sampler}, {n_steps} levels, amp {'on' if amps[-1] else 'off'})",
+        add(
+            f"VE-JP detection, one subject ({sampler}, {n_steps} levels, amp {'on' if amps[-1] else 'off'})",
             seconds=seconds,
-            detail="whole volume: all slices × 4 modalities, NIfTI outputs; start-up included")
+            detail="whole volume: all slices × 4 modalities, NIfTI outputs; start-up included",
+        )
 
     return {
         "command": "python " + shlex.join(sys.argv),
@@ -176,9 +204,11 @@ def markdown(info: dict[str, Any]) -> str:
     ]
     for r in info["rows"]:
         cell = lambda key, fmt: format(r[key], fmt) if r.get(key) is not None else ""  # noqa: E731
-        lines.append(f"| {r['step']} | {cell('seconds', '.1f')} | {cell('iterations_per_s', '.2f')} | "
-                     f"{cell('images_per_s', '.1f')} | {cell('batch_size', 'd')} | {cell('peak_memory_gib', '.1f')} | "
-                     f"{r.get('detail', '')} |")
+        lines.append(
+            f"| {r['step']} | {cell('seconds', '.1f')} | {cell('iterations_per_s', '.2f')} | "
+            f"{cell('images_per_s', '.1f')} | {cell('batch_size', 'd')} | {cell('peak_memory_gib', '.1f')} | "
+            f"{r.get('detail', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -34,11 +34,9 @@ TSGM = [sys.executable, "-m", "tsgm_components.cli"]
 CUDA = "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
 OVERRIDES: dict[str, dict[str, Any]] = {
     # demo: 5 epochs x 60 iterations of batch 4 (300 iterations); here up to 24 x 250 of batch 8
-    "cyclegan": {"device": CUDA, "batch_size": 8, "epoch_length": 250, "n_epochs": 12, "n_epochs_decay": 12,
-                 "progress_bar": False, "log_every": 250},
+    "cyclegan": {"device": CUDA, "batch_size": 8, "epoch_length": 250, "n_epochs": 12, "n_epochs_decay": 12, "progress_bar": False, "log_every": 250},
     # demo: 5 x 50 iterations of batch 16, warm-up 50, EMA 0.98; here up to 40 x 100 of batch 32
-    "vejp": {"device": CUDA, "batch_size": 32, "epoch_length": 100, "max_epochs": 40, "warmup_steps": 200,
-             "ema_decay": 0.998, "log_interval": 500},
+    "vejp": {"device": CUDA, "batch_size": 32, "epoch_length": 100, "max_epochs": 40, "warmup_steps": 200, "ema_decay": 0.998, "log_interval": 500},
 }
 
 
@@ -48,8 +46,7 @@ def run_command(command: list[str], cwd: Path) -> None:
         raise SystemExit(f"gpu_small_models.py: command failed: {' '.join(command)}")
 
 
-def train(bundle: str, configs: Sequence[str], trainer_key: str, run_keys: Sequence[str], overrides: dict[str, Any],
-          limit_s: int) -> dict[str, Any]:
+def train(bundle: str, configs: Sequence[str], trainer_key: str, run_keys: Sequence[str], overrides: dict[str, Any], limit_s: int) -> dict[str, Any]:
     """Runs a bundle's training in this process with ``overrides`` and a wall-clock limit; returns what it did."""
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / bundle / "configs" / name) for name in configs])
@@ -59,9 +56,14 @@ def train(bundle: str, configs: Sequence[str], trainer_key: str, run_keys: Seque
     start = time.perf_counter()
     for key in run_keys:
         parser.get_parsed_content(key)
-    return {"bundle": bundle, "configs": list(configs), "iterations": trainer.state.iteration,
-            "seconds": round(time.perf_counter() - start, 1), "time_limit_s": limit_s,
-            "overrides": {k: v for k, v in overrides.items() if k != "work_dir"}}
+    return {
+        "bundle": bundle,
+        "configs": list(configs),
+        "iterations": trainer.state.iteration,
+        "seconds": round(time.perf_counter() - start, 1),
+        "time_limit_s": limit_s,
+        "overrides": {k: v for k, v in overrides.items() if k != "work_dir"},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     copy_to = Path(args.copy_to) if args.copy_to else None
-    record: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "device": torch.cuda.get_device_name(0)
-                              if torch.cuda.is_available() else "cpu", "runs": []}
+    record: dict[str, Any] = {
+        "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "runs": [],
+    }
 
     def save(name: str, model: Path, result: dict[str, Any]) -> None:
         record["runs"].append(result)
@@ -87,17 +92,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not (work / "prepared" / "volumes.json").exists():
         run_command(TSGM + ["phantom", "--out", str(work / "phantom"), "--workers", "8"], work)
-        run_command(TSGM + ["prepare", "--dataset_dir", str(work / "phantom"), "--out", str(work / "prepared"),
-                            "--image_size", "64"], work)
+        run_command(TSGM + ["prepare", "--dataset_dir", str(work / "phantom"), "--out", str(work / "prepared"), "--image_size", "64"], work)
     common = {"work_dir": str(work)}
-    result = train("cyclegan_brats", ["train.yaml", "cpu.yaml"], "train#trainer", ["initialize", "training"],
-                   {**common, **OVERRIDES["cyclegan"]}, args.cyclegan_s)
+    result = train(
+        "cyclegan_brats",
+        ["train.yaml", "cpu.yaml"],
+        "train#trainer",
+        ["initialize", "training"],
+        {**common, **OVERRIDES["cyclegan"]},
+        args.cyclegan_s,
+    )
     save("cyclegan", work / "cyclegan" / "model.pt", result)
-    run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work, device=CUDA,
-                               checkpoint=work / "cyclegan" / "model.pt"), work)
+    run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work, device=CUDA, checkpoint=work / "cyclegan" / "model.pt"), work)
     for name, extra in (("vejp", []), ("vejp_unconditional", ["train_unconditional.yaml"])):
-        result = train("vejp_anomaly", ["train.yaml", "cpu.yaml", *extra], "trainer", ["initialize", "training"],
-                       {**common, **OVERRIDES["vejp"]}, args.vejp_s)
+        result = train(
+            "vejp_anomaly", ["train.yaml", "cpu.yaml", *extra], "trainer", ["initialize", "training"], {**common, **OVERRIDES["vejp"]}, args.vejp_s
+        )
         save(name, work / name / "model.pt", result)
     return 0
 

@@ -42,24 +42,42 @@ DEFAULT_MODEL_CONFIGS = [str(VEJP_CONFIGS / "train.yaml")]
 #: the sampler settings (snr, Langevin steps, chunk size): the paper's sampler
 DEFAULT_CONFIGS = [str(VEJP_CONFIGS / "inference.yaml"), str(VEJP_CONFIGS / "paper_sampler.yaml")]
 DEFAULT_SAMPLERS = (
-    "heun:n_steps=18", "heun:n_steps=10", "pc:n_steps=25", "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0",
-    "heun:n_steps=4,n_draws=4", "heun:n_steps=4,n_draws=3", "heun:n_steps=4,n_draws=4,compile=True",
+    "heun:n_steps=18",
+    "heun:n_steps=10",
+    "pc:n_steps=25",
+    "sdedit:sdedit_sigma_start=1.0,n_steps=10,n_corrector_steps=0",
+    "heun:n_steps=4,n_draws=4",
+    "heun:n_steps=4,n_draws=3",
+    "heun:n_steps=4,n_draws=4,compile=True",
 )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_config", nargs="+", default=DEFAULT_MODEL_CONFIGS,
-                        help="vejp_anomaly training configs that build the timed network (default: train.yaml)")
-    parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS,
-                        help="vejp_anomaly inference configs with the sampler settings (default: inference.yaml paper_sampler.yaml)")
+    parser.add_argument(
+        "--model_config",
+        nargs="+",
+        default=DEFAULT_MODEL_CONFIGS,
+        help="vejp_anomaly training configs that build the timed network (default: train.yaml)",
+    )
+    parser.add_argument(
+        "--config_file",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        help="vejp_anomaly inference configs with the sampler settings (default: inference.yaml paper_sampler.yaml)",
+    )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS),
-                        help='"name:key=value,..." as in benchmarks/sampling.py')
-    parser.add_argument("--batch_sizes", type=int, nargs="+", default=None,
-                        help="inferer chunk sizes to time (default: the config's sample_batch_size)")
-    parser.add_argument("--amp", nargs="+", choices=("off", "on"), default=None,
-                        help="float16 autocast off and/or on (default: both on CUDA, off elsewhere; on needs CUDA)")
+    parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS), help='"name:key=value,..." as in benchmarks/sampling.py')
+    parser.add_argument(
+        "--batch_sizes", type=int, nargs="+", default=None, help="inferer chunk sizes to time (default: the config's sample_batch_size)"
+    )
+    parser.add_argument(
+        "--amp",
+        nargs="+",
+        choices=("off", "on"),
+        default=None,
+        help="float16 autocast off and/or on (default: both on CUDA, off elsewhere; on needs CUDA)",
+    )
     parser.add_argument("--slices", type=int, default=None, help="network inputs per volume (default: 4 × z range)")
     parser.add_argument("--reference_probe_nfe", type=int, default=40, help="PC passes timed to extrapolate PC-2000")
     parser.add_argument("--full_reference", action="store_true", help="run the 2000-NFE reference in full")
@@ -115,8 +133,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 probe = build_inferer(SamplerSpec.parse(f"pc:n_steps={probe_steps},n_corrector_steps=1"), settings)
                 _, seconds = timed(probe, inputs, network)
                 per_pass = seconds / probe.nfe_per_slice
-                rows.append(_row(REFERENCE, reference.nfe_per_slice, per_pass * reference.nfe_per_slice, batch_size,
-                                 amp, n_inputs, f"extrapolated from {probe.nfe_per_slice} passes"))
+                rows.append(
+                    _row(
+                        REFERENCE,
+                        reference.nfe_per_slice,
+                        per_pass * reference.nfe_per_slice,
+                        batch_size,
+                        amp,
+                        n_inputs,
+                        f"extrapolated from {probe.nfe_per_slice} passes",
+                    )
+                )
             for text in args.samplers:
                 inferer = build_inferer(SamplerSpec.parse(text), settings)
                 how = "measured"
@@ -158,8 +185,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _row(sampler: str, nfe: int, seconds: float, batch_size: int, amp: str, n_inputs: int, how: str) -> dict[str, Any]:
     logger.info("%s (batch %d, amp %s): %d NFE, %.2f s per volume (%s)", sampler, batch_size, amp, nfe, seconds, how)
-    return {"sampler": sampler, "nfe": nfe, "batch_size": batch_size, "amp": amp, "seconds_per_volume": seconds,
-            "seconds_per_slice": seconds / n_inputs, "timing": how}
+    return {
+        "sampler": sampler,
+        "nfe": nfe,
+        "batch_size": batch_size,
+        "amp": amp,
+        "seconds_per_volume": seconds,
+        "seconds_per_slice": seconds / n_inputs,
+        "timing": how,
+    }
 
 
 def _compare_amp(rows: list[dict[str, Any]]) -> None:

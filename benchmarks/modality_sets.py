@@ -32,7 +32,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work_dir", required=True, type=Path)
     ap.add_argument("--detection_dir", required=True, type=Path)
-    ap.add_argument("--tolerances", type=float, nargs="+", default=None, help="modality_tolerance values to show the picks of (default: 0 and the CPU configuration's)")
+    ap.add_argument(
+        "--tolerances",
+        type=float,
+        nargs="+",
+        default=None,
+        help="modality_tolerance values to show the picks of (default: 0 and the CPU configuration's)",
+    )
     ap.add_argument("--out", default="modality_sets_cpu")
     ap.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -46,7 +52,10 @@ def main(argv: list[str] | None = None) -> None:
             inside = [MODALITIES.index(m) for m in subset]
             points = [w for w in grid if (w[inside] > 0).all() and w.sum() - w[inside].sum() < 1e-9]
             best = max(
-                (calibrate(cases, "fixed", fixed_weights=dict(zip(MODALITIES, map(float, w))), threshold_bins=settings["threshold_bins"]) for w in points),
+                (
+                    calibrate(cases, "fixed", fixed_weights=dict(zip(MODALITIES, map(float, w))), threshold_bins=settings["threshold_bins"])
+                    for w in points
+                ),
                 key=lambda c: c["validation_dice"],
             )
             rows.append({"modalities": list(subset), "validation_dice": best["validation_dice"], "weights": best["weights"]})
@@ -56,17 +65,25 @@ def main(argv: list[str] | None = None) -> None:
         picks[tolerance] = {"weights": chosen["weights"], "validation_dice": chosen["validation_dice"]}
     command = "python benchmarks/modality_sets.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
-        "# Modality sets on the validation split (what an ensemble of each is worth; the test split is not read)", "",
-        f"`{command}`", "",
+        "# Modality sets on the validation split (what an ensemble of each is worth; the test split is not read)",
+        "",
+        f"`{command}`",
+        "",
         f"Detections: `{args.detection_dir}`; {len(cases)} validation subjects; weight grid step {settings['weight_step']}; "
-        "threshold chosen on validation for every weight vector.", "",
-        "| modalities (sampling passes) | best validation volume Dice | its weights (T1, T1ce, T2, FLAIR) |", "|---|---:|---|",
+        "threshold chosen on validation for every weight vector.",
+        "",
+        "| modalities (sampling passes) | best validation volume Dice | its weights (T1, T1ce, T2, FLAIR) |",
+        "|---|---:|---|",
     ]
     for row in sorted(rows, key=lambda r: (len(r["modalities"]), -r["validation_dice"])):
         weights = ", ".join(f"{row['weights'][m]:.1f}" for m in MODALITIES)
         lines.append(f"| {' + '.join(row['modalities'])} ({len(row['modalities'])}) | {row['validation_dice']:.3f} | {weights} |")
-    lines += ["", "What `evaluation.calibrate` picks (the evaluation bundle's CPU settings; the weight search runs on its voxel "
-              "sample, the Dice here is exact):", ""]
+    lines += [
+        "",
+        "What `evaluation.calibrate` picks (the evaluation bundle's CPU settings; the weight search runs on its voxel "
+        "sample, the Dice here is exact):",
+        "",
+    ]
     for tolerance, pick in picks.items():
         weights = ", ".join(f"{pick['weights'][m]:.2f}" for m in MODALITIES)
         n = sum(pick["weights"][m] > 0 for m in MODALITIES)

@@ -37,8 +37,14 @@ def main(argv: list[str] | None = None) -> None:
             difference = np.abs(condition - healthy)[brain]
             medians.append(float(np.median(difference)))
             changed.append(float((difference > CHANGED).mean()))
-        rows.append({"pairs": folder, "n_pairs": len(items), "median_change_in_brain": float(np.mean(medians)),
-                     f"fraction_changed_over_{CHANGED}": float(np.mean(changed))})
+        rows.append(
+            {
+                "pairs": folder,
+                "n_pairs": len(items),
+                "median_change_in_brain": float(np.mean(medians)),
+                f"fraction_changed_over_{CHANGED}": float(np.mean(changed)),
+            }
+        )
     lines = [
         "# Pseudo-pair conditions against their healthy slices",
         "",

@@ -48,8 +48,12 @@ def subject_maps(subject_files, preprocess: PreprocessConfig) -> dict[str, np.nd
     support = anomaly_support(volumes.brain_mask, preprocess)
     truth = (volumes.seg > 0) & support
     flair = normalize_volume(volumes.arrays["flair"], volumes.brain_mask, preprocess)
-    return {"support": support, "truth": truth, "flair": through_size(flair, preprocess) * support,
-            "mask": through_size(truth.astype(np.float32), preprocess)}
+    return {
+        "support": support,
+        "truth": truth,
+        "flair": through_size(flair, preprocess) * support,
+        "mask": through_size(truth.astype(np.float32), preprocess),
+    }
 
 
 def main() -> None:
@@ -81,15 +85,19 @@ def main() -> None:
             "flair_healthy_band_fp_voxels": [int(((m["flair"] > threshold) & m["support"]).sum()) for m in maps["val"] if not m["truth"].any()],
         }
         record["sizes"][size] = result
-        rows.append(f"| {size}² | {result['ceiling_dice_train']:.3f} / {result['ceiling_dice_val']:.3f} | {threshold:.3f} | "
-                    f"{result['flair_dice_val']:.3f} | {result['flair_auprc_val']:.3f} | {result['flair_healthy_band_fp_voxels']} |")
+        rows.append(
+            f"| {size}² | {result['ceiling_dice_train']:.3f} / {result['ceiling_dice_val']:.3f} | {threshold:.3f} | "
+            f"{result['flair_dice_val']:.3f} | {result['flair_auprc_val']:.3f} | {result['flair_healthy_band_fp_voxels']} |"
+        )
         print(rows[-1], flush=True)
-    table = (f"# What the slice size costs on real data (BraTS 2018, {len(split['train'])} train / {len(split['val'])} "
-             f"validation subjects; test not read)\n\n`{record['command']}`\n\n"
-             "| slice size | mask through resampling, volume Dice train / validation (CEILING) | FLAIR threshold (chosen on train) "
-             "| FLAIR thresholding, validation volume Dice | validation AUPRC | healthy-band validation volume: FP voxels |\n"
-             "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n256² is the native grid (240² padded, no resampling). "
-             "Tumour volumes only in the Dice and AUPRC means.\n")
+    table = (
+        f"# What the slice size costs on real data (BraTS 2018, {len(split['train'])} train / {len(split['val'])} "
+        f"validation subjects; test not read)\n\n`{record['command']}`\n\n"
+        "| slice size | mask through resampling, volume Dice train / validation (CEILING) | FLAIR threshold (chosen on train) "
+        "| FLAIR thresholding, validation volume Dice | validation AUPRC | healthy-band validation volume: FP voxels |\n"
+        "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n256² is the native grid (240² padded, no resampling). "
+        "Tumour volumes only in the Dice and AUPRC means.\n"
+    )
     print(save_report(table, record, Path(__file__).parent / "results", args.out))
 
 

@@ -50,11 +50,19 @@ def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any])
     out = work_dir / "sampler_validation" / Path(checkpoint).stem / label / "validation"
     parser = ConfigParser()
     parser.read_config(bundle_dir("vejp_anomaly") + "/configs/inference.yaml")
-    parser.update({
-        "work_dir": str(work_dir), "checkpoint": checkpoint, "datalist": str(work_dir / "prepared" / "volumes.json"),
-        "split": "validation", "detection_dir": str(out), "skip_existing": True, "reconstruct_modalities": "all",
-        "calibration_file": None, **setting,
-    })
+    parser.update(
+        {
+            "work_dir": str(work_dir),
+            "checkpoint": checkpoint,
+            "datalist": str(work_dir / "prepared" / "volumes.json"),
+            "split": "validation",
+            "detection_dir": str(out),
+            "skip_existing": True,
+            "reconstruct_modalities": "all",
+            "calibration_file": None,
+            **setting,
+        }
+    )
     parser.get_parsed_content("inference")
     return out, int(parser.get_parsed_content("slice_inferer").nfe_per_slice)
 
@@ -81,21 +89,30 @@ def main(argv: list[str] | None = None) -> None:
         folder, nfe = detect(work_dir, args.checkpoint, label, parse_setting(text))
         seconds = [json.loads(p.read_text())["seconds"]["reconstruction"] for p in sorted(folder.glob("*/*_detection.json"))]
         calibration = calibrate(load_cases(folder, items, preprocess, truths), **calibration_kwargs)
-        rows.append({
-            "setting": text, "nfe_per_slice": nfe, "seconds_per_volume": float(np.mean(seconds)),
-            "validation_volume_dice": calibration["validation_dice"], "weights": calibration["weights"],
-            "threshold": calibration["threshold"], "detection_dir": str(folder),
-        })
+        rows.append(
+            {
+                "setting": text,
+                "nfe_per_slice": nfe,
+                "seconds_per_volume": float(np.mean(seconds)),
+                "validation_volume_dice": calibration["validation_dice"],
+                "weights": calibration["weights"],
+                "threshold": calibration["threshold"],
+                "detection_dir": str(folder),
+            }
+        )
         print(f"{text}: NFE {nfe}, {rows[-1]['seconds_per_volume']:.1f} s/volume, validation Dice {calibration['validation_dice']:.3f}", flush=True)
     base = rows[0]
     command = "python benchmarks/sampler_validation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = [
-        "# Sampler settings on the validation split (calibrated on validation; the test split is not read)", "",
-        f"`{command}`", "",
+        "# Sampler settings on the validation split (calibrated on validation; the test split is not read)",
+        "",
+        f"`{command}`",
+        "",
         f"Checkpoint: `{args.checkpoint}`; {len(items)} validation subjects; all four modalities reconstructed; "
         f"torch threads {torch.get_num_threads()}. Speed-up against the first row; seconds are each folder's recorded "
         "reconstruction time (a reused folder keeps that of the run that wrote it, and other load on the machine "
-        "changes them): NFE is the cost measure.", "",
+        "changes them): NFE is the cost measure.",
+        "",
         "| setting | NFE / slice | s / volume (4 modalities) | speed-up | validation volume Dice | Δ Dice | weights (T1, T1ce, T2, FLAIR) | threshold |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
     ]

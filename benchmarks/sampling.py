@@ -96,8 +96,16 @@ def _boolean(value: str) -> bool:
 
 
 #: DiffusionSamplerInferer settings a spec may set (``t0`` sets sdedit_sigma_start = σ(t0)).
-SPEC_KEYS = {"n_steps": int, "snr": float, "n_corrector_steps": int, "sdedit_sigma_start": float, "t0": float,
-             "churn": float, "n_draws": int, "compile": _boolean}
+SPEC_KEYS = {
+    "n_steps": int,
+    "snr": float,
+    "n_corrector_steps": int,
+    "sdedit_sigma_start": float,
+    "t0": float,
+    "churn": float,
+    "n_draws": int,
+    "compile": _boolean,
+}
 #: Speed target of team issue 6: NFE at least this many times below the reference, Dice within DICE_TOLERANCE.
 NFE_TARGET, DICE_TOLERANCE = 40.0, 0.01
 
@@ -142,29 +150,51 @@ class Subject:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", required=True, help="folder with prepared/ and vejp/model.pt (e.g. runs/demo)")
-    parser.add_argument("--config_file", nargs="+", default=DEFAULT_CONFIGS,
-                        help="vejp_anomaly inference configs, merged in order (default: inference.yaml)")
+    parser.add_argument(
+        "--config_file", nargs="+", default=DEFAULT_CONFIGS, help="vejp_anomaly inference configs, merged in order (default: inference.yaml)"
+    )
     parser.add_argument("--checkpoint", default=None, help="the VE-JP model (default: WORK_DIR/vejp/model.pt)")
-    parser.add_argument("--evaluation_config", nargs="+", default=EVALUATION_CPU_CONFIGS,
-                        help="tsgm_evaluation configs whose calibration settings are used when calibrating here")
+    parser.add_argument(
+        "--evaluation_config",
+        nargs="+",
+        default=EVALUATION_CPU_CONFIGS,
+        help="tsgm_evaluation configs whose calibration settings are used when calibrating here",
+    )
     parser.add_argument("--subjects", type=int, default=2, help="first N validation subjects (with tumour) of volumes.json")
-    parser.add_argument("--slices_per_subject", type=int, default=3,
-                        help="tumour-bearing slices per subject, evenly spaced through the tumour; 0 = all")
-    parser.add_argument("--validation_slices_per_subject", type=int, default=0,
-                        help="when calibrating here: slices per validation subject, evenly spaced over the processed "
-                        "range, tumour or not; 0 = all (the whole evaluated volume, as the evaluation bundle does)")
-    parser.add_argument("--samplers", nargs="+", default=list(DEFAULT_SAMPLERS),
-                        help='fast samplers "name:key=value,...", name in pc|sdedit|heun, keys ' + ", ".join(SPEC_KEYS))
+    parser.add_argument(
+        "--slices_per_subject", type=int, default=3, help="tumour-bearing slices per subject, evenly spaced through the tumour; 0 = all"
+    )
+    parser.add_argument(
+        "--validation_slices_per_subject",
+        type=int,
+        default=0,
+        help="when calibrating here: slices per validation subject, evenly spaced over the processed "
+        "range, tumour or not; 0 = all (the whole evaluated volume, as the evaluation bundle does)",
+    )
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=list(DEFAULT_SAMPLERS),
+        help='fast samplers "name:key=value,...", name in pc|sdedit|heun, keys ' + ", ".join(SPEC_KEYS),
+    )
     parser.add_argument("--reference", default=REFERENCE_SPEC, help="the reference sampler (default: the paper's)")
-    parser.add_argument("--modalities", choices=("weighted", "all"), default="weighted",
-                        help="reconstruct the modalities with a non-zero calibrated weight (default) or all four")
-    parser.add_argument("--reference_cache", default=None,
-                        help="folder keeping the reference's reconstructions and time per seed: reused when the "
-                        "reference, seed, checkpoint and slices are unchanged (to try more fast samplers without "
-                        "rerunning PC-2000; its time then comes from the earlier run, which the report says)")
+    parser.add_argument(
+        "--modalities",
+        choices=("weighted", "all"),
+        default="weighted",
+        help="reconstruct the modalities with a non-zero calibrated weight (default) or all four",
+    )
+    parser.add_argument(
+        "--reference_cache",
+        default=None,
+        help="folder keeping the reference's reconstructions and time per seed: reused when the "
+        "reference, seed, checkpoint and slices are unchanged (to try more fast samplers without "
+        "rerunning PC-2000; its time then comes from the earlier run, which the report says)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each fast sampler (round-robin)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="sampling seeds, one draw of every sampler each (default: the config's sample_seed)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="sampling seeds, one draw of every sampler each (default: the config's sample_seed)"
+    )
     parser.add_argument("--batch_size", type=int, default=None, help="inferer chunk size (default: the config's)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: the config's)")
     parser.add_argument("--amp", action="store_true", help="autocast of the network calls: float16 on CUDA, bfloat16 on the CPU")
@@ -219,7 +249,10 @@ def evenly_spaced(indices: list[int], count: int) -> list[int]:
 
 
 def load_subjects(
-    items: Sequence[dict[str, Any]], preprocess: PreprocessConfig, per_subject: int, min_brain_fraction: float,
+    items: Sequence[dict[str, Any]],
+    preprocess: PreprocessConfig,
+    per_subject: int,
+    min_brain_fraction: float,
     tumour_only: bool = True,
 ) -> list[Subject]:
     """Subjects with ``per_subject`` of their (tumour-bearing) slices chosen; subjects without any are skipped."""
@@ -243,9 +276,7 @@ def stack(subjects: Sequence[Subject], modalities: Sequence[str] = MODALITIES) -
     return torch.from_numpy(np.concatenate(planes)[:, None].astype(np.float32))
 
 
-def unstack(
-    healthy: torch.Tensor, subjects: Sequence[Subject], modalities: Sequence[str] = MODALITIES
-) -> list[dict[str, np.ndarray]]:
+def unstack(healthy: torch.Tensor, subjects: Sequence[Subject], modalities: Sequence[str] = MODALITIES) -> list[dict[str, np.ndarray]]:
     """Inverse of :func:`stack`: per subject, modality -> (len(chosen), s, s) reconstructions."""
     out, first = [], 0
     array = healthy[:, 0].numpy()
@@ -259,7 +290,9 @@ def unstack(
 
 
 def make_cases(
-    subjects: Sequence[Subject], healthy: torch.Tensor, preprocess: PreprocessConfig,
+    subjects: Sequence[Subject],
+    healthy: torch.Tensor,
+    preprocess: PreprocessConfig,
     modalities: Sequence[str] = MODALITIES,
 ) -> list[Case]:
     """Evaluation cases (brain voxels of the chosen slices, input geometry) from a sampler's reconstructions of
@@ -287,8 +320,14 @@ def make_cases(
 
 
 def get_calibration(
-    args: argparse.Namespace, work_dir: Path, bundle: ConfigParser, network: torch.nn.Module,
-    volumes: dict[str, Any], preprocess: PreprocessConfig, min_brain_fraction: float, device: torch.device,
+    args: argparse.Namespace,
+    work_dir: Path,
+    bundle: ConfigParser,
+    network: torch.nn.Module,
+    volumes: dict[str, Any],
+    preprocess: PreprocessConfig,
+    min_brain_fraction: float,
+    device: torch.device,
 ) -> tuple[dict[str, Any], str, list[str] | None]:
     """(calibration {"weights", "threshold", "mode"}, where it came from, the subjects it was chosen on if known).
 
@@ -305,9 +344,7 @@ def get_calibration(
         cases = load_cases(detections, validation_items, preprocess)
         source = f"evaluation.calibrate on {detections} (validation detections, {settings})"
     else:
-        subjects = load_subjects(
-            validation_items, preprocess, args.validation_slices_per_subject, min_brain_fraction, tumour_only=False
-        )
+        subjects = load_subjects(validation_items, preprocess, args.validation_slices_per_subject, min_brain_fraction, tumour_only=False)
         if not subjects:
             raise TsgmInputError(work_dir / "prepared" / "volumes.json", "no validation subject to calibrate on")
         inferer = bundle.get_parsed_content("slice_inferer")
@@ -320,8 +357,16 @@ def get_calibration(
             f"{inferer.nfe_per_slice} NFE) ({settings})"
         )
     calibration = calibrate(
-        cases, settings["mode"], settings["objective"], settings["weight_step"], None,
-        settings["search_bins"], settings["threshold_bins"], settings["max_voxels"], settings["seed"], settings["modality_tolerance"],
+        cases,
+        settings["mode"],
+        settings["objective"],
+        settings["weight_step"],
+        None,
+        settings["search_bins"],
+        settings["threshold_bins"],
+        settings["max_voxels"],
+        settings["seed"],
+        settings["modality_tolerance"],
     )
     return {k: calibration[k] for k in ("weights", "threshold", "mode")}, source, [case.subject for case in cases]
 
@@ -365,22 +410,29 @@ def quality(cases: Sequence[Case], calibration: dict[str, Any]) -> dict[str, Any
 
 
 def quality_over_seeds(
-    draws: dict[int, torch.Tensor], subjects: Sequence[Subject], preprocess: PreprocessConfig,
-    modalities: Sequence[str], calibration: dict[str, Any],
+    draws: dict[int, torch.Tensor],
+    subjects: Sequence[Subject],
+    preprocess: PreprocessConfig,
+    modalities: Sequence[str],
+    calibration: dict[str, Any],
 ) -> dict[str, Any]:
     """:func:`quality` of each seed's reconstructions, averaged over the seeds (per-slice Dice too), with each
     seed's figures and the spread (max − min) of the subset Dice over seeds."""
-    per_seed = {seed: quality(make_cases(subjects, healthy, preprocess, modalities), calibration)
-                for seed, healthy in draws.items()}
+    per_seed = {seed: quality(make_cases(subjects, healthy, preprocess, modalities), calibration) for seed, healthy in draws.items()}
     figures = ("slice_dice", "subset_dice", "auprc", "oracle_subset_dice")
     mean = {key: float(np.mean([q[key] for q in per_seed.values()])) for key in figures}
     first = next(iter(per_seed.values()))["slices"]
-    slices = [{"subject": r["subject"], "z": r["z"],
-               "dice": float(np.mean([q["slices"][k]["dice"] for q in per_seed.values()]))}
-              for k, r in enumerate(first)]
+    slices = [
+        {"subject": r["subject"], "z": r["z"], "dice": float(np.mean([q["slices"][k]["dice"] for q in per_seed.values()]))}
+        for k, r in enumerate(first)
+    ]
     subset = [q["subset_dice"] for q in per_seed.values()]
-    return {**mean, "subset_dice_spread": max(subset) - min(subset), "slices": slices,
-            "per_seed": [{"seed": seed, **{key: q[key] for key in figures}} for seed, q in per_seed.items()]}
+    return {
+        **mean,
+        "subset_dice_spread": max(subset) - min(subset),
+        "slices": slices,
+        "per_seed": [{"seed": seed, **{key: q[key] for key in figures}} for seed, q in per_seed.items()],
+    }
 
 
 def any_diverged(draws: dict[int, torch.Tensor]) -> bool:
@@ -410,8 +462,14 @@ def load_reference(path: Path, key: dict[str, Any], inputs: torch.Tensor) -> dic
 
 def save_reference(path: Path, key: dict[str, Any], inputs: torch.Tensor, healthy: torch.Tensor, seconds: float) -> None:
     load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    record = {"key": key, "inputs": inputs.cpu(), "healthy": healthy, "seconds": seconds, "load": load,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        "key": key,
+        "inputs": inputs.cpu(),
+        "healthy": healthy,
+        "seconds": seconds,
+        "load": load,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     with atomic_path(path, overwrite=True) as tmp:
         torch.save(record, tmp)
 
@@ -500,7 +558,7 @@ def markdown(report: dict[str, Any]) -> str:
         "reconstructions from the reference's of the same seed, brain pixels of the model-resolution slices. "
         "n_draws = k: the reconstruction is the mean of k independent draws (NFE counts all of them). "
         "Noise: each reference figure is a mean of random draws too; the reference's own [min–max] over seeds shows "
-        "how far one draw moves the figures. \"yes\" means no worse than the reference: with a reference Dice near 0 "
+        'how far one draw moves the figures. "yes" means no worse than the reference: with a reference Dice near 0 '
         "(an untrained model) it says nothing about detection.",
     ]
     return "\n".join(lines) + "\n"
@@ -586,9 +644,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     brain_pixels = (inputs > 0).cpu()
     # a diverged (non-finite) output gets no quality figures: detection would refuse it
     ref_row = {
-        "spec": reference_spec.text, "nfe": reference_nfe, "nfe_ratio": 1.0, "seconds": statistics.mean(ref_seconds),
-        "seconds_all_runs": ref_seconds, "seconds_per_slice": statistics.mean(ref_seconds) / n, "speedup": 1.0,
-        "timing": "; ".join(ref_timings), "diverged": any_diverged(ref_outputs),
+        "spec": reference_spec.text,
+        "nfe": reference_nfe,
+        "nfe_ratio": 1.0,
+        "seconds": statistics.mean(ref_seconds),
+        "seconds_all_runs": ref_seconds,
+        "seconds_per_slice": statistics.mean(ref_seconds) / n,
+        "speedup": 1.0,
+        "timing": "; ".join(ref_timings),
+        "diverged": any_diverged(ref_outputs),
     }
     if ref_row["diverged"]:
         logger.warning("the reference sampler diverged (non-finite reconstructions): no Dice comparison possible")
@@ -616,9 +680,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["dice_delta"] = row["slice_dice"] - ref_row["slice_dice"]
             row["subset_dice_delta"] = row["subset_dice"] - ref_row["subset_dice"]
             row["worst_slice_drop"] = max(ref_dice[(r["subject"], r["z"])] - r["dice"] for r in row["slices"])
-            row["healthy_mae"] = statistics.mean(
-                float((draws[seed] - ref_outputs[seed]).abs()[brain_pixels].mean()) for seed in seeds
-            )
+            row["healthy_mae"] = statistics.mean(float((draws[seed] - ref_outputs[seed]).abs()[brain_pixels].mean()) for seed in seeds)
             row["meets_target"] = row["nfe_ratio"] >= NFE_TARGET and row["subset_dice_delta"] >= -DICE_TOLERANCE
         rows.append(row)
 

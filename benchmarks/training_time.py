@@ -48,13 +48,19 @@ def main() -> None:
         seconds = epoch_seconds([Path(p) for p in logs.split(",")], trainer)
         total = sum(seconds.values())
         iterations = per_epoch.get(model, 0) * len(seconds)
-        record["models"][model] = {"epochs": len(seconds), "seconds": total, "iterations": iterations or None,
-                                   "seconds_per_iteration": total / iterations if iterations else None}
+        record["models"][model] = {
+            "epochs": len(seconds),
+            "seconds": total,
+            "iterations": iterations or None,
+            "seconds_per_iteration": total / iterations if iterations else None,
+        }
         rate = f"{total / iterations:.3f}" if iterations else "n/a"
         rows.append(f"| {model} | {len(seconds)} | {iterations or 'n/a'} | {total:.0f} | {total / 60:.1f} | {rate} |")
         print(rows[-1])
-    table = (f"# Training time per model\n\n`{record['command']}`\n\n{args.note}\n\n"
-             "| model | epochs | iterations | seconds | minutes | s / iteration |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    table = (
+        f"# Training time per model\n\n`{record['command']}`\n\n{args.note}\n\n"
+        "| model | epochs | iterations | seconds | minutes | s / iteration |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
     print(save_report(table, record, Path(__file__).parent / "results", args.out))
 
 

@@ -55,11 +55,21 @@ def make_prepared(root: str | Path, size: int = 32, n_subjects: int = 3, n_z: in
                 image = np.where(lesion, 0.95, image) * brain
                 np.save(root / "slices" / subject / f"{mod}_z{z:03d}.npy", np.clip(image, 0, 1).astype(np.float32))
                 datalist[split].append(
-                    {"image": f"slices/{subject}/{mod}_z{z:03d}.npy", "label": f"slices/{subject}/seg_z{z:03d}.npy",
-                     "subject": subject, "modality": mod, "z": z, "tumour": tumour}
+                    {
+                        "image": f"slices/{subject}/{mod}_z{z:03d}.npy",
+                        "label": f"slices/{subject}/seg_z{z:03d}.npy",
+                        "subject": subject,
+                        "modality": mod,
+                        "z": z,
+                        "tumour": tumour,
+                    }
                 )
     (root / "datalist.json").write_text(json.dumps(datalist))
-    (root / "prepare_config.json").write_text(json.dumps({"z_min": 80, "z_max": 80 + n_z - 1, "image_size": size, "pad_to": size, "lower_percentile": 1.0, "upper_percentile": 99.0, "seed": seed}))
+    (root / "prepare_config.json").write_text(
+        json.dumps(
+            {"z_min": 80, "z_max": 80 + n_z - 1, "image_size": size, "pad_to": size, "lower_percentile": 1.0, "upper_percentile": 99.0, "seed": seed}
+        )
+    )
     (root / "split.json").write_text(json.dumps({"training": subjects[:-1], "validation": subjects[-1:], "test": []}))
     return root
 
@@ -97,7 +107,9 @@ def tiny_trainer(prepared: Path, max_epochs: int, epoch_length: int, batch_size:
     g_opt = torch.optim.Adam(list(g_ab.parameters()) + list(g_ba.parameters()), lr=2e-3, betas=(0.5, 0.999))
     d_opt = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), lr=2e-4, betas=(0.5, 0.999))
     loader = torch.utils.data.DataLoader(UnpairedSliceDataset(prepared, image_size=32, seed=seed), batch_size=batch_size, shuffle=True)
-    return CycleGANTrainer("cpu", max_epochs, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, ImagePool(4, seed), ImagePool(4, seed + 1), epoch_length=epoch_length)
+    return CycleGANTrainer(
+        "cpu", max_epochs, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, ImagePool(4, seed), ImagePool(4, seed + 1), epoch_length=epoch_length
+    )
 
 
 def test_paper_scale_parameter_counts_and_shapes():
@@ -244,7 +256,21 @@ def test_bundle_training_checkpoint_and_resume(tiny_prepared, tmp_path):
     run_bundle("training", "train.yaml", n_epochs=1, **common)
     out = tmp_path / "cyclegan"
     first = torch.load(out / "checkpoint_epoch=1.pt", weights_only=True)
-    assert set(first) == {"G_AB", "G_BA", "D_A", "D_B", "g_optimizer", "d_optimizer", "g_scheduler", "d_scheduler", "pool_a", "pool_b", "trainer", "rng", "model_spec"}
+    assert set(first) == {
+        "G_AB",
+        "G_BA",
+        "D_A",
+        "D_B",
+        "g_optimizer",
+        "d_optimizer",
+        "g_scheduler",
+        "d_scheduler",
+        "pool_a",
+        "pool_b",
+        "trainer",
+        "rng",
+        "model_spec",
+    }
     assert (first["trainer"]["iteration"], first["trainer"]["epoch_length"]) == (3, 3)  # epoch = iteration // epoch_length
     assert (out / "model.pt").is_file() and (out / "snapshots" / "epoch_0001.png").is_file() and list((out / "logs").glob("events.*"))
 
@@ -262,9 +288,24 @@ def test_bundle_training_checkpoint_and_resume(tiny_prepared, tmp_path):
 
 def test_two_process_gloo_training(tiny_prepared, tmp_path):
     configs = f"['{CONFIGS / 'train.yaml'}','{CONFIGS / 'multi_gpu_train.yaml'}']"
-    overrides = [f"--{k}={v}" for k, v in dict(TINY, prepared_dir=tiny_prepared, work_dir=tmp_path, epoch_length=2, n_epochs=1, n_epochs_decay=0).items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", configs, *overrides]
+    overrides = [
+        f"--{k}={v}" for k, v in dict(TINY, prepared_dir=tiny_prepared, work_dir=tmp_path, epoch_length=2, n_epochs=1, n_epochs_decay=0).items()
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        *overrides,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -286,8 +327,16 @@ def tiny_checkpoint(prepared_dir, tmp_path_factory) -> Path:
 
 
 def test_pseudo_pairs_from_bundle(prepared_dir, tiny_checkpoint, tmp_path):
-    run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
-               image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"])
+    run_bundle(
+        "inference",
+        "inference.yaml",
+        work_dir=str(tmp_path),
+        prepared_dir=str(prepared_dir),
+        checkpoint=str(tiny_checkpoint),
+        image_size=32,
+        ngf=TINY["ngf"],
+        n_blocks=TINY["n_blocks"],
+    )
     pairs_dir = tmp_path / "pseudo_pairs"
     pairs = json.loads((pairs_dir / "pseudo_pairs.json").read_text())
     assert set(pairs) == {"training", "validation"}
@@ -305,8 +354,16 @@ def test_pseudo_pairs_from_bundle(prepared_dir, tiny_checkpoint, tmp_path):
     assert 0 <= conditions.min() and conditions.max() <= 1
     assert not list(tmp_path.glob(".pseudo_pairs*"))  # atomic: no temporary folder left
     with pytest.raises(RuntimeError) as error:  # never overwritten silently (MONAI wraps the FileExistsError)
-        run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
-                   image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"])
+        run_bundle(
+            "inference",
+            "inference.yaml",
+            work_dir=str(tmp_path),
+            prepared_dir=str(prepared_dir),
+            checkpoint=str(tiny_checkpoint),
+            image_size=32,
+            ngf=TINY["ngf"],
+            n_blocks=TINY["n_blocks"],
+        )
     assert isinstance(error.value.__cause__, FileExistsError)
     # lesion blending: per axial slice, x_A where G_AB's smoothed FLAIR/T2 change stays below the threshold (here the
     # median FLAIR change of the first slices, so that both cases occur with this untrained generator)
@@ -315,9 +372,18 @@ def test_pseudo_pairs_from_bundle(prepared_dir, tiny_checkpoint, tmp_path):
         by_slice.setdefault((p["subject"], p["z"]), {})[p["modality"]] = p
     groups = list(by_slice.values())[:6]
     threshold = float(np.median([np.load(pairs_dir / g["flair"]["condition"]) - np.load(g["flair"]["image"]) for g in groups]))
-    run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
-               image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"], pseudo_pairs_dir=str(tmp_path / "blended"),
-               lesion_blend_threshold=threshold)
+    run_bundle(
+        "inference",
+        "inference.yaml",
+        work_dir=str(tmp_path),
+        prepared_dir=str(prepared_dir),
+        checkpoint=str(tiny_checkpoint),
+        image_size=32,
+        ngf=TINY["ngf"],
+        n_blocks=TINY["n_blocks"],
+        pseudo_pairs_dir=str(tmp_path / "blended"),
+        lesion_blend_threshold=threshold,
+    )
     blended = json.loads((tmp_path / "blended" / "pseudo_pairs.json").read_text())
     assert blended == pairs
     untouched = blended_pixels = 0
@@ -334,16 +400,35 @@ def test_pseudo_pairs_from_bundle(prepared_dir, tiny_checkpoint, tmp_path):
     assert untouched > 0 and blended_pixels > 0
     # random placement: the same pairs on every run (seeded by subject and z), the lesion elsewhere than G_AB put it
     for name in ("placed", "placed_again"):
-        run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
-                   image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"], pseudo_pairs_dir=str(tmp_path / name),
-                   lesion_blend_threshold=threshold, lesion_placement="random")
+        run_bundle(
+            "inference",
+            "inference.yaml",
+            work_dir=str(tmp_path),
+            prepared_dir=str(prepared_dir),
+            checkpoint=str(tiny_checkpoint),
+            image_size=32,
+            ngf=TINY["ngf"],
+            n_blocks=TINY["n_blocks"],
+            pseudo_pairs_dir=str(tmp_path / name),
+            lesion_blend_threshold=threshold,
+            lesion_placement="random",
+        )
     conditions = {name: [np.load(tmp_path / name / p["condition"]) for p in pairs["training"]] for name in ("blended", "placed", "placed_again")}
     assert all(np.array_equal(a, b) for a, b in zip(conditions["placed"], conditions["placed_again"]))
     assert any(not np.array_equal(a, b) for a, b in zip(conditions["placed"], conditions["blended"]))
     with pytest.raises(RuntimeError) as error:
-        run_bundle("inference", "inference.yaml", work_dir=str(tmp_path), prepared_dir=str(prepared_dir), checkpoint=str(tiny_checkpoint),
-                   image_size=32, ngf=TINY["ngf"], n_blocks=TINY["n_blocks"], pseudo_pairs_dir=str(tmp_path / "nothing"),
-                   lesion_placement="random")
+        run_bundle(
+            "inference",
+            "inference.yaml",
+            work_dir=str(tmp_path),
+            prepared_dir=str(prepared_dir),
+            checkpoint=str(tiny_checkpoint),
+            image_size=32,
+            ngf=TINY["ngf"],
+            n_blocks=TINY["n_blocks"],
+            pseudo_pairs_dir=str(tmp_path / "nothing"),
+            lesion_placement="random",
+        )
     assert "needs a lesion_blend_threshold" in str(error.value.__cause__)
 
 
@@ -374,7 +459,11 @@ def test_random_lesion_placement_moves_the_lesion_whole_inside_the_brain():
     in_place = blend_lesions(healthy, translated, 0.1)
     weights = lesion_weights({m: translated[m] - healthy[m] for m in healthy}, 0.1)
     moved = [blend_lesions(healthy, translated, 0.1, np.random.default_rng(seed)) for seed in range(5)]
-    assert all(np.array_equal(a[m], b[m]) for a, b in zip(moved, [blend_lesions(healthy, translated, 0.1, np.random.default_rng(s)) for s in range(5)]) for m in a)
+    assert all(
+        np.array_equal(a[m], b[m])
+        for a, b in zip(moved, [blend_lesions(healthy, translated, 0.1, np.random.default_rng(s)) for s in range(5)])
+        for m in a
+    )
     brain = healthy["flair"] > 0
     centres = set()
     for out in moved:
@@ -429,5 +518,10 @@ def test_model_zoo_net_check_passes_for_the_shipped_generators(checkpoint):
     64²), for the real-trained default and the phantom set."""
     from monai.bundle import verify_net_in_out
 
-    verify_net_in_out("network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.yaml"),
-                      device="cpu", checkpoint=str(CONFIGS.parent / "models" / checkpoint))
+    verify_net_in_out(
+        "network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "inference.yaml"),
+        device="cpu",
+        checkpoint=str(CONFIGS.parent / "models" / checkpoint),
+    )

@@ -93,7 +93,13 @@ def _bad_inputs():
     return [
         ("shape", lambda f: replace_volume(f, "t2", np.ones((12, 10, 9), np.float32)), "shape"),
         ("affine", lambda f: replace_volume(f, "flair", np.ones(SMALL_SHAPE, np.float32), np.diag([1.0, -1, 1, 1])), "affine differs"),
-        ("nan", lambda f: replace_volume(f, "t1ce", np.where(np.eye(12, 10)[..., None] > 0, np.nan, 1.0).astype(np.float32) * np.ones(SMALL_SHAPE, np.float32)), "NaN"),
+        (
+            "nan",
+            lambda f: replace_volume(
+                f, "t1ce", np.where(np.eye(12, 10)[..., None] > 0, np.nan, 1.0).astype(np.float32) * np.ones(SMALL_SHAPE, np.float32)
+            ),
+            "NaN",
+        ),
         ("inf", lambda f: replace_volume(f, "t1", np.full(SMALL_SHAPE, np.inf, np.float32)), "Inf"),
         ("2d", lambda f: replace_volume(f, "t1", np.ones((12, 10), np.float32)), "2D"),
         ("4d", lambda f: replace_volume(f, "t1ce", np.ones(SMALL_SHAPE + (2,), np.float32)), "4D"),
@@ -338,9 +344,14 @@ def test_phantom_contrasts(tumour_subject):
     mean = {m: {} for m in MODALITIES}
     for modality, volume in tumour_subject.volumes.items():
         v = volume.astype(np.float64)
-        for name, region in [("csf", (tissue == 1) & (seg == 0)), ("gm", (tissue == 2) & (seg == 0)),
-                             ("wm", (tissue == 3) & (seg == 0)), ("necrosis", seg == 1), ("oedema", seg == 2),
-                             ("enhancing", seg == 4)]:
+        for name, region in [
+            ("csf", (tissue == 1) & (seg == 0)),
+            ("gm", (tissue == 2) & (seg == 0)),
+            ("wm", (tissue == 3) & (seg == 0)),
+            ("necrosis", seg == 1),
+            ("oedema", seg == 2),
+            ("enhancing", seg == 4),
+        ]:
             assert region.sum() > 100, name
             mean[modality][name] = v[region].mean() / v[(tissue == 3) & (seg == 0)].mean()
     t1, t1ce, t2, flair = (mean[m] for m in MODALITIES)
@@ -379,7 +390,11 @@ def test_prepared_layout(prepared_dir, phantom_dir):
         assert {it["subject"] for it in items} == set(split[split_name])
         assert [v["subject"] for v in volumes[key]] == split[split_name]
         for entry in volumes[key]:
-            assert set(entry) == {"subject", *MODALITIES, "seg", "labels"} and entry["labels"] == "brats2020" and all(Path(entry[m]).is_file() for m in MODALITIES)
+            assert (
+                set(entry) == {"subject", *MODALITIES, "seg", "labels"}
+                and entry["labels"] == "brats2020"
+                and all(Path(entry[m]).is_file() for m in MODALITIES)
+            )
         for subject in split[split_name]:
             seg = np.asarray(nib.load(str(phantom_dir / subject / f"{subject}_seg.nii.gz")).dataobj)
             mine = [it for it in items if it["subject"] == subject]

@@ -32,7 +32,14 @@ from tsgm_components.detection.ensembling import (
 )
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation.harness import (
-    Case, CalibrationSettings, calibrate, load_cases, predict, read_prepared, run_evaluation, validation_reconstruction,
+    Case,
+    CalibrationSettings,
+    calibrate,
+    load_cases,
+    predict,
+    read_prepared,
+    run_evaluation,
+    validation_reconstruction,
 )
 from tsgm_components.evaluation.metrics import average_precision, evaluate_case, overlap_metrics, region_diagonal_mm
 
@@ -188,9 +195,7 @@ def test_overlap_metrics_match_hand_computed_and_brute_force_hd95():
     at_border = np.zeros_like(prediction)  # masks touching the image border: the border counts as surface
     at_border[:4, :, 0:3] = True
     result = overlap_metrics(np.stack([at_border, prediction]), np.stack([target, at_border]), SPACING)
-    np.testing.assert_allclose(
-        result["hd95"], [_brute_hd95(at_border, target, SPACING), _brute_hd95(prediction, at_border, SPACING)], rtol=1e-5
-    )
+    np.testing.assert_allclose(result["hd95"], [_brute_hd95(at_border, target, SPACING), _brute_hd95(prediction, at_border, SPACING)], rtol=1e-5)
 
 
 def test_empty_mask_conventions():
@@ -271,8 +276,18 @@ def synthetic(tmp_path_factory) -> Path:
     prepared = root / "prepared"
     prepared.mkdir()
     (prepared / "volumes.json").write_text(json.dumps(volumes))
-    config = {"z_min": Z_MIN, "z_max": Z_MAX, "image_size": 24, "pad_to": 24, "lower_percentile": 1, "upper_percentile": 99, "min_brain_fraction": 0.01,
-              "orientation": None, "voxel_size": None, "volume_shape": None}  # no training grid recorded
+    config = {
+        "z_min": Z_MIN,
+        "z_max": Z_MAX,
+        "image_size": 24,
+        "pad_to": 24,
+        "lower_percentile": 1,
+        "upper_percentile": 99,
+        "min_brain_fraction": 0.01,
+        "orientation": None,
+        "voxel_size": None,
+        "volume_shape": None,
+    }  # no training grid recorded
     (prepared / "prepare_config.json").write_text(json.dumps(config))
     for method, strength in (("good", 0.25), ("weak", 0.1)):
         for split in ("validation", "test"):
@@ -306,13 +321,19 @@ def test_test_maps_without_weight_need_not_exist(synthetic, tmp_path):
     is scored from the weighted ones alone, with the same result; a weighted map missing is still an error."""
     detections = tmp_path / "good"
     shutil.copytree(synthetic / "detections" / "good", detections)
-    full = json.loads(run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}],
-                                     tmp_path / "full", CalibrationSettings(weight_step=0.1)) and (tmp_path / "full" / "summary.json").read_text())
+    full = json.loads(
+        run_evaluation(
+            synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "full", CalibrationSettings(weight_step=0.1)
+        )
+        and (tmp_path / "full" / "summary.json").read_text()
+    )
     assert json.loads((tmp_path / "full" / "good" / "calibration.json").read_text())["weights"]["t2"] == 1.0
     for path in (detections / "test").glob("*/*_anomaly_*.nii.gz"):
         if not path.name.endswith("_t2.nii.gz"):
             path.unlink()
-    run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "t2", CalibrationSettings(weight_step=0.1))
+    run_evaluation(
+        synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "t2", CalibrationSettings(weight_step=0.1)
+    )
     assert json.loads((tmp_path / "t2" / "summary.json").read_text())["good"]["volume"] == full["good"]["volume"]
     volumes, preprocess, _ = read_prepared(synthetic / "prepared")
     case = load_cases(detections / "test", volumes["test"], preprocess, modalities=["t2"])[0]
@@ -320,7 +341,9 @@ def test_test_maps_without_weight_need_not_exist(synthetic, tmp_path):
     for path in (detections / "test").glob("*/*_anomaly_t2.nii.gz"):
         path.unlink()
     with pytest.raises(TsgmInputError, match="anomaly map missing"):
-        run_evaluation(synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "none", CalibrationSettings(weight_step=0.1))
+        run_evaluation(
+            synthetic / "prepared", [{"name": "good", "detection_dir": str(detections)}], tmp_path / "none", CalibrationSettings(weight_step=0.1)
+        )
 
 
 def test_bundle_evaluating_writes_calibration_and_report(synthetic):
@@ -330,15 +353,26 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     methods = [
         {"name": "good", "detection_dir": str(synthetic / "detections" / "good")},
         {"name": "weak", "detection_dir": str(synthetic / "detections" / "weak"), "mode": "otsu"},
-        {"name": "t1_only", "detection_dir": str(synthetic / "detections" / "good"), "fixed_weights": {"t1": 1.0, "t1ce": 0.0, "t2": 0.0, "flair": 0.0}},
+        {
+            "name": "t1_only",
+            "detection_dir": str(synthetic / "detections" / "good"),
+            "fixed_weights": {"t1": 1.0, "t1ce": 0.0, "t2": 0.0, "flair": 0.0},
+        },
     ]
     for run_id in ("calibrating", "evaluating"):  # calibrating: validation only, before test detection
-        run(run_id, config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),
-            meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(synthetic), methods=methods)
+        run(
+            run_id,
+            config_file=configs,
+            logging_file=str(BUNDLE / "configs" / "logging.conf"),
+            meta_file=str(BUNDLE / "configs" / "metadata.json"),
+            work_dir=str(synthetic),
+            methods=methods,
+        )
     out = synthetic / "evaluation"
     for method in methods:  # the same calibration either way
-        assert (json.loads((synthetic / "calibration" / method["name"] / "calibration.json").read_text())
-                == json.loads((out / method["name"] / "calibration.json").read_text()))
+        assert json.loads((synthetic / "calibration" / method["name"] / "calibration.json").read_text()) == json.loads(
+            (out / method["name"] / "calibration.json").read_text()
+        )
     calibration = json.loads((out / "good" / "calibration.json").read_text())
     assert calibration["weights"]["t2"] == 1.0 and calibration["mode"] == "fixed" and calibration["n_validation_subjects"] == 3
     assert json.loads((out / "weak" / "calibration.json").read_text())["mode"] == "otsu"
@@ -364,8 +398,10 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
         kinds = {r["kind"] for r in csv.DictReader(handle)}
     assert kinds == {"tumour", "healthy"}
     markdown = (out / "results.md").read_text()
-    assert ("| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-volume FPR | "
-            "healthy-slice FPR | NFE | s / volume |") in markdown
+    assert (
+        "| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-volume FPR | "
+        "healthy-slice FPR | NFE | s / volume |"
+    ) in markdown
     # test_2 has no tumour: a healthy volume, a false positive when any voxel is predicted
     volumes, preprocess, _ = read_prepared(synthetic / "prepared")
     healthy_case = load_cases(synthetic / "detections" / "good" / "test", volumes["test"][2:], preprocess)[0]
@@ -397,8 +433,14 @@ def test_baseline_bundle_writes_detection_folders(synthetic, tmp_path):
     torch.save({"G_BA": generator.state_dict(), SPEC_KEY: spec.state_dict()}, checkpoint)
     configs = [str(BUNDLE / "configs" / "baselines.yaml"), str(BUNDLE / "configs" / "cpu.yaml")]
     for run_id in ("flair_threshold", "cyclegan"):
-        run(run_id, config_file=configs, logging_file=str(BUNDLE / "configs" / "logging.conf"),
-            meta_file=str(BUNDLE / "configs" / "metadata.json"), work_dir=str(tmp_path), cyclegan_checkpoint=str(checkpoint))
+        run(
+            run_id,
+            config_file=configs,
+            logging_file=str(BUNDLE / "configs" / "logging.conf"),
+            meta_file=str(BUNDLE / "configs" / "metadata.json"),
+            work_dir=str(tmp_path),
+            cyclegan_checkpoint=str(checkpoint),
+        )
     volumes, preprocess, _ = read_prepared(tmp_path / "prepared")
     for split in ("validation", "test"):
         for item in volumes[split]:
@@ -435,6 +477,7 @@ def test_bundle_configs_load_and_metadata_is_valid():
 def test_calibration_records_the_sampler_and_refuses_mixed_validation_folders():
     """The threshold depends on the reconstructions: a calibration records the sampler settings of its validation
     detections, and a folder whose subjects were sampled differently (resumed with another sampler) is an error."""
+
     def case(subject: str, **sampler) -> Case:
         empty = np.zeros((2, 2, 1), bool)
         record = {"reconstruction": {"sampler": "posterior_mean", "n_draws": 1, "nfe_per_slice": 1, "seconds": 3.0, **sampler}}
@@ -459,8 +502,10 @@ def test_paired_bootstrap_known_answers_and_the_report_table():
     assert spread["difference"] == 0.5 and spread["low"] == 0.0 and spread["high"] == 1.0  # resamples: 0, 0.5, 1
     one = paired_bootstrap({"a": 0.5, "b": float("nan")}, {"a": 0.25, "b": 0.3})
     assert one["n"] == 1 and one["difference"] == 0.25 and math.isnan(one["low"])
-    summaries = {name: {"per_subject_volume_dice": dice, "per_subject_auprc": dice} for name, dice in
-                 (("tsgm", {"a": 0.9, "b": 0.7}), ("flair_threshold", {"a": 0.8, "b": 0.6}))}
+    summaries = {
+        name: {"per_subject_volume_dice": dice, "per_subject_auprc": dice}
+        for name, dice in (("tsgm", {"a": 0.9, "b": 0.7}), ("flair_threshold", {"a": 0.8, "b": 0.6}))
+    }
     table = "\n".join(confidence_table(summaries))
     assert "| tsgm | +0.100 [+0.100, +0.100] | +0.100 [+0.100, +0.100] | — | — |" in table
     assert "| flair_threshold | — | — | -0.100 [-0.100, -0.100] | -0.100 [-0.100, -0.100] |" in table
@@ -471,8 +516,7 @@ def test_every_test_split_evaluation_is_logged_and_validation_ones_are_not(synth
     an in-sample validation evaluation adds none and says it is in-sample."""
     before = test_reads_log.read_text().count("\n") if test_reads_log.exists() else 0
     methods = [{"name": "good", "detection_dir": str(synthetic / "detections" / "good")}]
-    validation = run_evaluation(synthetic / "prepared", methods, tmp_path / "v", CalibrationSettings(weight_step=0.1),
-                                evaluated_split="validation")
+    validation = run_evaluation(synthetic / "prepared", methods, tmp_path / "v", CalibrationSettings(weight_step=0.1), evaluated_split="validation")
     assert validation.startswith("**Validation split, in-sample**")
     assert (test_reads_log.read_text().count("\n") if test_reads_log.exists() else 0) == before
     run_evaluation(synthetic / "prepared", methods, tmp_path / "t", CalibrationSettings(weight_step=0.1))

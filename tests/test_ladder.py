@@ -22,10 +22,12 @@ from tsgm_components.evaluation.harness import CalibrationSettings, read_prepare
 
 VEJP = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
 EVALUATION = REPO_ROOT / "bundles" / "tsgm_evaluation" / "configs"
-TINY_NETWORK = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
-                    num_head_channels=8, norm_num_groups=8, sigma_data=0.5)
-TINY_TRAIN = dict(image_size=32, batch_size=8, epoch_length=10, max_epochs=2, warmup_steps=5, log_interval=10,
-                  ema_decay=0.98, network_args=TINY_NETWORK)  # an EMA horizon (50 steps) for a 20-step run
+TINY_NETWORK = dict(
+    condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1, num_head_channels=8, norm_num_groups=8, sigma_data=0.5
+)
+TINY_TRAIN = dict(
+    image_size=32, batch_size=8, epoch_length=10, max_epochs=2, warmup_steps=5, log_interval=10, ema_decay=0.98, network_args=TINY_NETWORK
+)  # an EMA horizon (50 steps) for a 20-step run
 TINY_SAMPLER = dict(image_size=32, network_args=TINY_NETWORK, sampler="heun", n_steps=2, n_draws=1)
 #: Absolute tolerance of the pinned metrics across CPUs.
 TOLERANCE = 0.01
@@ -47,17 +49,27 @@ def ladder(phantom_dir, prepared_dir, twins_dir, tmp_path_factory) -> Path:
     run("training", config_file=configs, logging_file=False, work_dir=str(work), **TINY_TRAIN)
     inference = [str(VEJP / name) for name in ("inference.yaml", "true_pairs.yaml")]
     for split in ("validation", "test"):
-        run("inference", config_file=inference, logging_file=False, work_dir=str(work),
-            checkpoint=str(work / "vejp_true_pairs" / "model.pt"), datalist=str(prepared_dir / "volumes.json"),
-            split=split, **TINY_SAMPLER)
+        run(
+            "inference",
+            config_file=inference,
+            logging_file=False,
+            work_dir=str(work),
+            checkpoint=str(work / "vejp_true_pairs" / "model.pt"),
+            datalist=str(prepared_dir / "volumes.json"),
+            split=split,
+            **TINY_SAMPLER,
+        )
     baselines = [str(EVALUATION / "baselines.yaml")]
     run("flair_threshold", config_file=baselines, logging_file=False, work_dir=str(work))
     detect_oracle_splits(twins_dir, prepared_dir / "volumes.json", work / "detections", read_prepared(prepared_dir)[1])
     methods = [
         {"name": ORACLE_METHOD, "detection_dir": str(work / "detections" / ORACLE_METHOD), "role": "ceiling"},
         {"name": "vejp_true_pairs", "detection_dir": str(work / "detections" / "vejp_true_pairs"), "role": "reference"},
-        {"name": "flair_threshold", "detection_dir": str(work / "detections" / "flair_threshold"),
-         "fixed_weights": {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}},
+        {
+            "name": "flair_threshold",
+            "detection_dir": str(work / "detections" / "flair_threshold"),
+            "fixed_weights": {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0},
+        },
     ]
     run_evaluation(prepared_dir, methods, work / "evaluation", CalibrationSettings(weight_step=0.25, search_bins=200, threshold_bins=500))
     return work

@@ -196,7 +196,9 @@ def test_voxel_size_grid_and_singleton_axes(tmp_path):
         save(array, tmp_path / "fine" / f"fine_{modality}.nii.gz", fine)
         save(array[:, :-1], tmp_path / "crop" / f"crop_{modality}.nii.gz")
         save(array[..., None], tmp_path / "single" / f"single_{modality}.nii.gz")  # (H, W, D, 1) as some tools write
-    with pytest.raises(TsgmInputError, match=r"fine_t1.nii.gz: voxel size 0.47×0.47×1 mm differs from the model's training grid \(1×1×1 mm\): resample"):
+    with pytest.raises(
+        TsgmInputError, match=r"fine_t1.nii.gz: voxel size 0.47×0.47×1 mm differs from the model's training grid \(1×1×1 mm\): resample"
+    ):
         load_subject(subject_files(tmp_path / "fine", False), grid)
     with pytest.raises(TsgmInputError, match=r"crop_t1.nii.gz: grid 12×9×8 .*differs from the model's training grid 12×10×8"):
         load_subject(subject_files(tmp_path / "crop", False), grid)
@@ -349,10 +351,13 @@ def _subject(root: Path, name: str = "BraTS20_Training_001") -> Path:
     return root / name
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda a: a - a[a > 0].mean(), r"voxels have negative intensities \(z-scored or otherwise normalised\?\): give the scan with its raw"),
-    (lambda a: a + 100.0, r"no zero background \(100\.0% of the voxels are non-zero\): tsgm needs skull-stripped scans"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda a: a - a[a > 0].mean(), r"voxels have negative intensities \(z-scored or otherwise normalised\?\): give the scan with its raw"),
+        (lambda a: a + 100.0, r"no zero background \(100\.0% of the voxels are non-zero\): tsgm needs skull-stripped scans"),
+    ],
+)
 def test_z_scored_or_offset_scans_get_a_one_line_error_naming_the_file(tmp_path, damage, message):
     """Real inputs the brain mask and the normalisation cannot serve: a z-scored FLAIR (negative intensities inside the
     brain) and one with a constant background offset are refused before any work, naming the file and what to do."""

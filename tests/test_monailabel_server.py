@@ -6,6 +6,7 @@ localhost port with the app in bundles/vejp_anomaly/monailabel_app (copied to tm
 model/, logs/, lib/ and bin/ into the app folder). Only the sampler is made cheaper (one draw of 2 Heun levels,
 `--conf bundle_overrides`); the network, its weights, the calibration and the transforms are the bundle's.
 """
+
 import json
 import os
 import shutil
@@ -31,8 +32,11 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")  # the bundle's channel_modalities
 #: the phantom's BraTS affine diag(-1, -1, 1) moved by an offset: the label must come back in this geometry
 AFFINE = np.array([[-1.0, 0, 0, 12.5], [0, -1.0, 0, 230.0], [0, 0, 1.0, -40.0], [0, 0, 0, 1]])
 #: the image is a phantom subject: the phantom-trained weights (and their calibration, read beside them) serve it
-OVERRIDES = {"sample_batch_size": 64, "slice_inferer#progress": False,
-             "checkpoint": str(Path(__file__).resolve().parents[1] / "bundles" / "vejp_anomaly" / "models" / "phantom.pt")}
+OVERRIDES = {
+    "sample_batch_size": 64,
+    "slice_inferer#progress": False,
+    "checkpoint": str(Path(__file__).resolve().parents[1] / "bundles" / "vejp_anomaly" / "models" / "phantom.pt"),
+}
 START_TIMEOUT_S = 120
 INFER_TIMEOUT_S = 300
 

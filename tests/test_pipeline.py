@@ -27,16 +27,21 @@ def test_shipped_weights_by_default_and_the_trained_ones_from_scratch(tmp_path):
     bundles' defaults are the real-trained ones); from scratch every detection names the model trained in the work dir."""
     shipped = {s.name: s.command for s in demo_steps(tmp_path)}
     assert not any(name.startswith(("train", "REFERENCE train", "pseudo-pairs")) for name in shipped)
-    for name, target in (("TSGM detection, test", "vejp_anomaly/models/phantom.pt"),
-                         ("SDEdit baseline detection, validation", "vejp_anomaly/models/phantom_unconditional.pt"),
-                         ("REFERENCE VE-JP on true pairs detection, test", "vejp_anomaly/models/phantom_true_pairs.pt")):
+    for name, target in (
+        ("TSGM detection, test", "vejp_anomaly/models/phantom.pt"),
+        ("SDEdit baseline detection, validation", "vejp_anomaly/models/phantom_unconditional.pt"),
+        ("REFERENCE VE-JP on true pairs detection, test", "vejp_anomaly/models/phantom_true_pairs.pt"),
+    ):
         assert shipped[name][shipped[name].index("--checkpoint") + 1] == str(BUNDLES / target)
     cyclegan = shipped["CycleGAN-only baseline detection"]
     assert cyclegan[cyclegan.index("--cyclegan_checkpoint") + 1] == str(BUNDLES / "cyclegan_brats/models/phantom.pt")
     trained = {s.name: s.command for s in demo_steps(tmp_path, from_scratch=True)}
-    for name, folder in (("TSGM detection, test", "vejp"), ("SDEdit baseline detection, test", "vejp_unconditional"),
-                         ("REFERENCE VE-JP on true pairs detection, test", "vejp_true_pairs"),
-                         ("pseudo-pairs G_A→B(healthy)", "cyclegan")):
+    for name, folder in (
+        ("TSGM detection, test", "vejp"),
+        ("SDEdit baseline detection, test", "vejp_unconditional"),
+        ("REFERENCE VE-JP on true pairs detection, test", "vejp_true_pairs"),
+        ("pseudo-pairs G_A→B(healthy)", "cyclegan"),
+    ):
         assert trained[name][trained[name].index("--checkpoint") + 1] == str(tmp_path / folder / "model.pt")
     cyclegan = trained["CycleGAN-only baseline detection"]
     assert cyclegan[cyclegan.index("--cyclegan_checkpoint") + 1] == str(tmp_path / "cyclegan" / "model.pt")
@@ -97,7 +102,6 @@ def test_demo_split_holds_healthy_subjects_and_ceilings_read_twins(tmp_path):
     assert true_pairs[true_pairs.index("--lesion_placement") + 1] == "random"
     twin_steps = [name for name in steps if name.startswith(("CEILING", "REFERENCE"))]
     assert len(twin_steps) == 5
-
 
 
 def test_own_dataset_pipeline_trains_everything_with_the_scale_configs_and_torchrun_on_several_gpus(tmp_path):
@@ -174,7 +178,10 @@ def test_training_steps_print_their_expected_duration_from_configs_and_counts(tm
     estimates = {s.name: s.estimate() for s in dataset_steps(tmp_path, tmp_path / "data", "cpu") if s.estimate}
     rate = REFERENCE_RATES["cpu"][1]["score"]
     assert estimates["train CycleGAN (stage 1)"].startswith(f"expected ≈ {2400 * REFERENCE_RATES['cpu'][1]['cyclegan'] / 60:.0f} min")
-    assert estimates["train VE-JP score model (stage 2)"] == f"expected ≈ {4000 * rate / 60:.0f} min on a 2-core x86-64 CPU (4,000 iterations × {rate:.3f} s)"
+    assert (
+        estimates["train VE-JP score model (stage 2)"]
+        == f"expected ≈ {4000 * rate / 60:.0f} min on a 2-core x86-64 CPU (4,000 iterations × {rate:.3f} s)"
+    )
     assert len(estimates) == 4
     assert training_iterations("score", {"max_epochs": 100, "batch_size": 8}, counts) == 100 * 104
     assert training_iterations("cyclegan", {"n_epochs": 100, "n_epochs_decay": 100, "batch_size": 1}, counts) == 200 * 4 * 380

@@ -50,8 +50,7 @@ def test_lay_out_copies_the_five_files_per_case_and_never_the_predictions(deepbr
     cases = real_brats.lay_out(deepbrainseg, out)
     assert sorted(cases) == sorted(real_brats.SUBJECTS)
     for subject in real_brats.SUBJECTS:
-        assert sorted(p.name for p in (out / subject).iterdir()) == sorted(
-            f"{subject}_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg"))
+        assert sorted(p.name for p in (out / subject).iterdir()) == sorted(f"{subject}_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg"))
     dataset = find_dataset(out, require_seg=True)
     assert dataset.layout == "brats2020" and len(dataset.subjects) == 20
     # the band volumes come from the expert labels: 0 for the two healthy-band cases, 2 voxels for the others
@@ -67,15 +66,14 @@ def test_cases_are_found_under_the_2019_and_2020_names(tmp_path):
     renamed = {}
     for i, subject in enumerate(real_brats.SUBJECTS):
         if i % 2:
-            name = "BraTS19_" + subject[len("Brats18_"):]
+            name = "BraTS19_" + subject[len("Brats18_") :]
             write_case(source / "HGG" / name, name, 3)
         else:
             name = f"BraTS20_Training_{i:03d}"
             write_case(source / "MICCAI_BraTS2020_TrainingData" / name, name, 3)
             renamed[subject] = name
     rows = "\n".join(f"HGG,{old},{new}" for old, new in renamed.items())
-    (source / "MICCAI_BraTS2020_TrainingData" / "name_mapping.csv").write_text(
-        f"Grade,BraTS_2018_subject_ID,BraTS_2020_subject_ID\n{rows}\n")
+    (source / "MICCAI_BraTS2020_TrainingData" / "name_mapping.csv").write_text(f"Grade,BraTS_2018_subject_ID,BraTS_2020_subject_ID\n{rows}\n")
     located = real_brats.locate_cases(source)
     assert located["Brats18_2013_11_1"].name == "BraTS20_Training_000"
     assert located["Brats18_2013_20_1"].name == "BraTS19_2013_20_1"
@@ -118,6 +116,5 @@ def test_committed_split_is_the_rule_applied_to_its_recorded_volumes_and_prepare
     assert sorted(voxels) == sorted(real_brats.SUBJECTS)
     assert manifest == json.loads(json.dumps(real_brats.split_manifest(voxels)))
     assert manifest["counts"] == {"train": 12, "val": 4, "test": 4}
-    assert sorted(manifest["healthy_band"]["val"] + manifest["healthy_band"]["test"]) == [
-        "Brats18_TCIA01_425_1", "Brats18_TCIA01_499_1"]
+    assert sorted(manifest["healthy_band"]["val"] + manifest["healthy_band"]["test"]) == ["Brats18_TCIA01_425_1", "Brats18_TCIA01_499_1"]
     assert load_split_file(real_brats.SPLIT_FILE, list(real_brats.SUBJECTS)) == manifest["split"]

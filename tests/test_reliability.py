@@ -250,8 +250,12 @@ def run_vejp(assets, out: Path, **inputs) -> None:
 
 def run_cyclegan(assets, run_id: str, **inputs) -> None:
     overrides = dict(  # the generator stated, as the VE-JP helper states its network: a checkpoint must match it
-        image_size=32, generator_config=ResnetGenerator(**GENERATOR).config, work_dir=str(assets["root"]), checkpoint=str(assets["cyclegan"]),
-        prepare_config=str(assets["prepare_config"]), direction="AB",
+        image_size=32,
+        generator_config=ResnetGenerator(**GENERATOR).config,
+        work_dir=str(assets["root"]),
+        checkpoint=str(assets["cyclegan"]),
+        prepare_config=str(assets["prepare_config"]),
+        direction="AB",
     )
     run(run_id, config_file=CYCLEGAN_CONFIGS, logging_file=False, **{**overrides, **inputs})
 
@@ -321,22 +325,31 @@ INPUT_CASES: dict[str, Callable] = {
     # name: (assets, tmp_path) -> (VE-JP inference overrides, path the error must name, problem regex)
     "subject_dir_missing": lambda a, t: (dict(subject_dir=str(t / "nope")), str(t / "nope"), "subject directory does not exist"),
     "subject_dir_is_a_file": lambda a, t: (
-        dict(subject_dir=str(path_of(a["dataset"] / "S001", "t1"))), str(path_of(a["dataset"] / "S001", "t1")), "is a file, not a subject directory",
+        dict(subject_dir=str(path_of(a["dataset"] / "S001", "t1"))),
+        str(path_of(a["dataset"] / "S001", "t1")),
+        "is a file, not a subject directory",
     ),
     "calibration_file_missing": lambda a, t: (
-        dict(subject_dir=str(a["dataset"] / "S001"), calibration_file=str(t / "calibration.json")), str(t / "calibration.json"),
+        dict(subject_dir=str(a["dataset"] / "S001"), calibration_file=str(t / "calibration.json")),
+        str(t / "calibration.json"),
         "cannot read calibration JSON",
     ),
     "calibration_file_damaged": lambda a, t: (
         dict(subject_dir=str(a["dataset"] / "S001"), calibration_file=str(_write(t / "calibration.json", '{"weights": {"t1": 1.0}'))),
-        str(t / "calibration.json"), "cannot read calibration JSON",
+        str(t / "calibration.json"),
+        "cannot read calibration JSON",
     ),
     "explicit_file_missing": lambda a, t: (_vejp_files(a, t, t2=t / "S001_t2.nii.gz"), str(t / "S001_t2.nii.gz"), "file not found"),
     "explicit_wrong_extension": lambda a, t: (
         _vejp_files(a, t, flair=shutil.copy(path_of(a["dataset"] / "S001", "flair"), t / "S001_flair.png")),
-        str(t / "S001_flair.png"), "cannot read as NIfTI",
+        str(t / "S001_flair.png"),
+        "cannot read as NIfTI",
     ),
-    "explicit_modality_missing": lambda a, t: (_vejp_files(a, t, flair=None), str(path_of(a["dataset"] / "S001", "t1")), r"missing modalities \['flair'\]"),
+    "explicit_modality_missing": lambda a, t: (
+        _vejp_files(a, t, flair=None),
+        str(path_of(a["dataset"] / "S001", "t1")),
+        r"missing modalities \['flair'\]",
+    ),
     "datalist_names_absent_file": _absent_datalist_file,
 }
 
@@ -397,14 +410,34 @@ def _vejp_other_spec(assets, tmp_path, **changes) -> Path:
 
 CHECKPOINT_CASES: dict[str, tuple[str, Callable, str]] = {
     # name: (stage, (assets, tmp_path) -> checkpoint path, problem regex)
-    "vejp-other_architecture": ("vejp", lambda a, t: _vejp_other_spec(a, t, network={"channels": [8, 8]}), r"network\.channels: checkpoint \[8, 8\], config \[8, 16\]"),
-    "vejp-other_image_size": ("vejp", lambda a, t: _vejp_other_spec(a, t, preprocess={"image_size": 16}), "made for image_size=16 but the config has image_size=32"),
+    "vejp-other_architecture": (
+        "vejp",
+        lambda a, t: _vejp_other_spec(a, t, network={"channels": [8, 8]}),
+        r"network\.channels: checkpoint \[8, 8\], config \[8, 16\]",
+    ),
+    "vejp-other_image_size": (
+        "vejp",
+        lambda a, t: _vejp_other_spec(a, t, preprocess={"image_size": 16}),
+        "made for image_size=16 but the config has image_size=32",
+    ),
     "vejp-truncated": ("vejp", lambda a, t: _truncate_copy(a["vejp"], t), "cannot read checkpoint"),
     "vejp-cyclegan_checkpoint": ("vejp", lambda a, t: a["cyclegan"], "not a checkpoint of the vejp_anomaly bundle"),
     "vejp-missing": ("vejp", lambda a, t: t / "model.pt", "checkpoint not found"),
-    "cyclegan-other_architecture": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", PREP, dict(ngf=8, n_blocks=1)), "generator.ngf: checkpoint 8, config 4"),
-    "cyclegan-other_image_size": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", replace(PREP, image_size=64), GENERATOR), "preprocess.image_size: checkpoint 64, config 32"),
-    "cyclegan-other_normalisation": ("cyclegan", lambda a, t: save_cyclegan(t / "other.pt", replace(PREP, normalization="percentile"), GENERATOR), "preprocess.normalization: checkpoint 'percentile', config 'brain_median'"),
+    "cyclegan-other_architecture": (
+        "cyclegan",
+        lambda a, t: save_cyclegan(t / "other.pt", PREP, dict(ngf=8, n_blocks=1)),
+        "generator.ngf: checkpoint 8, config 4",
+    ),
+    "cyclegan-other_image_size": (
+        "cyclegan",
+        lambda a, t: save_cyclegan(t / "other.pt", replace(PREP, image_size=64), GENERATOR),
+        "preprocess.image_size: checkpoint 64, config 32",
+    ),
+    "cyclegan-other_normalisation": (
+        "cyclegan",
+        lambda a, t: save_cyclegan(t / "other.pt", replace(PREP, normalization="percentile"), GENERATOR),
+        "preprocess.normalization: checkpoint 'percentile', config 'brain_median'",
+    ),
     "cyclegan-other_architecture_no_spec": ("cyclegan", lambda a, t: _cyclegan_without_spec(t), "does not fit the configured generator"),
     "cyclegan-truncated": ("cyclegan", lambda a, t: _truncate_copy(a["cyclegan"], t), "cannot read checkpoint"),
     "cyclegan-vejp_checkpoint": ("cyclegan", lambda a, t: a["vejp"], "not a cyclegan_brats checkpoint"),
@@ -459,7 +492,8 @@ def test_integer_volumes_near_their_limit_give_the_float_result(assets, tmp_path
             run_vejp(assets, out, subject_dir=str(dataset / "S002"))
         outputs[variant] = {
             str(p.relative_to(out)): np.load(p) if p.suffix == ".npy" else nib.load(str(p)).get_fdata(dtype=np.float32)
-            for p in sorted(out.rglob("*")) if p.suffix == ".npy" or p.name.endswith(".nii.gz")
+            for p in sorted(out.rglob("*"))
+            if p.suffix == ".npy" or p.name.endswith(".nii.gz")
         }
     assert len(outputs["int"]) >= 4 and outputs["int"].keys() == outputs["float"].keys()
     for name, array in outputs["int"].items():
@@ -578,13 +612,15 @@ WRITERS: dict[str, tuple[Callable, str, tuple[str, ...]]] = {
     "prepare": (lambda a, w, o: run_prepare(a, a["dataset"], w / "prepared", overwrite=o), "prepared", ()),
     "pseudo_pairs": (
         lambda a, w, o: run_cyclegan(a, "inference", prepared_dir=str(w / "prepared"), pseudo_pairs_dir=str(w / "pseudo_pairs"), overwrite=o),
-        "pseudo_pairs", (),
+        "pseudo_pairs",
+        (),
     ),
     "detection": (  # not the folder evaluated below: its provenance timings would change the evaluation report
         lambda a, w, o: run_vejp(
             a, w / "detections" / "seed1" / "test", datalist=str(w / "prepared" / "volumes.json"), split="test", sample_seed=1, overwrite=o
         ),
-        "detections/seed1/test", ("_detection.json", "_overlay.png"),
+        "detections/seed1/test",
+        ("_detection.json", "_overlay.png"),
     ),
     "evaluation": (lambda a, w, o: run_evaluation(w, overwrite=o), "evaluation", (".png",)),
 }
@@ -757,8 +793,9 @@ def test_bundle_command_ends_with_the_one_line_error_naming_the_file(assets, tmp
     source = tmp_path / "S001_flair.nii.gz"
     source.write_bytes(path_of(assets["dataset"] / "S001", "flair").read_bytes()[:2000])
     output = tmp_path / "out" / "flair_AB.nii.gz"
-    overrides = dict(image_size=32, **GENERATOR, checkpoint=assets["cyclegan"], prepare_config=assets["prepare_config"],
-                     input_image=source, output_image=output)
+    overrides = dict(
+        image_size=32, **GENERATOR, checkpoint=assets["cyclegan"], prepare_config=assets["prepare_config"], input_image=source, output_image=output
+    )
     command = [sys.executable, "-m", "monai.bundle", "run", "translate_volume", "--config_file", repr(CYCLEGAN_CONFIGS)]
     command += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -852,6 +889,8 @@ def test_diverged_reconstruction_stops_detection_without_output(assets, tmp_path
 
 def test_importing_the_package_changes_no_global_state():
     """The one-line error hook is installed by the bundles' entry module (their configs import it), not by the package."""
-    code = ("import sys; hook = sys.excepthook; import tsgm_components, tsgm_components.detection.detector, tsgm_components.evaluation.harness; "
-            "assert sys.excepthook is hook; import tsgm_components.bundle_entry; assert sys.excepthook is not hook")
+    code = (
+        "import sys; hook = sys.excepthook; import tsgm_components, tsgm_components.detection.detector, tsgm_components.evaluation.harness; "
+        "assert sys.excepthook is hook; import tsgm_components.bundle_entry; assert sys.excepthook is not hook"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -24,8 +24,7 @@ import gpu_volume_time  # noqa: E402
 import sampling as sampling_benchmark  # noqa: E402
 
 CONFIGS = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
-TINY = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
-            num_head_channels=8, norm_num_groups=8)
+TINY = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1, num_head_channels=8, norm_num_groups=8)
 TINY_YAML = """image_size: 32
 network_args: {condition_channels: 1, channels: [8, 16], attention_levels: [false, false], num_res_blocks: 1,
                num_head_channels: 8, norm_num_groups: 8}
@@ -77,8 +76,24 @@ def bench(prepared_dir, tmp_path_factory):
 
 
 def run_benchmark(work, configs, out, *extra):
-    argv = ["--work_dir", str(work), "--config_file", *configs, "--subjects", "1", "--slices_per_subject", "2",
-            "--validation_slices_per_subject", "3", "--repeats", "2", "--out_dir", str(out), *FAST, *extra]
+    argv = [
+        "--work_dir",
+        str(work),
+        "--config_file",
+        *configs,
+        "--subjects",
+        "1",
+        "--slices_per_subject",
+        "2",
+        "--validation_slices_per_subject",
+        "3",
+        "--repeats",
+        "2",
+        "--out_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
     return sampling_benchmark.main(argv)
 
 
@@ -194,9 +209,21 @@ def test_sampling_benchmark_bad_inputs(bench, tmp_path, capsys):
 
 def test_gpu_volume_time_runs_on_cpu_and_extrapolates_the_reference(bench, tmp_path):
     work, _ = bench
-    argv = ["--device", "cpu", "--model_config", str(CONFIGS / "train.yaml"), str(work / "tiny.yaml"), "--slices", "2",
-            "--reference_probe_nfe", "2",
-            "--samplers", "heun:n_steps=2", "--out_dir", str(tmp_path)]
+    argv = [
+        "--device",
+        "cpu",
+        "--model_config",
+        str(CONFIGS / "train.yaml"),
+        str(work / "tiny.yaml"),
+        "--slices",
+        "2",
+        "--reference_probe_nfe",
+        "2",
+        "--samplers",
+        "heun:n_steps=2",
+        "--out_dir",
+        str(tmp_path),
+    ]
     assert gpu_volume_time.main(argv) == 0
     info = json.loads((tmp_path / "gpu_volume_time_cpu.json").read_text())
     reference, heun = info["rows"]

@@ -88,10 +88,7 @@ def test_network_parameter_counts_of_both_scales():
 
 def pair_batches(n, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [
-        {"image": torch.rand(2, 1, size, size, generator=g), "condition": torch.rand(2, 1, size, size, generator=g)}
-        for _ in range(n)
-    ]
+    return [{"image": torch.rand(2, 1, size, size, generator=g), "condition": torch.rand(2, 1, size, size, generator=g)} for _ in range(n)]
 
 
 def make_trainer(data, max_epochs, condition_channels=1, seed=0, warmup=3):
@@ -99,8 +96,15 @@ def make_trainer(data, max_epochs, condition_channels=1, seed=0, warmup=3):
     net = ScoreUNet(condition_channels, **TINY)
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     return ScoreMatchingTrainer(
-        device="cpu", max_epochs=max_epochs, train_data_loader=data, network=net, optimizer=opt, sde=VESDE(),
-        lr_scheduler=linear_warmup(opt, warmup), seed=seed, loss_weight=net.loss_weight,
+        device="cpu",
+        max_epochs=max_epochs,
+        train_data_loader=data,
+        network=net,
+        optimizer=opt,
+        sde=VESDE(),
+        lr_scheduler=linear_warmup(opt, warmup),
+        seed=seed,
+        loss_weight=net.loss_weight,
     )
 
 
@@ -177,8 +181,7 @@ def test_inferer_runs_a_real_score_unet():
 def test_amp_means_bfloat16_autocast_without_a_scaler_on_the_cpu():
     """amp has one meaning (tsgm_components.diffusion.precision): float16 + GradScaler on CUDA, bfloat16 on the CPU."""
     net = ScoreUNet(1, **TINY)
-    trainer = ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(),
-                                   loss_weight=net.loss_weight, amp=True)
+    trainer = ScoreMatchingTrainer("cpu", 1, pair_batches(1), net, torch.optim.Adam(net.parameters()), VESDE(), loss_weight=net.loss_weight, amp=True)
     seen = []
     net.unet.register_forward_hook(lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
     before = flat(net)
@@ -202,15 +205,13 @@ def test_training_reduces_the_dsm_loss():
 
     def eval_loss(net):
         with torch.no_grad():
-            return dsm_loss(net, held_out["image"], held_out["condition"], VESDE(), torch.Generator().manual_seed(1),
-                            net.loss_weight)
+            return dsm_loss(net, held_out["image"], held_out["condition"], VESDE(), torch.Generator().manual_seed(1), net.loss_weight)
 
     torch.manual_seed(0)
     net = ScoreUNet(1, **TINY)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     before = eval_loss(net)
-    ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5),
-                         loss_weight=net.loss_weight).run()
+    ScoreMatchingTrainer("cpu", 1, [pair(4) for _ in range(20)], net, opt, VESDE(), linear_warmup(opt, 5), loss_weight=net.loss_weight).run()
     after = eval_loss(net)
     assert before > 0.3 and after < 0.5 * before, (before, after)
 

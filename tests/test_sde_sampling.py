@@ -287,10 +287,15 @@ def test_a_sampler_is_one_registry_entry(monkeypatch):
             x = x + (sigma - below) * sigma * score_fn(x, torch.full((x.shape[0],), sigma))
         return SampleOutput(x, len(inf.sigmas))
 
-    monkeypatch.setitem(inferers.SAMPLERS, "euler", inferers.Sampler(
-        sigmas=lambda sde, n_steps, start: karras_sigmas(n_steps or 40, sde.sigma_min, sde.sigma_max)[:-1],
-        run=euler, nfe=lambda inf: len(inf.sigmas),
-    ))
+    monkeypatch.setitem(
+        inferers.SAMPLERS,
+        "euler",
+        inferers.Sampler(
+            sigmas=lambda sde, n_steps, start: karras_sigmas(n_steps or 40, sde.sigma_min, sde.sigma_max)[:-1],
+            run=euler,
+            nfe=lambda inf: len(inf.sigmas),
+        ),
+    )
     inputs = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
     network = ConditionalGaussianScore()
     inferer = DiffusionSamplerInferer(VESDE(), sampler="euler", n_steps=200, seed=1)
@@ -301,9 +306,15 @@ def test_a_sampler_is_one_registry_entry(monkeypatch):
         DiffusionSamplerInferer(VESDE(), sampler="euler", churn=1.0)
     with pytest.raises(ValueError, match=r"unconditional model reconstructs only with sampler in \['sdedit'\]"):
         DiffusionSamplerInferer(VESDE(), sampler="euler", conditional=False)
-    monkeypatch.setitem(inferers.SAMPLERS, "euler", inferers.Sampler(
-        sigmas=inferers.SAMPLERS["euler"].sigmas, run=euler, nfe=lambda inf: len(inf.sigmas) + 1,
-    ))
+    monkeypatch.setitem(
+        inferers.SAMPLERS,
+        "euler",
+        inferers.Sampler(
+            sigmas=inferers.SAMPLERS["euler"].sigmas,
+            run=euler,
+            nfe=lambda inf: len(inf.sigmas) + 1,
+        ),
+    )
     with pytest.raises(RuntimeError, match="made 200 score evaluations per draw, expected 201"):
         DiffusionSamplerInferer(VESDE(), sampler="euler", n_steps=200)(inputs, network)
 
@@ -374,8 +385,9 @@ def test_inferer_compile_of_a_real_score_network_matches_eager():
     from tsgm_components.networks.score import ScoreUNet
 
     torch.manual_seed(0)
-    network = ScoreUNet(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
-                        num_head_channels=8, norm_num_groups=8).eval()
+    network = ScoreUNet(
+        condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1, num_head_channels=8, norm_num_groups=8
+    ).eval()
     with torch.no_grad():  # MONAI zero-initialises the output layer: make the network's output depend on its input
         for parameter in network.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))
@@ -450,9 +462,7 @@ def test_inferer_paper_defaults_and_modes():
         DiffusionSamplerInferer(sde, sampler="sdedit")
     with pytest.raises(ValueError, match="condition_channels=1"):
         DiffusionSamplerInferer(sde, n_steps=2)(torch.rand(1, 1, 4, 4), ConditionalGaussianScore(0))
-    unconditional = DiffusionSamplerInferer(
-        sde, sampler="sdedit", n_steps=10, sdedit_sigma_start=0.3, conditional=False
-    )
+    unconditional = DiffusionSamplerInferer(sde, sampler="sdedit", n_steps=10, sdedit_sigma_start=0.3, conditional=False)
     out = unconditional(torch.full((2, 1, 8, 8), MU), ConditionalGaussianScore(0))
     assert out.shape == (2, 1, 8, 8) and abs(out.mean().item() - MU) < 0.05
 
@@ -515,8 +525,7 @@ def test_channels_last_layout_changes_only_rounding():
     from tsgm_components.networks.score import ScoreUNet
 
     torch.manual_seed(0)
-    network = ScoreUNet(channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=8,
-                        norm_num_groups=8).eval()
+    network = ScoreUNet(channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=8, norm_num_groups=8).eval()
     inputs = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     kwargs = dict(sampler="heun", n_steps=3, seed=2, batch_size=4)
     plain = DiffusionSamplerInferer(VESDE(sigma_max=20.0), **kwargs)(inputs, network)

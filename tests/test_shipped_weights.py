@@ -58,8 +58,10 @@ def test_a_damaged_shipped_file_is_refused_at_load_with_one_line(tmp_path):
         checked_provenance(tmp_path / "phantom.pt")
 
 
-@pytest.mark.parametrize("overlay, checkpoint", [([], None), (["sdedit.yaml"], None), (["true_pairs.yaml"], None),
-                                                 ([], PHANTOM["vejp"]), (["sdedit.yaml"], PHANTOM["vejp_unconditional"])])
+@pytest.mark.parametrize(
+    "overlay, checkpoint",
+    [([], None), (["sdedit.yaml"], None), (["true_pairs.yaml"], None), ([], PHANTOM["vejp"]), (["sdedit.yaml"], PHANTOM["vejp_unconditional"])],
+)
 def test_shipped_score_models_load_through_the_inference_config(overlay, checkpoint):
     """The configs' defaults are the real set (the true-pairs model exists for the phantom only); --checkpoint names
     the phantom set."""
@@ -122,8 +124,15 @@ def test_single_subject_inference_with_the_shipped_weights_and_calibration(phant
     subject = sorted(p for p in phantom_dir.iterdir() if p.is_dir())[0]
     out = tmp_path / "out"
     with caplog.at_level("INFO"):
-        run("inference", config_file=str(VEJP / "inference.yaml"), logging_file=False, subject_dir=str(subject),
-            detection_dir=str(out), device="$torch.device('cpu')", checkpoint=str(PHANTOM["vejp"]))
+        run(
+            "inference",
+            config_file=str(VEJP / "inference.yaml"),
+            logging_file=False,
+            subject_dir=str(subject),
+            detection_dir=str(out),
+            device="$torch.device('cpu')",
+            checkpoint=str(PHANTOM["vejp"]),
+        )
     assert "trained on the phantom dataset" in caplog.text and "applied to a" not in caplog.text
     folder = out / subject.name
     mask = nib.load(str(folder / f"{subject.name}_mask.nii.gz"))
@@ -139,7 +148,13 @@ def test_single_subject_inference_with_the_shipped_weights_and_calibration(phant
     assert not (tmp_path / "tsgm_work").exists()  # nothing written outside the detection folder
     caplog.clear()
     with caplog.at_level("INFO"):
-        run("inference", config_file=str(VEJP / "inference.yaml"), logging_file=False, subject_dir=str(subject),
-            detection_dir=str(tmp_path / "real_weights"), device="$torch.device('cpu')")
+        run(
+            "inference",
+            config_file=str(VEJP / "inference.yaml"),
+            logging_file=False,
+            subject_dir=str(subject),
+            detection_dir=str(tmp_path / "real_weights"),
+            device="$torch.device('cpu')",
+        )
     assert "trained on 20 real BraTS 2018" in caplog.text
     assert "weights trained on real scans applied to a phantom scan" in caplog.text

@@ -67,8 +67,7 @@ def test_bf16_training_iteration_and_snapshot_grid(stacked_prepared, tmp_path):
     g_opt = torch.optim.Adam(list(g_ab.parameters()) + list(g_ba.parameters()), lr=2e-4)
     d_opt = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), lr=2e-4)
     loader = torch.utils.data.DataLoader(UnpairedSliceDataset(stacked_prepared, image_size=32, in_channels=4), batch_size=2)
-    trainer = CycleGANTrainer("cpu", 1, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, ImagePool(2, 0), ImagePool(2, 1),
-                              amp=True, epoch_length=2)
+    trainer = CycleGANTrainer("cpu", 1, loader, g_ab, g_ba, d_a, d_b, g_opt, d_opt, ImagePool(2, 0), ImagePool(2, 1), amp=True, epoch_length=2)
     before = [p.detach().clone() for p in g_ab.parameters()]
     trainer.run()
     assert all(np.isfinite(v) for v in trainer.state.output.values())

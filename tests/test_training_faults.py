@@ -47,12 +47,32 @@ VEJP = Path(tsgm_components.bundle_dir("vejp_anomaly")) / "configs"
 CYCLEGAN_CONFIGS = [str(CYCLEGAN / "train.yaml")]
 VEJP_CONFIGS = [str(VEJP / "train.yaml"), str(VEJP / "cpu.yaml")]
 #: 16 A / 16 B slices, batch 4: 4 iterations per epoch; epoch 2 is the first decay epoch
-CYCLEGAN_TINY = dict(image_size=32, ngf=4, n_blocks=1, ndf=4, n_layers_d=2, batch_size=4, num_workers=0, cache_rate=1.0,
-                     n_epochs=1, n_epochs_decay=1, progress_bar=False, log_every=1)
+CYCLEGAN_TINY = dict(
+    image_size=32,
+    ngf=4,
+    n_blocks=1,
+    ndf=4,
+    n_layers_d=2,
+    batch_size=4,
+    num_workers=0,
+    cache_rate=1.0,
+    n_epochs=1,
+    n_epochs_decay=1,
+    progress_bar=False,
+    log_every=1,
+)
 #: 8 pairs, batch 4: 2 iterations per epoch, 3 epochs; warm-up over the first 4 iterations
-VEJP_TINY = dict(image_size=32, batch_size=4, epoch_length="$None", max_epochs=3, warmup_steps=4, log_interval=1,
-                 network_args=dict(condition_channels=1, channels=[16, 16], attention_levels=[False, True],
-                                   num_res_blocks=1, num_head_channels=16, norm_num_groups=16))
+VEJP_TINY = dict(
+    image_size=32,
+    batch_size=4,
+    epoch_length="$None",
+    max_epochs=3,
+    warmup_steps=4,
+    log_interval=1,
+    network_args=dict(
+        condition_channels=1, channels=[16, 16], attention_levels=[False, True], num_res_blocks=1, num_head_channels=16, norm_num_groups=16
+    ),
+)
 
 #: Runs the training bundle in a fresh process and SIGKILLs it: mode "iteration" after iteration N completes,
 #: mode "save" inside the N-th torch.save, after half of the checkpoint's bytes reached the file.
@@ -198,9 +218,7 @@ def test_vejp_sigkill_mid_epoch_then_resume_equals_uninterrupted(vejp_uninterrup
     assert_same_state(load(vejp / "model.pt"), load(vejp_uninterrupted / "model.pt"))
 
 
-def test_cyclegan_sigkill_while_saving_keeps_the_previous_checkpoint_and_resume_equals_uninterrupted(
-    prepared, cyclegan_uninterrupted, tmp_path
-):
+def test_cyclegan_sigkill_while_saving_keeps_the_previous_checkpoint_and_resume_equals_uninterrupted(prepared, cyclegan_uninterrupted, tmp_path):
     work = tmp_path / "work"
     overrides = dict(CYCLEGAN_TINY, work_dir=str(work), prepared_dir=str(prepared))
     killed = run_killed(tmp_path, "save", 2, CYCLEGAN_CONFIGS, overrides)  # dies half-way through epoch 2's checkpoint
@@ -287,15 +305,17 @@ def test_cyclegan_checkpoint_refuses_other_networks_naming_the_keys(cyclegan_uni
     model = cyclegan_uninterrupted / "model.pt"
     preprocess = read_prepare_config(prepared, 32)
     assert load(model)["model_spec"] == {
-        "preprocess": json.loads(json.dumps(preprocess.to_dict())), "generator": {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1},
+        "preprocess": json.loads(json.dumps(preprocess.to_dict())),
+        "generator": {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1},
         "discriminator": {"in_channels": 1, "ndf": 4, "n_layers": 2},
     }
     load_generator(ResnetGenerator(ngf=4, n_blocks=1), model, "BA", preprocess)  # the same networks load
     with pytest.raises(TsgmInputError) as excinfo:
         load_generator(ResnetGenerator(ngf=8, n_blocks=2), model, "AB", replace(preprocess, image_size=64))
     assert excinfo.value.path == str(model)
-    assert ("generator.n_blocks: checkpoint 1, config 2; generator.ngf: checkpoint 4, config 8; "
-            "preprocess.image_size: checkpoint 32, config 64") in excinfo.value.problem
+    assert (
+        "generator.n_blocks: checkpoint 1, config 2; generator.ngf: checkpoint 4, config 8; preprocess.image_size: checkpoint 32, config 64"
+    ) in excinfo.value.problem
 
     # the inference bundle (pseudo-pairs) refuses data prepared otherwise than the generator's, before writing anything
     percentile = tmp_path / "percentile"
@@ -303,8 +323,17 @@ def test_cyclegan_checkpoint_refuses_other_networks_naming_the_keys(cyclegan_uni
     config = json.loads((percentile / "prepare_config.json").read_text())
     (percentile / "prepare_config.json").write_text(json.dumps({**config, "normalization": "brain_median"}))
     with pytest.raises(Exception) as excinfo:
-        run("inference", config_file=[str(CYCLEGAN / "inference.yaml")], logging_file=False, work_dir=str(tmp_path),
-            prepared_dir=str(percentile), checkpoint=str(model), image_size=32, ngf=4, n_blocks=1)
+        run(
+            "inference",
+            config_file=[str(CYCLEGAN / "inference.yaml")],
+            logging_file=False,
+            work_dir=str(tmp_path),
+            prepared_dir=str(percentile),
+            checkpoint=str(model),
+            image_size=32,
+            ngf=4,
+            n_blocks=1,
+        )
     assert "preprocess.normalization: checkpoint 'percentile', config 'brain_median'" in str(cause(excinfo.value, TsgmInputError))
     assert not (tmp_path / "pseudo_pairs").exists()
 
@@ -313,8 +342,13 @@ def test_cyclegan_checkpoint_refuses_other_networks_naming_the_keys(cyclegan_uni
     (work / "cyclegan").mkdir(parents=True)
     (work / "cyclegan" / "checkpoint_epoch=2.pt").write_bytes((cyclegan_uninterrupted / "checkpoint_epoch=2.pt").read_bytes())
     with pytest.raises(Exception) as excinfo:
-        run("training", config_file=CYCLEGAN_CONFIGS, logging_file=False, resume=True,
-            **dict(CYCLEGAN_TINY, work_dir=str(work), prepared_dir=str(prepared), ndf=8, n_epochs=3))
+        run(
+            "training",
+            config_file=CYCLEGAN_CONFIGS,
+            logging_file=False,
+            resume=True,
+            **dict(CYCLEGAN_TINY, work_dir=str(work), prepared_dir=str(prepared), ndf=8, n_epochs=3),
+        )
     error = cause(excinfo.value, TsgmInputError)
     assert error.path.endswith("checkpoint_epoch=2.pt") and "discriminator.ndf: checkpoint 4, config 8" in error.problem
 
@@ -326,10 +360,13 @@ def test_same_seed_same_losses_score_trainer():
     def losses(seed: int) -> list[float]:
         torch.manual_seed(seed)
         network = ScoreUNet(1, channels=(16, 16), attention_levels=(False, False), num_res_blocks=1, num_head_channels=16, norm_num_groups=16)
-        data = torch.utils.data.DataLoader([{"image": torch.rand(1, 16, 16), "condition": torch.rand(1, 16, 16)} for _ in range(6)], batch_size=2, shuffle=True)
+        data = torch.utils.data.DataLoader(
+            [{"image": torch.rand(1, 16, 16), "condition": torch.rand(1, 16, 16)} for _ in range(6)], batch_size=2, shuffle=True
+        )
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
-        trainer = ScoreMatchingTrainer("cpu", 2, data, network, optimizer, VESDE(), linear_warmup(optimizer, 2), seed=seed,
-                                       loss_weight=network.loss_weight)
+        trainer = ScoreMatchingTrainer(
+            "cpu", 2, data, network, optimizer, VESDE(), linear_warmup(optimizer, 2), seed=seed, loss_weight=network.loss_weight
+        )
         recorded: list[float] = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: recorded.append(float(e.state.output["loss"])))
         trainer.run()

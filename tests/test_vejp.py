@@ -33,8 +33,19 @@ UNCONDITIONAL, MULTI_GPU = CONFIGS / "train_unconditional.yaml", CONFIGS / "mult
 
 SHAPE = (20, 24, 8)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0, 1]])
-PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, normalization="brain_median", median_target=0.4,
-                  lower_percentile=1.0, upper_percentile=99.0, orientation=None, voxel_size=None, volume_shape=None)
+PREPROCESS = dict(
+    z_min=2,
+    z_max=5,
+    image_size=32,
+    pad_to=32,
+    normalization="brain_median",
+    median_target=0.4,
+    lower_percentile=1.0,
+    upper_percentile=99.0,
+    orientation=None,
+    voxel_size=None,
+    volume_shape=None,
+)
 N_PAIRS, BATCH = 8, 4
 TINY_TRAIN = dict(image_size=32, max_epochs=1, epoch_length="$None", batch_size=BATCH, warmup_steps=2, log_interval=1)
 TINY_SAMPLER = dict(sampler="heun", n_steps=3, n_draws=2, sample_batch_size=16)
@@ -131,8 +142,11 @@ def test_inference_builds_the_model_its_checkpoint_records(overrides, tmp_path):
     train.read_config([str(TRAIN), *map(str, overrides)])
     keys = ("image_size", "network_args", "sigma_min", "sigma_max", "n_scales")
     trained = {k: train.get_parsed_content(k) for k in keys}
-    spec = ModelSpec(dict(PREPROCESS, image_size=trained["image_size"], pad_to=trained["image_size"]),
-                     trained["network_args"], {"sigma_min": trained["sigma_min"], "sigma_max": trained["sigma_max"]})
+    spec = ModelSpec(
+        dict(PREPROCESS, image_size=trained["image_size"], pad_to=trained["image_size"]),
+        trained["network_args"],
+        {"sigma_min": trained["sigma_min"], "sigma_max": trained["sigma_max"]},
+    )
     torch.save({"model_spec": spec.state_dict()}, tmp_path / "model.pt")
     inference = ConfigParser()
     inference.read_config([str(INFER)])
@@ -147,8 +161,15 @@ def test_fine_tuning_starts_from_a_finished_models_weights_and_refuses_another_s
     from tsgm_components.checkpoints import initial_score_weights
     from tsgm_components.networks.score import ScoreUNet
 
-    network_args = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
-                        num_head_channels=8, norm_num_groups=8, sigma_data=0.5)
+    network_args = dict(
+        condition_channels=1,
+        channels=[8, 16],
+        attention_levels=[False, False],
+        num_res_blocks=1,
+        num_head_channels=8,
+        norm_num_groups=8,
+        sigma_data=0.5,
+    )
     spec = ModelSpec(dict(z_min=2, z_max=5, image_size=16, pad_to=16), network_args, {"sigma_min": 0.01, "sigma_max": 20.0})
     torch.manual_seed(0)
     finished = ScoreUNet(**network_args)
@@ -175,8 +196,9 @@ def test_weights_of_the_other_data_kind_warn(caplog):
         assert warn_on_data_mismatch("phantom", real, "case_a")
         assert "case_a: weights trained on the phantom applied to a real-looking scan" in caplog.text
         assert warn_on_data_mismatch("real", phantom, "case_b") and "case_b: weights trained on real scans applied to a phantom scan" in caplog.text
-        assert not any(warn_on_data_mismatch(kind, image, "c") for kind, image in
-                       (("phantom", phantom), ("real", real), (None, real), (None, phantom)))
+        assert not any(
+            warn_on_data_mismatch(kind, image, "c") for kind, image in (("phantom", phantom), ("real", real), (None, real), (None, phantom))
+        )
 
 
 def test_inference_defaults_to_the_shipped_weights():
@@ -277,10 +299,18 @@ def test_inference_with_calibration_writes_mask(trained, subject, tmp_path, capl
     calibration = tmp_path / "calibration.json"
     weights = {"t1": 0.1, "t1ce": 0.1, "t2": 0.4, "flair": 0.4}
     # chosen on posterior-mean reconstructions; this run samples Heun draws: the threshold is applied, with a warning
-    chosen_with = {"sampler": "posterior_mean", "n_steps": None, "n_draws": 1, "snr": 0.075, "n_corrector_steps": 1,
-                   "sdedit_sigma_start": None, "churn": 0.0}
-    calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed", "chosen_on": "validation",
-                                       "reconstruction": chosen_with}))
+    chosen_with = {
+        "sampler": "posterior_mean",
+        "n_steps": None,
+        "n_draws": 1,
+        "snr": 0.075,
+        "n_corrector_steps": 1,
+        "sdedit_sigma_start": None,
+        "churn": 0.0,
+    }
+    calibration.write_text(
+        json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed", "chosen_on": "validation", "reconstruction": chosen_with})
+    )
     files = {m: str(subject / f"S001_{m}.nii.gz") for m in MODALITIES}
     with caplog.at_level(logging.WARNING, logger="tsgm_components.detection.detector"):
         out = infer(trained, calibration_file=str(calibration), name="calibrated", **files) / "S001"
@@ -299,8 +329,7 @@ def test_weighted_reconstruction_skips_zero_weight_modalities(trained, subject, 
     calibration = tmp_path / "calibration.json"
     weights = {"t1": 0.0, "t1ce": 0.0, "t2": 0.4, "flair": 0.6}
     calibration.write_text(json.dumps({"weights": weights, "threshold": 0.05, "mode": "fixed"}))
-    out = infer(trained, calibration_file=str(calibration), name="weighted", subject_dir=str(subject),
-                reconstruct_modalities="weighted") / "S001"
+    out = infer(trained, calibration_file=str(calibration), name="weighted", subject_dir=str(subject), reconstruct_modalities="weighted") / "S001"
     record = json.loads((out / "S001_detection.json").read_text())
     assert record["reconstructed_modalities"] == ["t2", "flair"]
     assert {p.name for p in out.glob("S001_*_*.nii.gz")} == {f"S001_{k}_{m}.nii.gz" for k in ("healthy", "anomaly") for m in ("t2", "flair")}
@@ -392,9 +421,27 @@ def test_command_line_exits_non_zero_on_bad_input(trained, tmp_path):
     damage(folder, "missing")
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(INFER), "--work_dir", str(trained),
-         "--checkpoint", str(trained / "vejp" / "model.pt"), "--subject_dir", str(folder), "--detection_dir", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            str(INFER),
+            "--work_dir",
+            str(trained),
+            "--checkpoint",
+            str(trained / "vejp" / "model.pt"),
+            "--subject_dir",
+            str(folder),
+            "--detection_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert result.returncode != 0
     assert "CLI_flair.nii.gz: missing flair file" in result.stderr
@@ -439,6 +486,11 @@ def test_model_zoo_checks_pass_for_the_shipped_score_network():
     from monai.bundle import verify_metadata, verify_net_in_out
 
     verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(CONFIGS.parents[1] / "meta_schema_20240725.json"))
-    verify_net_in_out("network_def", meta_file=str(CONFIGS / "metadata.json"), config_file=str(INFER), device="cpu",
-                      checkpoint=str(CONFIGS.parent / "models" / "phantom.pt"),
-                      extra_forward_args={"sigma": torch.tensor([1.0]), "condition": torch.rand(1, 1, 64, 64)})
+    verify_net_in_out(
+        "network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(INFER),
+        device="cpu",
+        checkpoint=str(CONFIGS.parent / "models" / "phantom.pt"),
+        extra_forward_args={"sigma": torch.tensor([1.0]), "condition": torch.rand(1, 1, 64, 64)},
+    )

@@ -16,10 +16,12 @@ from tsgm_components.networks.score import ScoreUNet
 from tsgm_components.pipeline import PHANTOM_STEP, STEPS_RECORD, TRAINING_STEPS, WEIGHT_SETS
 from tsgm_components.weights import BUILD_COMMANDS, export_weights
 
-PREPROCESS = dict(z_min=2, z_max=5, image_size=32, pad_to=32, normalization="brain_median", median_target=0.4,
-                  lower_percentile=1.0, upper_percentile=99.0)
-NETWORK = dict(condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1,
-               num_head_channels=8, norm_num_groups=8, sigma_data=0.5)
+PREPROCESS = dict(
+    z_min=2, z_max=5, image_size=32, pad_to=32, normalization="brain_median", median_target=0.4, lower_percentile=1.0, upper_percentile=99.0
+)
+NETWORK = dict(
+    condition_channels=1, channels=[8, 16], attention_levels=[False, False], num_res_blocks=1, num_head_channels=8, norm_num_groups=8, sigma_data=0.5
+)
 
 
 @pytest.fixture()
@@ -36,15 +38,19 @@ def demo_run(tmp_path) -> Path:
         torch.save({"model": ScoreUNet(**network).state_dict(), "model_spec": spec.state_dict()}, work / folder / "model.pt")
         torch.save({"trainer": {"iteration": 6000, "epoch": 120}}, work / folder / "checkpoints" / "checkpoint_final.pt")
     generator = ResnetGenerator(4, 4, ngf=4, n_blocks=1)
-    state = {"G_AB": generator.state_dict(), "G_BA": generator.state_dict(), "D_A": {"w": torch.zeros(3)},
-             "optimizer_G": {}, SPEC_KEY: CycleGANSpec(PREPROCESS, generator.config).state_dict()}
+    state = {
+        "G_AB": generator.state_dict(),
+        "G_BA": generator.state_dict(),
+        "D_A": {"w": torch.zeros(3)},
+        "optimizer_G": {},
+        SPEC_KEY: CycleGANSpec(PREPROCESS, generator.config).state_dict(),
+    }
     (work / "cyclegan").mkdir()
     torch.save(state, work / "cyclegan" / "model.pt")
     torch.save({"trainer": {"iteration": 2400, "epoch": 8}}, work / "cyclegan" / "checkpoint_epoch=8.pt")
     (work / "calibration" / "tsgm").mkdir(parents=True)
     (work / "calibration" / "tsgm" / "calibration.json").write_text(json.dumps({"weights": {"flair": 1.0}, "threshold": 0.1}))
-    steps = {name: {"command": f"python -m monai.bundle run training ... {folder}", "seconds": 100.0}
-             for folder, name in TRAINING_STEPS.items()}
+    steps = {name: {"command": f"python -m monai.bundle run training ... {folder}", "seconds": 100.0} for folder, name in TRAINING_STEPS.items()}
     steps[PHANTOM_STEP] = {"command": "tsgm phantom --out W/phantom --n_subjects 40 --seed 0", "seconds": 50.0}
     (work / STEPS_RECORD).write_text(json.dumps(steps))
     return work
@@ -91,8 +97,10 @@ def test_export_of_some_models_leaves_the_others_shipped(demo_run, tmp_path):
     assert [p.name for p in written] == ["model.pt", "model_provenance.json"]
     shipped = torch.load(bundles / "cyclegan_brats" / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(shipped["G_AB"][k], v) for k, v in generator.state_dict().items())
-    assert kept == {**{t: (bundles / t).read_bytes() for t in kept if t != "calibration"},
-                    "calibration": (bundles / "vejp_anomaly" / "models" / "model_calibration.json").read_bytes()}
+    assert kept == {
+        **{t: (bundles / t).read_bytes() for t in kept if t != "calibration"},
+        "calibration": (bundles / "vejp_anomaly" / "models" / "model_calibration.json").read_bytes(),
+    }
     with pytest.raises(ValueError, match="models must be among"):
         export_weights(demo_run, "real", bundles=bundles, models=["vjep"])
     with pytest.raises(ValueError, match="weights must be one of"):

@@ -72,7 +72,8 @@ class CheckpointSpec:
                 theirs = theirs if isinstance(theirs, Mapping) else {}
                 found += [
                     f"{section}.{key}: checkpoint {theirs.get(key)!r}, config {mine.get(key)!r}"
-                    for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)
+                    for key in sorted(set(mine) | set(theirs))
+                    if mine.get(key) != theirs.get(key)
                 ]
             elif mine != theirs:
                 found.append(f"{section}: checkpoint {theirs!r}, config {mine!r}")
@@ -91,7 +92,8 @@ class CheckpointSpec:
         if found:
             raise TsgmInputError(
                 checkpoint,
-                "made for a different model than this config: " + "; ".join(found)
+                "made for a different model than this config: "
+                + "; ".join(found)
                 + " (use the same config overrides, e.g. configs/cpu.yaml, for training and inference)",
             )
 
@@ -181,8 +183,11 @@ def checked_provenance(checkpoint: str | Path) -> dict[str, Any] | None:
         raise TsgmInputError(path, f"unreadable provenance record ({type(error).__name__}: {error})") from error
     expected = provenance.get("sha256")
     if expected and hashlib.sha256(checkpoint.read_bytes()).hexdigest() != expected:
-        raise TsgmInputError(checkpoint, f"the file differs from the one {path.name} records (SHA-256 mismatch: damaged or "
-                                         "replaced); restore it from the repository (git checkout -- <file>)")
+        raise TsgmInputError(
+            checkpoint,
+            f"the file differs from the one {path.name} records (SHA-256 mismatch: damaged or "
+            "replaced); restore it from the repository (git checkout -- <file>)",
+        )
     return provenance
 
 

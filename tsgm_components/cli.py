@@ -67,8 +67,14 @@ def prepare(
     except ValueError as error:
         raise TsgmInputError("tsgm prepare", str(error)) from error
     run_prepare(
-        str(dataset_dir), str(out), cfg, seed=int(seed), val_fraction=float(val_fraction), test_fraction=float(test_fraction),
-        split_file=None if split_file is None else str(split_file), overwrite=bool(overwrite),
+        str(dataset_dir),
+        str(out),
+        cfg,
+        seed=int(seed),
+        val_fraction=float(val_fraction),
+        test_fraction=float(test_fraction),
+        split_file=None if split_file is None else str(split_file),
+        overwrite=bool(overwrite),
     )
 
 
@@ -89,8 +95,14 @@ def real_data(source: str, out: str, write_split: bool = False, overwrite: bool 
 
 
 def run(
-    dataset_dir: str, work_dir: str, scale: str = "auto", gpus: str = "auto", seed: int = 0, split_file: str | None = None,
-    read_test: bool = True, init_checkpoint: str | None = None,
+    dataset_dir: str,
+    work_dir: str,
+    scale: str = "auto",
+    gpus: str = "auto",
+    seed: int = 0,
+    split_file: str | None = None,
+    read_test: bool = True,
+    init_checkpoint: str | None = None,
 ) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
@@ -107,9 +119,16 @@ def run(
         raise TsgmInputError("tsgm run", f"--scale must be auto or one of {sorted(SCALES)}, got {scale!r}")
     if str(gpus) != "auto" and not str(gpus).isdigit():
         raise TsgmInputError("tsgm run", f"--gpus must be 'auto' or a number, got {gpus!r}")
-    run_dataset(str(dataset_dir), str(work_dir), str(scale), str(gpus) if str(gpus) == "auto" else int(gpus), int(seed),
-                None if split_file is None else str(split_file), bool(read_test),
-                None if init_checkpoint is None else str(init_checkpoint))
+    run_dataset(
+        str(dataset_dir),
+        str(work_dir),
+        str(scale),
+        str(gpus) if str(gpus) == "auto" else int(gpus),
+        int(seed),
+        None if split_file is None else str(split_file),
+        bool(read_test),
+        None if init_checkpoint is None else str(init_checkpoint),
+    )
 
 
 def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> None:
@@ -139,7 +158,15 @@ def export_weights(work_dir: str, weights: str = "real", models: str | None = No
         print(f"wrote {path}")
 
 
-COMMANDS = {"phantom": phantom, "real_data": real_data, "prepare": prepare, "demo": run_demo, "run": run, "build_weights": build_weights, "export_weights": export_weights}
+COMMANDS = {
+    "phantom": phantom,
+    "real_data": real_data,
+    "prepare": prepare,
+    "demo": run_demo,
+    "run": run,
+    "build_weights": build_weights,
+    "export_weights": export_weights,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

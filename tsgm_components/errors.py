@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 class TsgmInputError(ValueError):
     """Bad user input (file missing, unreadable, wrong shape/geometry, NaN, ...).
 

@@ -46,9 +46,7 @@ def check_writable(path: str | os.PathLike, needed_bytes: int = 0) -> Path:
         raise PermissionError(error.errno, f"cannot write the output here ({folder}: {error.strerror})", str(path)) from error
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise OSError(
-            errno.ENOSPC, f"only {free / 1e6:.0f} MB free at {folder}; the outputs need about {needed_bytes / 1e6:.0f} MB", str(path)
-        )
+        raise OSError(errno.ENOSPC, f"only {free / 1e6:.0f} MB free at {folder}; the outputs need about {needed_bytes / 1e6:.0f} MB", str(path))
     return path
 
 
@@ -113,7 +111,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     for entry in path.parent.iterdir():
         if not entry.name.startswith(stem):
             continue
-        pid = entry.name[len(stem):].split("-", 1)[0]
+        pid = entry.name[len(stem) :].split("-", 1)[0]
         if not pid.isdigit() or _process_alive(int(pid)):
             continue
         logger.warning("%s: removing a temporary left by a killed run (pid %s): %s", path, pid, entry)
@@ -123,8 +121,10 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 
 
 def _appeared_meanwhile(path: Path) -> FileExistsError:
-    return FileExistsError(f"{path}: output appeared while this run was writing it (another run writing the same "
-                           "output?); kept it and discarded this run's (pass overwrite=True to replace it)")
+    return FileExistsError(
+        f"{path}: output appeared while this run was writing it (another run writing the same "
+        "output?); kept it and discarded this run's (pass overwrite=True to replace it)"
+    )
 
 
 def _link_without_replacing(tmp: Path, path: Path) -> None:
@@ -210,9 +210,7 @@ def save_json(obj: Any, path: str | os.PathLike, overwrite: bool = True) -> None
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_nifti_like(
-    array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, overwrite: bool = False, dtype=np.float32
-) -> None:
+def save_nifti_like(array: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike, overwrite: bool = False, dtype=np.float32) -> None:
     """Save ``array`` (same shape as ``reference``) with the reference's affine and header, atomically.
 
     The header (qform/sform codes, pixdim, orientation) is copied so the output overlays the input

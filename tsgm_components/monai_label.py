@@ -62,7 +62,10 @@ class MultiModalSlicesd(MapTransform):
             meta = getattr(image, "meta", {})
             source = meta.get("filename_or_obj", key)
             if volume.ndim != 4 or volume.shape[0] != len(self.channel_modalities):
-                raise TsgmInputError(source, f"expected a ({len(self.channel_modalities)}, H, W, D) volume (channels {self.channel_modalities}), got shape {volume.shape}")
+                raise TsgmInputError(
+                    source,
+                    f"expected a ({len(self.channel_modalities)}, H, W, D) volume (channels {self.channel_modalities}), got shape {volume.shape}",
+                )
             if not np.isfinite(volume).all():
                 raise TsgmInputError(source, "contains non-finite voxels")
             geometry = None
@@ -105,7 +108,9 @@ class AnomalyFromHealthyd(MapTransform):
         inputs = {m: slices[i] for i, m in enumerate(self.channel_modalities)}
         for key in self.key_iterator(data):
             healthy = np.asarray(torch.as_tensor(data[key]).detach().cpu(), dtype=np.float32)
-            _, weighted = anomaly_maps(inputs, {m: healthy[i] for i, m in enumerate(self.channel_modalities)}, brain, self.preprocess, self.mask_settings.weights)
+            _, weighted = anomaly_maps(
+                inputs, {m: healthy[i] for i, m in enumerate(self.channel_modalities)}, brain, self.preprocess, self.mask_settings.weights
+            )
             spacing = geometry.training_voxel_size if geometry is not None else (1.0, 1.0, 1.0)
             mask = self.mask_settings.mask(weighted, brain, spacing, self.preprocess.z_range)
             out = weighted if mask is None else mask

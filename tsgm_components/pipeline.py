@@ -72,9 +72,7 @@ class Step:
         return self.command
 
 
-def bundle_command(
-    run_id: str, bundle: str, configs: list[str], work_dir: Path, processes: int = 1, **overrides: object
-) -> list[str]:
+def bundle_command(run_id: str, bundle: str, configs: list[str], work_dir: Path, processes: int = 1, **overrides: object) -> list[str]:
     """``python -m monai.bundle run RUN_ID --config_file [...] --work_dir W --key value ...`` for a bundle here;
     ``processes`` > 1: the same under ``torchrun --standalone --nproc_per_node=N`` (one process per GPU)."""
     files = [str(BUNDLES / bundle / "configs" / name) for name in configs]
@@ -98,7 +96,12 @@ SCALES: dict[str, dict[str, object]] = {
 
 
 def model_steps(
-    work_dir: Path, scale: str, from_scratch: bool, ceilings: bool, processes: int = 1, read_test: bool = True,
+    work_dir: Path,
+    scale: str,
+    from_scratch: bool,
+    ceilings: bool,
+    processes: int = 1,
+    read_test: bool = True,
     init_checkpoint: Path | None = None,
 ) -> list[Step]:
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
@@ -125,11 +128,22 @@ def model_steps(
         """VE-JP detection of a split: validation samples all four modalities (the weight search needs them); test
         samples only those the validation calibration weighs (``W/calibration/<method>``, made in between)."""
         test = {"calibration_file": work_dir / "calibration" / method / "calibration.json", "reconstruct_modalities": "weighted"}
-        return Step(f"{name} detection, {split}",
-                    bundle_command("inference", "vejp_anomaly", ["inference.yaml", *configs], work_dir, processes,
-                                   datalist=prepared / "volumes.json", split=split, skip_existing=True,
-                                   **(test if split == "test" else {"reconstruct_modalities": "all"}), **trained(folder)),
-                    None)
+        return Step(
+            f"{name} detection, {split}",
+            bundle_command(
+                "inference",
+                "vejp_anomaly",
+                ["inference.yaml", *configs],
+                work_dir,
+                processes,
+                datalist=prepared / "volumes.json",
+                split=split,
+                skip_existing=True,
+                **(test if split == "test" else {"reconstruct_modalities": "all"}),
+                **trained(folder),
+            ),
+            None,
+        )
 
     def estimate(kind: str, bundle: str, configs: list[str]) -> Callable[[], str]:
         files = [BUNDLES / bundle / "configs" / name for name in configs]
@@ -137,26 +151,41 @@ def model_steps(
 
     def train(configs: list[str], folder: str, **overrides: object) -> Step:
         files = ["train.yaml", *overlay, *configs, *multi]
-        return Step(TRAINING_STEPS[folder], bundle_command("training", "vejp_anomaly", files, work_dir, processes, **overrides),
-                    work_dir / folder / "model.pt", work_dir / folder / "checkpoints", estimate("score", "vejp_anomaly", files))
+        return Step(
+            TRAINING_STEPS[folder],
+            bundle_command("training", "vejp_anomaly", files, work_dir, processes, **overrides),
+            work_dir / folder / "model.pt",
+            work_dir / folder / "checkpoints",
+            estimate("score", "vejp_anomaly", files),
+        )
 
     cyclegan_files = ["train.yaml", *overlay, *multi]
     training = [
-        Step(TRAINING_STEPS["cyclegan"], bundle_command("training", "cyclegan_brats", cyclegan_files, work_dir, processes),
-             work_dir / "cyclegan" / "model.pt", work_dir / "cyclegan", estimate("cyclegan", "cyclegan_brats", cyclegan_files)),
-        Step("pseudo-pairs G_A→B(healthy)",
-             bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir,
-                            checkpoint=work_dir / "cyclegan" / "model.pt", **pair_treatment),
-             work_dir / "pseudo_pairs" / "pseudo_pairs.json"),
+        Step(
+            TRAINING_STEPS["cyclegan"],
+            bundle_command("training", "cyclegan_brats", cyclegan_files, work_dir, processes),
+            work_dir / "cyclegan" / "model.pt",
+            work_dir / "cyclegan",
+            estimate("cyclegan", "cyclegan_brats", cyclegan_files),
+        ),
+        Step(
+            "pseudo-pairs G_A→B(healthy)",
+            bundle_command(
+                "inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=work_dir / "cyclegan" / "model.pt", **pair_treatment
+            ),
+            work_dir / "pseudo_pairs" / "pseudo_pairs.json",
+        ),
         train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint})),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
         train(["train_regression.yaml"], "vejp_regression"),
     ]
     if ceilings:
         training += [
-            Step("REFERENCE true pairs (twin slice, real slice)",
-                 bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment),
-                 work_dir / "true_pairs" / "pseudo_pairs.json"),
+            Step(
+                "REFERENCE true pairs (twin slice, real slice)",
+                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment),
+                work_dir / "true_pairs" / "pseudo_pairs.json",
+            ),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),
         ]
     cyclegan = {"cyclegan_checkpoint": trained("cyclegan")["checkpoint"]}
@@ -169,41 +198,64 @@ def model_steps(
     evaluation_configs = ["evaluate.yaml", *overlay, *(["ceilings.yaml"] if ceilings else []), *(["controls.yaml"] if from_scratch else [])]
     detection = [
         *(detect(*model, "validation") for model in diffusion),
-        Step("FLAIR-threshold baseline detection",
-             bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True),
-             None),
-        Step("CycleGAN-only baseline detection",
-             bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True, **cyclegan),
-             None),
+        Step(
+            "FLAIR-threshold baseline detection",
+            bundle_command("flair_threshold", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True),
+            None,
+        ),
+        Step(
+            "CycleGAN-only baseline detection",
+            bundle_command("cyclegan", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True, **cyclegan),
+            None,
+        ),
     ]
     if from_scratch:
         detection.append(
-            Step("CONTROL FLAIR thresholding at the models' slice size",
-                 bundle_command("flair_threshold_model_size", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True),
-                 None))
+            Step(
+                "CONTROL FLAIR thresholding at the models' slice size",
+                bundle_command("flair_threshold_model_size", "tsgm_evaluation", ["baselines.yaml", *overlay], work_dir, skip_existing=True),
+                None,
+            )
+        )
     if ceilings:
         detection.append(
-            Step("CEILING oracle reconstruction detection (healthy = twin)",
-                 bundle_command("oracle_reconstruction", "tsgm_evaluation", ["ceilings.yaml"], work_dir, skip_existing=True),
-                 None),
+            Step(
+                "CEILING oracle reconstruction detection (healthy = twin)",
+                bundle_command("oracle_reconstruction", "tsgm_evaluation", ["ceilings.yaml"], work_dir, skip_existing=True),
+                None,
+            ),
         )
     detection.append(
-        Step("calibrate on validation (before test detection)",
-             bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir),
-             work_dir / "calibration"))
+        Step(
+            "calibrate on validation (before test detection)",
+            bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir),
+            work_dir / "calibration",
+        )
+    )
     if read_test:
         detection += [
             *(detect(*model, "test") for model in diffusion),
-            Step("calibrate on validation, evaluate on test",
-                 bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir),
-                 work_dir / "evaluation" / "summary.json"),
+            Step(
+                "calibrate on validation, evaluate on test",
+                bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir),
+                work_dir / "evaluation" / "summary.json",
+            ),
         ]
     else:
         detection.append(
-            Step("calibrate on validation, evaluate on validation (in-sample, no test read)",
-                 bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluated_split="validation",
-                                evaluation_dir=work_dir / "evaluation_validation"),
-                 work_dir / "evaluation_validation" / "summary.json"))
+            Step(
+                "calibrate on validation, evaluate on validation (in-sample, no test read)",
+                bundle_command(
+                    "evaluating",
+                    "tsgm_evaluation",
+                    evaluation_configs,
+                    work_dir,
+                    evaluated_split="validation",
+                    evaluation_dir=work_dir / "evaluation_validation",
+                ),
+                work_dir / "evaluation_validation" / "summary.json",
+            )
+        )
     return (training if from_scratch else []) + detection
 
 
@@ -225,29 +277,72 @@ def demo_steps(
     """
     tsgm = [sys.executable, "-m", "tsgm_components.cli"]
     data = [
-        Step(PHANTOM_STEP,
-             tsgm + ["phantom", "--out", str(work_dir / "phantom"), "--n_subjects", str(n_subjects), "--seed", str(seed),
-                     "--twins_out", str(work_dir / "twins")],
-             work_dir / "phantom"),
-        Step(PREPARE_STEP, tsgm + ["prepare", "--dataset_dir", str(work_dir / "phantom"), "--out", str(work_dir / "prepared"),
-                                       "--image_size", str(image_size), "--seed", str(seed),
-                                       "--val_fraction", str(split_fraction), "--test_fraction", str(split_fraction)],
-             work_dir / "prepared"),
+        Step(
+            PHANTOM_STEP,
+            tsgm
+            + [
+                "phantom",
+                "--out",
+                str(work_dir / "phantom"),
+                "--n_subjects",
+                str(n_subjects),
+                "--seed",
+                str(seed),
+                "--twins_out",
+                str(work_dir / "twins"),
+            ],
+            work_dir / "phantom",
+        ),
+        Step(
+            PREPARE_STEP,
+            tsgm
+            + [
+                "prepare",
+                "--dataset_dir",
+                str(work_dir / "phantom"),
+                "--out",
+                str(work_dir / "prepared"),
+                "--image_size",
+                str(image_size),
+                "--seed",
+                str(seed),
+                "--val_fraction",
+                str(split_fraction),
+                "--test_fraction",
+                str(split_fraction),
+            ],
+            work_dir / "prepared",
+        ),
     ]
     return data + model_steps(work_dir, "cpu", from_scratch, ceilings=True)
 
 
 def dataset_steps(
-    work_dir: Path, dataset_dir: Path, scale: str = "paper", processes: int = 1, seed: int = 0, split_file: Path | None = None,
-    read_test: bool = True, init_checkpoint: Path | None = None,
+    work_dir: Path,
+    dataset_dir: Path,
+    scale: str = "paper",
+    processes: int = 1,
+    seed: int = 0,
+    split_file: Path | None = None,
+    read_test: bool = True,
+    init_checkpoint: Path | None = None,
 ) -> list[Step]:
     """``tsgm run``: the whole pipeline on a user's dataset (any layout ``tsgm prepare`` reads), every model trained
     from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING or REFERENCE rows (they need healthy twins)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
     tsgm = [sys.executable, "-m", "tsgm_components.cli"]
-    prepare = tsgm + ["prepare", "--dataset_dir", str(dataset_dir), "--out", str(work_dir / "prepared"),
-                      "--image_size", str(SCALES[scale]["image_size"]), "--seed", str(seed)]
+    prepare = tsgm + [
+        "prepare",
+        "--dataset_dir",
+        str(dataset_dir),
+        "--out",
+        str(work_dir / "prepared"),
+        "--image_size",
+        str(SCALES[scale]["image_size"]),
+        "--seed",
+        str(seed),
+    ]
     if split_file is not None:
         prepare += ["--split_file", str(split_file)]
     return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes, read_test, init_checkpoint)]
@@ -271,8 +366,9 @@ def run_steps(work: Path, steps: list[Step], label: str) -> float:
         step_start = time.perf_counter()
         result = subprocess.run(command, cwd=work)
         if result.returncode != 0:
-            raise SystemExit(f"{label}: step '{step.name}' failed (exit {result.returncode}); fix it and rerun "
-                             "the same command to continue from this step")
+            raise SystemExit(
+                f"{label}: step '{step.name}' failed (exit {result.returncode}); fix it and rerun the same command to continue from this step"
+            )
         seconds = time.perf_counter() - step_start
         record[step.name] = {"command": shlex.join(command), "seconds": round(seconds, 1)}
         record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -299,8 +395,14 @@ def run_demo(
     # fire passes `--work_dir 2024` as an int and `--from_scratch True` as a bool: coerce every option here
     work = Path(str(work_dir)).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    steps = demo_steps(work, n_subjects=int(n_subjects), seed=int(seed), image_size=int(image_size),
-                       split_fraction=float(split_fraction), from_scratch=bool(from_scratch))
+    steps = demo_steps(
+        work,
+        n_subjects=int(n_subjects),
+        seed=int(seed),
+        image_size=int(image_size),
+        split_fraction=float(split_fraction),
+        from_scratch=bool(from_scratch),
+    )
     seconds = run_steps(work, steps, "tsgm demo")
     print(f"\nDemo finished in {seconds:.0f} s. Report: {work / 'evaluation'}\n")
     print((work / "evaluation" / "results.md").read_text())
@@ -337,8 +439,14 @@ def gpu_count() -> int:
 
 
 def run_dataset(
-    dataset_dir: str, work_dir: str, scale: str = "auto", gpus: int | str = "auto", seed: int = 0, split_file: str | None = None,
-    read_test: bool = True, init_checkpoint: str | None = None,
+    dataset_dir: str,
+    work_dir: str,
+    scale: str = "auto",
+    gpus: int | str = "auto",
+    seed: int = 0,
+    split_file: str | None = None,
+    read_test: bool = True,
+    init_checkpoint: str | None = None,
 ) -> None:
     """``tsgm run``: prepare a user's dataset, train every model, detect, calibrate on validation, evaluate on test
     and print the table next to the published BraTS2020 figures. Resumable like the demo (rerun the same command).
@@ -349,9 +457,16 @@ def run_dataset(
     if scale == "auto":
         scale = "paper" if gpus_seen else "cpu"
         print(f"tsgm run: --scale {scale} ({gpus_seen} GPU(s) visible; pass --scale to choose)", flush=True)
-    steps = dataset_steps(work, Path(dataset_dir).resolve(), scale, max(processes, 1), seed,
-                          None if split_file is None else Path(split_file), read_test,
-                          None if init_checkpoint is None else Path(init_checkpoint).resolve())
+    steps = dataset_steps(
+        work,
+        Path(dataset_dir).resolve(),
+        scale,
+        max(processes, 1),
+        seed,
+        None if split_file is None else Path(split_file),
+        read_test,
+        None if init_checkpoint is None else Path(init_checkpoint).resolve(),
+    )
     work.mkdir(parents=True, exist_ok=True)
     print(f"tsgm run: {dataset_dir} -> {work}, {scale} configs, {max(processes, 1)} process(es) per step", flush=True)
     seconds = run_steps(work, steps, "tsgm run")

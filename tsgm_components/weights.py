@@ -35,14 +35,13 @@ BUNDLES = REPO_ROOT / "bundles"
 KEPT_ENTRIES = {"cyclegan": ("G_AB", "G_BA")}
 TRAINED_ON = {
     "real": "20 real BraTS 2018 training cases with expert labels (github.com/koriavinash1/DeepBrainSeg, "
-            "sample_volume/brats; `tsgm real_data`), the training subjects of data_manifests/brats18_sample_split.json; "
-            "healthy slices = the tumour-free slices of these patients",
-    "phantom": "the phantom dataset of `tsgm demo` (nilearn's MNI152 brain): for the demo, tests and MONAI Label trials, "
-               "not for real scans",
+    "sample_volume/brats; `tsgm real_data`), the training subjects of data_manifests/brats18_sample_split.json; "
+    "healthy slices = the tumour-free slices of these patients",
+    "phantom": "the phantom dataset of `tsgm demo` (nilearn's MNI152 brain): for the demo, tests and MONAI Label trials, not for real scans",
 }
 BUILD_COMMANDS = {
     "real": "tsgm real_data --source <DeepBrainSeg copy> --out DATA && tsgm run DATA runs/real --scale cpu "
-            "--init_checkpoint bundles/vejp_anomaly/models/phantom.pt && tsgm export_weights --work_dir runs/real --weights real",
+    "--init_checkpoint bundles/vejp_anomaly/models/phantom.pt && tsgm export_weights --work_dir runs/real --weights real",
     "phantom": "tsgm build_weights --work_dir runs/weights",
 }
 #: the TSGM calibration (weights + threshold chosen on the validation split alone: the calibrating step)
@@ -70,7 +69,10 @@ def calibration_target(vejp_target: str) -> str:
 
 
 def export_weights(
-    work_dir: str | os.PathLike, weights: str = "phantom", overwrite: bool = False, bundles: Path = BUNDLES,
+    work_dir: str | os.PathLike,
+    weights: str = "phantom",
+    overwrite: bool = False,
+    bundles: Path = BUNDLES,
     models: Sequence[str] | None = None,
 ) -> list[Path]:
     """Copy the models of a run in WORK_DIR (``tsgm demo --from_scratch True`` for ``weights="phantom"``, ``tsgm run``
@@ -93,8 +95,13 @@ def export_weights(
     steps_file = work / STEPS_RECORD
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
     data = read_prepare_record(work / "prepared")
-    machine = {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    machine = {
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
     sources = {}
     for folder in models:  # every source checked before anything is written
         source, keys = work / folder / "model.pt", KEPT_ENTRIES.get(folder, ("model",))
@@ -117,8 +124,7 @@ def export_weights(
         with atomic_path(out, overwrite=overwrite) as tmp:
             torch.save(state, tmp)
             if tmp.stat().st_size > MAX_BYTES:
-                raise TsgmInputError(work / folder / "model.pt",
-                                     f"{tmp.stat().st_size / 2**20:.1f} MB exceeds the 10 MB limit of shipped weights")
+                raise TsgmInputError(work / folder / "model.pt", f"{tmp.stat().st_size / 2**20:.1f} MB exceeds the 10 MB limit of shipped weights")
         step = TRAINING_STEPS[folder]
         provenance: dict[str, Any] = {
             "file": target,
@@ -131,8 +137,11 @@ def export_weights(
             "note": steps.get(step, {}).get("note"),
             "iterations": _iterations(work / folder),
             "commit": git_commit(),
-            "data": {"phantom": steps.get(PHANTOM_STEP, {}).get("command"),
-                     "prepare": steps.get(PREPARE_STEP, {}).get("command"), "prepare_config": data},
+            "data": {
+                "phantom": steps.get(PHANTOM_STEP, {}).get("command"),
+                "prepare": steps.get(PREPARE_STEP, {}).get("command"),
+                "prepare_config": data,
+            },
             "machine": machine,
         }
         save_json(provenance, out.with_name(out.stem + PROVENANCE_SUFFIX))

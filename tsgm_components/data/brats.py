@@ -119,7 +119,9 @@ class SubjectFiles:
         paths = {k: Path(item[k]) for k in (*MODALITIES, SEG) if item.get(k)}
         labels = str(item.get("labels", "brats2020"))
         if labels not in LABEL_MAPS:
-            raise TsgmInputError(f"{item.get('subject', subject)} (volumes.json)", f"unknown label convention {labels!r} (known: {sorted(LABEL_MAPS)})")
+            raise TsgmInputError(
+                f"{item.get('subject', subject)} (volumes.json)", f"unknown label convention {labels!r} (known: {sorted(LABEL_MAPS)})"
+            )
         name = subject or item.get("subject") or _subject_id(paths)
         return cls(str(name), paths, {k: int(v) for k, v in dict(item.get("channels") or {}).items()}, labels)
 
@@ -164,9 +166,14 @@ def _odd_segmentation(folder: Path, taken: set[Path]) -> Path | None:
     A file whose name says it is a model's output ("pred", e.g. DeepBrainSeg's ``DeepBrainSeg_Prediction.nii.gz``) is
     never a label."""
     others = [
-        p for p in sorted(folder.iterdir())
-        if p.is_file() and p not in taken and p.name.endswith(NIFTI_SUFFIXES) and "seg" in p.name.lower()
-        and "pred" not in p.name.lower() and not p.name.startswith(".")
+        p
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+        and p not in taken
+        and p.name.endswith(NIFTI_SUFFIXES)
+        and "seg" in p.name.lower()
+        and "pred" not in p.name.lower()
+        and not p.name.startswith(".")
     ]
     return others[0] if len(others) == 1 else None
 
@@ -194,9 +201,7 @@ def folder_subject_files(subject_dir: str | Path, require_seg: bool) -> SubjectF
             present = sorted(p.name for p in subject_dir.iterdir() if not p.name.startswith("."))
             others = [p for p in present if p.startswith(f"{expected}.")]
             hint = f"; found {', '.join(others)}: convert it to NIfTI" if others else f"; the folder holds {present[:8]}"
-            raise TsgmInputError(
-                subject_dir / f"{expected}.nii.gz", f"missing {key} file for subject {name} (looked for .nii.gz and .nii{hint})"
-            )
+            raise TsgmInputError(subject_dir / f"{expected}.nii.gz", f"missing {key} file for subject {name} (looked for .nii.gz and .nii{hint})")
     return SubjectFiles(name, paths, labels=_label_convention(layout, name), layout=layout, notes=tuple(notes))
 
 
@@ -225,7 +230,8 @@ def subject_files(subject: str | Path, require_seg: bool) -> SubjectFiles:
         if len(shape) == 4 and shape[3] == len(MSD_CHANNELS):
             return msd_subject_files(path, require_seg)
         raise TsgmInputError(
-            path, f"is a file, not a subject directory (give a subject folder, or an MSD Task01 4D image with "
+            path,
+            f"is a file, not a subject directory (give a subject folder, or an MSD Task01 4D image with "
             f"{len(MSD_CHANNELS)} channels; this file has shape {shape})",
         )
     return folder_subject_files(path, require_seg)
@@ -275,9 +281,7 @@ def find_dataset(dataset_dir: str | Path, require_seg: bool = False) -> Dataset:
     if not dataset_dir.is_dir():
         raise TsgmInputError(dataset_dir, "dataset directory does not exist")
     if (dataset_dir / "imagesTr").is_dir():
-        images = sorted(
-            p for p in (dataset_dir / "imagesTr").iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith(".")
-        )
+        images = sorted(p for p in (dataset_dir / "imagesTr").iterdir() if p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
         if not images:
             raise TsgmInputError(dataset_dir / "imagesTr", "no NIfTI images (MSD Task01 layout: imagesTr/<id>.nii.gz)")
         subjects = {f.subject: f for f in (msd_subject_files(p, require_seg) for p in images)}
@@ -365,13 +369,19 @@ def check_intensities(data: np.ndarray, path: Path) -> None:
     (raw scanner intensities, not z-scored)."""
     nonzero = float(np.count_nonzero(data)) / data.size
     if nonzero > MAX_NONZERO_FRACTION:
-        raise TsgmInputError(path, f"no zero background ({nonzero:.1%} of the voxels are non-zero): tsgm needs "
-                                   "skull-stripped scans whose background is 0 (BraTS preprocessing); skull-strip the "
-                                   "scan or remove its intensity offset first")
+        raise TsgmInputError(
+            path,
+            f"no zero background ({nonzero:.1%} of the voxels are non-zero): tsgm needs "
+            "skull-stripped scans whose background is 0 (BraTS preprocessing); skull-strip the "
+            "scan or remove its intensity offset first",
+        )
     negative = int(np.count_nonzero(data < 0))
     if negative:
-        raise TsgmInputError(path, f"{negative} voxels have negative intensities (z-scored or otherwise normalised?): "
-                                   "give the scan with its raw, non-negative intensities; tsgm normalises each volume itself")
+        raise TsgmInputError(
+            path,
+            f"{negative} voxels have negative intensities (z-scored or otherwise normalised?): "
+            "give the scan with its raw, non-negative intensities; tsgm normalises each volume itself",
+        )
 
 
 def _fmt(values: Any, unit: str = "") -> str:
@@ -423,8 +433,11 @@ class VolumeGeometry:
 
     def record(self) -> dict[str, Any]:
         return {
-            "shape": list(self.shape), "axcodes": self.axcodes, "voxel_size_mm": [round(v, 6) for v in self.voxel_size],
-            "processed_in": self.training_axcodes, "reoriented": self.axcodes != self.training_axcodes,
+            "shape": list(self.shape),
+            "axcodes": self.axcodes,
+            "voxel_size_mm": [round(v, 6) for v in self.voxel_size],
+            "processed_in": self.training_axcodes,
+            "reoriented": self.axcodes != self.training_axcodes,
         }
 
 
@@ -442,7 +455,9 @@ def grid_geometry(affine: Any, shape: tuple[int, ...], preprocess: PreprocessCon
         raise TsgmInputError(path, f"affine has no defined axis directions (axis codes {codes}): fix the NIfTI header")
     axcodes = "".join(codes)
     geometry = VolumeGeometry(
-        tuple(int(n) for n in shape[:3]), axcodes, tuple(float(v) for v in nib.affines.voxel_sizes(affine)[:3]),
+        tuple(int(n) for n in shape[:3]),
+        axcodes,
+        tuple(float(v) for v in nib.affines.voxel_sizes(affine)[:3]),
         preprocess.orientation or axcodes,
     )
     if preprocess.voxel_size is not None and not np.allclose(geometry.training_voxel_size, preprocess.voxel_size, rtol=VOXEL_SIZE_RTOL):
@@ -559,7 +574,9 @@ def load_subject(files: SubjectFiles | Mapping[str, Any], preprocess: Preprocess
         path = Path(files.paths[modality])
         data = _read_data(path, images[modality])
         if not data.any():
-            raise TsgmInputError(path, "volume is all zero" if modality not in files.channels else f"channel {files.channels[modality]} ({modality}) is all zero")
+            raise TsgmInputError(
+                path, "volume is all zero" if modality not in files.channels else f"channel {files.channels[modality]} ({modality}) is all zero"
+            )
         check_intensities(data, path)
         arrays[modality] = geometry.to_training(data)
     seg = None

@@ -30,7 +30,9 @@ SPLIT_RULE = (
 
 
 def _split_record(
-    subjects: list[str], strata: dict[str, str] | None = None, val_fraction: float = VAL_FRACTION,
+    subjects: list[str],
+    strata: dict[str, str] | None = None,
+    val_fraction: float = VAL_FRACTION,
     test_fraction: float = TEST_FRACTION,
 ) -> dict[str, Any]:
     split = split_subjects(subjects, SPLIT_SEED, val_fraction, test_fraction, strata)

@@ -194,9 +194,7 @@ def _sampling_coordinates(rng: np.random.Generator, cfg: PhantomConfig) -> tuple
     for row in range(3):
         offset = _TEMPLATE_CENTRE[row] + shift[row]
         coords[row] = (
-            (linear[row, 0] * axes[0] + offset)[:, None, None]
-            + (linear[row, 1] * axes[1])[None, :, None]
-            + (linear[row, 2] * axes[2])[None, None, :]
+            (linear[row, 0] * axes[0] + offset)[:, None, None] + (linear[row, 1] * axes[1])[None, :, None] + (linear[row, 2] * axes[2])[None, None, :]
         )
         coords[row] += cfg.deformation_mm * smooth_field(rng, _CROP_SHAPE, spacing=24.0)
     return coords, linear
@@ -241,9 +239,7 @@ class _Lesion:
 
     def box(self) -> tuple[slice, ...]:
         half = self.core_radius * self.oedema_factor * 1.5 + 4
-        return tuple(
-            slice(max(0, int(c - half)), min(n, int(np.ceil(c + half)) + 1)) for c, n in zip(self.centre, _CROP_SHAPE)
-        )
+        return tuple(slice(max(0, int(c - half)), min(n, int(np.ceil(c + half)) + 1)) for c, n in zip(self.centre, _CROP_SHAPE))
 
 
 def _draw_lesions(rng: np.random.Generator, cfg: PhantomConfig, wm: np.ndarray) -> list[_Lesion]:
@@ -272,9 +268,7 @@ def _draw_lesions(rng: np.random.Generator, cfg: PhantomConfig, wm: np.ndarray) 
     return lesions
 
 
-def _lesion_fields(
-    rng: np.random.Generator, lesion: _Lesion, box: tuple[slice, ...]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _lesion_fields(rng: np.random.Generator, lesion: _Lesion, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised distances to the centre (core, oedema) on ``box``: < 1 inside, irregular borders; and a smooth
     field in [0, 1] that modulates how much of the oedema's contrast shows (patchy infiltration)."""
     grid = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in box], indexing="ij")
@@ -288,9 +282,7 @@ def _lesion_fields(
     return core, oedema, patches
 
 
-def _apply_mass_effect(
-    coords: np.ndarray, linear: np.ndarray, lesion: _Lesion, box: tuple[slice, ...]
-) -> None:
+def _apply_mass_effect(coords: np.ndarray, linear: np.ndarray, lesion: _Lesion, box: tuple[slice, ...]) -> None:
     """Tissue at output x comes from x - g(|x - c|)(x - c) (closer to the centre): tissue is pushed outward."""
     grid = np.meshgrid(*[np.arange(s.start, s.stop, dtype=np.float32) for s in box], indexing="ij")
     offsets = np.stack([g - c for g, c in zip(grid, lesion.centre)])
@@ -383,8 +375,12 @@ class _LesionMaps:
 
 
 def _add_lesions(
-    rng: np.random.Generator, cfg: PhantomConfig, template: dict[str, np.ndarray], maps: dict[str, np.ndarray],
-    coords: np.ndarray, linear: np.ndarray,
+    rng: np.random.Generator,
+    cfg: PhantomConfig,
+    template: dict[str, np.ndarray],
+    maps: dict[str, np.ndarray],
+    coords: np.ndarray,
+    linear: np.ndarray,
 ) -> tuple[dict[str, np.ndarray], _LesionMaps]:
     """Draw the lesions from ``rng`` (their own stream) and return (tissue maps with mass effect, lesion maps).
 
@@ -422,9 +418,7 @@ def _add_lesions(
     return maps, out
 
 
-def _render(
-    maps: dict[str, np.ndarray], lesions: _LesionMaps, look: _Appearance, region: np.ndarray
-) -> PhantomSubject:
+def _render(maps: dict[str, np.ndarray], lesions: _LesionMaps, look: _Appearance, region: np.ndarray) -> PhantomSubject:
     """Mix the contrasts of one subject from its tissue maps, lesions and appearance."""
     brain = ((maps["csf"] + maps["gm"] + maps["wm"]) > 0.5) & region
     crop_labels = np.where(brain, lesions.labels, 0).astype(np.uint8)

@@ -213,9 +213,7 @@ def prepare(
                     for modality in MODALITIES:
                         image = f"slices/{subject}/{modality}_z{z:03d}.npy"
                         np.save(tmp / image, slices[modality][i])
-                        datalist[key].append(
-                            {"image": image, "label": label, "subject": subject, "modality": modality, "z": z, "tumour": is_tumour}
-                        )
+                        datalist[key].append({"image": image, "label": label, "subject": subject, "modality": modality, "z": z, "tumour": is_tumour})
                 counts[name]["tumour_slices"] += sum(tumour)
                 counts[name]["healthy_slices"] += len(tumour) - sum(tumour)
                 counts[name]["discarded_blank"] += len(cfg.z_range) - len(kept)
@@ -258,7 +256,9 @@ def read_prepare_record(path: str | Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise TsgmInputError(path, f"cannot read the prepared dataset's record ({type(error).__name__}: {error}); run `tsgm prepare` first") from error
+        raise TsgmInputError(
+            path, f"cannot read the prepared dataset's record ({type(error).__name__}: {error}); run `tsgm prepare` first"
+        ) from error
     if not isinstance(record, dict):
         raise TsgmInputError(path, "not a prepare_config.json record (expected a JSON object)")
     return record
@@ -288,7 +288,9 @@ def training_grid(first: SubjectFiles, cfg: PreprocessConfig) -> PreprocessConfi
     orientation = cfg.orientation or open_subject(first, cfg)[1].axcodes
     geometry = open_subject(first, dataclasses.replace(cfg, orientation=orientation))[1]
     return dataclasses.replace(
-        cfg, orientation=orientation, voxel_size=cfg.voxel_size or geometry.training_voxel_size,
+        cfg,
+        orientation=orientation,
+        voxel_size=cfg.voxel_size or geometry.training_voxel_size,
         volume_shape=cfg.volume_shape or geometry.training_shape,
     )
 

@@ -75,9 +75,7 @@ class PreprocessConfig:
         if not 0.0 < self.median_target < 1.0:
             raise ValueError(f"median_target must be in (0, 1), got {self.median_target}")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
-            raise ValueError(
-                f"need 0 <= lower_percentile < upper_percentile <= 100, got {self.lower_percentile}, {self.upper_percentile}"
-            )
+            raise ValueError(f"need 0 <= lower_percentile < upper_percentile <= 100, got {self.lower_percentile}, {self.upper_percentile}")
 
     @property
     def z_range(self) -> range:
@@ -173,9 +171,7 @@ def volume_to_slices(volume: np.ndarray, cfg: PreprocessConfig, is_mask: bool = 
     return _resize(stack, cfg.image_size, is_mask).numpy().astype(dtype, copy=False)
 
 
-def slices_to_volume(
-    slices: np.ndarray, volume_shape: tuple[int, int, int], cfg: PreprocessConfig, is_mask: bool = False
-) -> np.ndarray:
+def slices_to_volume(slices: np.ndarray, volume_shape: tuple[int, int, int], cfg: PreprocessConfig, is_mask: bool = False) -> np.ndarray:
     """Inverse geometry of :func:`volume_to_slices`: (S, s, s) -> (H, W, D), zero outside ``z_min..z_max``.
 
     Slices are resized back to ``pad_to`` (bilinear, or nearest for masks), the padding is cropped and

@@ -57,9 +57,7 @@ def load_pseudo_pairs(pairs_dir: str | Path, split: str = "training", image_size
             except (OSError, ValueError) as error:
                 raise TsgmInputError(items[0][key], f"cannot read slice ({type(error).__name__}: {error})") from error
             if shape != (image_size, image_size):
-                raise TsgmInputError(
-                    items[0][key], f"slice shape {shape} does not match the config's image_size={image_size}"
-                )
+                raise TsgmInputError(items[0][key], f"slice shape {shape} does not match the config's image_size={image_size}")
     return items
 
 
@@ -78,9 +76,7 @@ def pair_transforms(keys: tuple[str, ...] = PAIR_KEYS) -> Compose:
 LESION_EVIDENCE = ("flair", "t2")
 
 
-def lesion_weights(
-    changes: Mapping[str, np.ndarray], threshold: float, sigma: float = 2.0, min_pixels: int = 10, margin: int = 2
-) -> np.ndarray:
+def lesion_weights(changes: Mapping[str, np.ndarray], threshold: float, sigma: float = 2.0, min_pixels: int = 10, margin: int = 2) -> np.ndarray:
     """Where G_A→B put a lesion into one axial slice: (H, W) float32 weights in [0, 1].
 
     changes: modality -> (H, W) signed change G_A→B(x_A) − x_A (only :data:`LESION_EVIDENCE` are read). A pixel is

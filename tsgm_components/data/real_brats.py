@@ -34,10 +34,26 @@ SPLIT_FILE = REPO_ROOT / "data_manifests" / "brats18_sample_split.json"
 SOURCE = "github.com/koriavinash1/DeepBrainSeg, sample_volume/brats/ (BraTS 2018 training cases)"
 #: The 20 cases, by their BraTS 2018 ids.
 SUBJECTS: tuple[str, ...] = (
-    "Brats18_2013_11_1", "Brats18_2013_20_1", "Brats18_2013_23_1", "Brats18_2013_3_1", "Brats18_CBICA_ABM_1",
-    "Brats18_CBICA_ALU_1", "Brats18_CBICA_AME_1", "Brats18_CBICA_AQN_1", "Brats18_TCIA01_201_1", "Brats18_TCIA01_378_1",
-    "Brats18_TCIA01_425_1", "Brats18_TCIA01_499_1", "Brats18_TCIA02_135_1", "Brats18_TCIA02_370_1", "Brats18_TCIA02_606_1",
-    "Brats18_TCIA03_265_1", "Brats18_TCIA10_628_1", "Brats18_TCIA10_637_1", "Brats18_TCIA10_639_1", "Brats18_TCIA13_623_1",
+    "Brats18_2013_11_1",
+    "Brats18_2013_20_1",
+    "Brats18_2013_23_1",
+    "Brats18_2013_3_1",
+    "Brats18_CBICA_ABM_1",
+    "Brats18_CBICA_ALU_1",
+    "Brats18_CBICA_AME_1",
+    "Brats18_CBICA_AQN_1",
+    "Brats18_TCIA01_201_1",
+    "Brats18_TCIA01_378_1",
+    "Brats18_TCIA01_425_1",
+    "Brats18_TCIA01_499_1",
+    "Brats18_TCIA02_135_1",
+    "Brats18_TCIA02_370_1",
+    "Brats18_TCIA02_606_1",
+    "Brats18_TCIA03_265_1",
+    "Brats18_TCIA10_628_1",
+    "Brats18_TCIA10_637_1",
+    "Brats18_TCIA10_639_1",
+    "Brats18_TCIA13_623_1",
 )
 PREFIX_2018 = "Brats18_"
 #: Other releases' names of a 2018 case: BraTS 2019 keeps the id after a new prefix.
@@ -85,7 +101,7 @@ def locate_cases(source: str | Path, subjects: tuple[str, ...] = SUBJECTS) -> di
     folders, renamed = _case_folders(source), _renamed_2020(source)
     located: dict[str, Path] = {}
     for subject in subjects:
-        case_id = subject[len(PREFIX_2018):]
+        case_id = subject[len(PREFIX_2018) :]
         names = [subject, *(prefix + case_id for prefix in OTHER_PREFIXES), renamed.get(subject, "")]
         folder = next((folders[name] for name in names if name in folders), None)
         if folder is not None:
@@ -133,9 +149,7 @@ def band_tumour_voxels(dataset_dir: str | Path, preprocess: PreprocessConfig = P
     return volumes
 
 
-def volume_stratified_split(
-    band_voxels: Mapping[str, int], seed: int = SPLIT_SEED, strata: int = VOLUME_STRATA
-) -> dict[str, list[str]]:
+def volume_stratified_split(band_voxels: Mapping[str, int], seed: int = SPLIT_SEED, strata: int = VOLUME_STRATA) -> dict[str, list[str]]:
     """Subject split ``{"train", "val", "test"} -> sorted ids`` stratified by tumour volume in the evaluated band.
 
     Rule: the healthy-band cases (0 voxels), in sorted order permuted with ``numpy.random.default_rng(seed)``,

@@ -33,7 +33,15 @@ from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import PREPARE_CONFIG, read_prepare_config
 from tsgm_components.errors import TsgmInputError
 
-__all__ = ["load_slice_items", "stack_modalities", "lesion_fraction", "check_in_channels", "slice_transforms", "UnpairedSliceDataset", "fixed_examples"]
+__all__ = [
+    "load_slice_items",
+    "stack_modalities",
+    "lesion_fraction",
+    "check_in_channels",
+    "slice_transforms",
+    "UnpairedSliceDataset",
+    "fixed_examples",
+]
 
 SPLITS = ("training", "validation", "test")
 #: Item keys of the per-modality slice paths of a stacked (4-channel) sample, in ``MODALITIES`` order.
@@ -73,7 +81,9 @@ def load_slice_items(prepared_dir: str | Path, split: str, image_size: int | Non
 def check_in_channels(in_channels: int) -> int:
     """``in_channels`` of a CycleGAN: 1 (one modality slice per sample) or 4 (the modalities stacked)."""
     if int(in_channels) not in (1, len(MODALITIES)):
-        raise ValueError(f"in_channels must be 1 (modality slices as separate samples) or {len(MODALITIES)} (stacked {list(MODALITIES)}), got {in_channels}")
+        raise ValueError(
+            f"in_channels must be 1 (modality slices as separate samples) or {len(MODALITIES)} (stacked {list(MODALITIES)}), got {in_channels}"
+        )
     return int(in_channels)
 
 
@@ -199,9 +209,7 @@ class UnpairedSliceDataset(torch.utils.data.Dataset, Randomizable):
         return {"A": self.domain_a[index % len(self.domain_a)]["image"], "B": self.domain_b[self._index_b]["image"]}
 
 
-def fixed_examples(
-    prepared_dir: str | Path, split: str = "validation", n: int = 4, in_channels: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_examples(prepared_dir: str | Path, split: str = "validation", n: int = 4, in_channels: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` evenly spaced healthy and ``n`` tumour samples of ``split`` as (n, in_channels, H, W) tensors in [0, 1].
 
     Used to show the same translations every epoch. Falls back to the training split when ``split`` lacks

@@ -27,7 +27,10 @@ def residual_volume(slices: np.ndarray, healthy: np.ndarray, support: np.ndarray
 
 
 def anomaly_maps(
-    slices: Mapping[str, np.ndarray], healthy: Mapping[str, np.ndarray], brain_mask: np.ndarray, preprocess: PreprocessConfig,
+    slices: Mapping[str, np.ndarray],
+    healthy: Mapping[str, np.ndarray],
+    brain_mask: np.ndarray,
+    preprocess: PreprocessConfig,
     weights: Mapping[str, float],
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-modality anomaly maps and their weighted ensemble.

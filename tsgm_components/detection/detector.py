@@ -94,7 +94,9 @@ class Detector:
             logger.warning(
                 "the threshold (%s) was chosen on reconstructions with other sampler settings than this detection's "
                 "(calibration, this run: %s): its masks may not fit; calibrate again on validation detections made "
-                "with these settings", self.mask_settings.threshold_source, differing,
+                "with these settings",
+                self.mask_settings.threshold_source,
+                differing,
             )
 
     @property
@@ -103,9 +105,7 @@ class Detector:
         return [m for m in MODALITIES if self.reconstruct_modalities == "all" or self.mask_settings.weights[m] > 0]
 
 
-def _reconstruct_volume(
-    reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: SubjectFiles
-) -> dict[str, np.ndarray]:
+def _reconstruct_volume(reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: SubjectFiles) -> dict[str, np.ndarray]:
     """Run ``reconstruct`` once on the (S, s, s) slices of the given modalities, stacked in ``MODALITIES`` order (one
     batched sampler run per volume; with the inferer's per-slice seeds each modality slice also draws its own
     noise); check the output; return modality -> (S, s, s) float32 clipped to [0, 1]."""
@@ -113,7 +113,9 @@ def _reconstruct_volume(
     stacked = np.concatenate([slices[m] for m in modalities])[:, None]
     healthy = reconstruct(torch.from_numpy(stacked)).detach().float().cpu().numpy()
     if healthy.shape != stacked.shape:
-        raise RuntimeError(f"reconstruction of {files.paths[modalities[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}")
+        raise RuntimeError(
+            f"reconstruction of {files.paths[modalities[0]]} and the other modalities returned shape {healthy.shape}, expected {stacked.shape}"
+        )
     out, first = {}, 0
     for modality in modalities:
         part = healthy[first : first + len(slices[modality]), 0]
@@ -130,12 +132,14 @@ def warn_on_data_mismatch(weights_data: str | None, reference: nib.Nifti1Image, 
     scan = "phantom" if bytes(reference.header["descrip"]).rstrip(b"\0") == PHANTOM_DESCRIPTION else "real"
     if weights_data is None or weights_data == scan:
         return False
-    advice = ("their calibration was chosen on the phantom: use the real-trained weights (the bundles' models/model.pt) "
-              "or calibrate these on your validation split" if weights_data == "phantom"
-              else "their calibration was chosen on real scans: the demo uses the phantom-trained weights (models/phantom.pt)")
+    advice = (
+        "their calibration was chosen on the phantom: use the real-trained weights (the bundles' models/model.pt) "
+        "or calibrate these on your validation split"
+        if weights_data == "phantom"
+        else "their calibration was chosen on real scans: the demo uses the phantom-trained weights (models/phantom.pt)"
+    )
     trained = {"phantom": "the phantom", "real": "real scans"}[weights_data]
-    logger.warning("%s: weights trained on %s applied to a %s scan; %s",
-                   subject, trained, "phantom" if scan == "phantom" else "real-looking", advice)
+    logger.warning("%s: weights trained on %s applied to a %s scan; %s", subject, trained, "phantom" if scan == "phantom" else "real-looking", advice)
     return True
 
 
@@ -179,9 +183,7 @@ def detect_subject(
     reconstruction_seconds = time.perf_counter() - reconstruction_started
     mask = mask_settings.mask(weighted, volumes.brain_mask, volumes.geometry.training_voxel_size, preprocess.z_range)
     if mask is None:
-        logger.warning(
-            "%s: no calibration file, threshold or Otsu mode given: wrote the anomaly maps only, NO binary mask", subject
-        )
+        logger.warning("%s: no calibration file, threshold or Otsu mode given: wrote the anomaly maps only, NO binary mask", subject)
 
     with atomic_dir(target, overwrite=overwrite) as tmp:
         outputs = {}

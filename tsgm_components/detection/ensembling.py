@@ -39,9 +39,7 @@ def check_weights(weights: Mapping[str, float], source: str = "weights") -> dict
     """
     names = set(weights)
     if names != set(MODALITIES):
-        raise ValueError(
-            f"{source}: ensemble weights must name exactly the modalities {list(MODALITIES)}, got {sorted(names)}"
-        )
+        raise ValueError(f"{source}: ensemble weights must name exactly the modalities {list(MODALITIES)}, got {sorted(names)}")
     values = {m: float(weights[m]) for m in MODALITIES}
     if any(not math.isfinite(w) or w < 0 for w in values.values()):
         raise ValueError(f"{source}: ensemble weights must be finite and non-negative, got {values}")
@@ -97,9 +95,7 @@ def remove_small_components(mask: np.ndarray, min_pixels: float) -> np.ndarray:
     return keep[labels]
 
 
-def otsu_mask(
-    anomaly: np.ndarray, brain_mask: np.ndarray, min_component_pixels: float, z_indices: range | None = None
-) -> np.ndarray:
+def otsu_mask(anomaly: np.ndarray, brain_mask: np.ndarray, min_component_pixels: float, z_indices: range | None = None) -> np.ndarray:
     """Authors' mode: per axial slice, Otsu's threshold of the anomaly over brain pixels, then drop small components.
 
     anomaly, brain_mask: (H, W, D); slices ``volume[:, :, z]`` for z in ``z_indices`` (all when None) are
@@ -126,7 +122,11 @@ def fixed_mask(anomaly: np.ndarray, threshold: float, brain_mask: np.ndarray | N
 
 
 def score_to_mask(
-    score: np.ndarray, brain: np.ndarray, mode: str, threshold: float | None, spacing_mm: Sequence[float],
+    score: np.ndarray,
+    brain: np.ndarray,
+    mode: str,
+    threshold: float | None,
+    spacing_mm: Sequence[float],
     z_indices: range | None = None,
 ) -> np.ndarray:
     """The one path from an ensemble score to a mask (detection, the MONAI Label transforms and evaluation use it).

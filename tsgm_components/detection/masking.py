@@ -135,5 +135,6 @@ def resolve_mask_settings(
         mask_mode = "fixed"
     if mask_mode == "otsu":
         threshold, threshold_source = None, f"per-slice Otsu + components > {OTSU_MIN_COMPONENT_MM2:g} mm²"
-    return MaskSettings(resolved_weights, mask_mode, None if threshold is None else float(threshold), weights_source,
-                        threshold_source, calibrated_reconstruction)
+    return MaskSettings(
+        resolved_weights, mask_mode, None if threshold is None else float(threshold), weights_source, threshold_source, calibrated_reconstruction
+    )

@@ -195,29 +195,19 @@ class DiffusionSamplerInferer(Inferer):
         entry = SAMPLERS[sampler]
         starters = sorted(name for name, other in SAMPLERS.items() if other.from_input)
         if not conditional and not entry.from_input:
-            raise ValueError(
-                f"an unconditional model reconstructs only with sampler in {starters} (it must start from the input)"
-            )
+            raise ValueError(f"an unconditional model reconstructs only with sampler in {starters} (it must start from the input)")
         if entry.from_input:
             if sdedit_sigma_start is None or not sde.sigma_min < sdedit_sigma_start <= sde.sigma_max:
-                raise ValueError(
-                    f"sampler={sampler!r} needs sdedit_sigma_start in ({sde.sigma_min}, {sde.sigma_max}], "
-                    f"got {sdedit_sigma_start}"
-                )
+                raise ValueError(f"sampler={sampler!r} needs sdedit_sigma_start in ({sde.sigma_min}, {sde.sigma_max}], got {sdedit_sigma_start}")
         if churn < 0 or (churn > 0 and not entry.churn):
             churners = sorted(name for name, other in SAMPLERS.items() if other.churn)
-            raise ValueError(
-                f"churn (EDM's S_churn) must be >= 0 and is for sampler in {churners} only, got {churn}, {sampler!r}"
-            )
+            raise ValueError(f"churn (EDM's S_churn) must be >= 0 and is for sampler in {churners} only, got {churn}, {sampler!r}")
         if n_steps is not None and n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         if n_steps is not None and not entry.steps:
             raise ValueError(f"sampler={sampler!r} takes no n_steps (one network evaluation), got n_steps={n_steps}")
         if n_corrector_steps < 0 or batch_size < 1 or n_draws < 1:
-            raise ValueError(
-                f"need n_corrector_steps >= 0, batch_size >= 1 and n_draws >= 1, got {n_corrector_steps}, "
-                f"{batch_size}, {n_draws}"
-            )
+            raise ValueError(f"need n_corrector_steps >= 0, batch_size >= 1 and n_draws >= 1, got {n_corrector_steps}, {batch_size}, {n_draws}")
         self.sde = sde
         self.sampler = sampler
         self.conditional = conditional
@@ -291,8 +281,7 @@ class DiffusionSamplerInferer(Inferer):
         got = getattr(network, "condition_channels", None)
         if got != expected:
             raise ValueError(
-                f"{'conditional' if self.conditional else 'unconditional'} sampling needs a network with "
-                f"condition_channels={expected}, got {got}"
+                f"{'conditional' if self.conditional else 'unconditional'} sampling needs a network with condition_channels={expected}, got {got}"
             )
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
@@ -308,10 +297,7 @@ class DiffusionSamplerInferer(Inferer):
             count = chunk.shape[0]
             if self.compile and count < chunk_size:  # one input shape for the compiled network; extra rows dropped
                 chunk = torch.cat([chunk, chunk[-1:].expand(chunk_size - count, -1, -1, -1)])
-            generators = [
-                slice_generator(self.seed, u % n_slices, inputs.device, u // n_slices)
-                for u in range(first, first + chunk.shape[0])
-            ]
+            generators = [slice_generator(self.seed, u % n_slices, inputs.device, u // n_slices) for u in range(first, first + chunk.shape[0])]
             progress = self._progress(first, count, units.shape[0])
             outputs.append(self._sample(chunk, network, generators, progress)[:count].clamp_(0.0, 1.0))
         return torch.cat(outputs).view(self.n_draws, *inputs.shape).mean(0)
@@ -322,9 +308,7 @@ class DiffusionSamplerInferer(Inferer):
             self._compiled_source, self._compiled_network = network, torch.compile(network, dynamic=False)
         return self._compiled_network
 
-    def _sample(
-        self, chunk: Tensor, network: nn.Module, generators: list[torch.Generator], progress: Optional[ProgressFn]
-    ) -> Tensor:
+    def _sample(self, chunk: Tensor, network: nn.Module, generators: list[torch.Generator], progress: Optional[ProgressFn]) -> Tensor:
         score_fn = self._score_fn(network, chunk if self.conditional else None)
         out = SAMPLERS[self.sampler].run(self, score_fn, chunk, generators, progress)
         if out.nfe != self.nfe_per_draw:  # the recorded nfe_per_slice must be what was run

@@ -70,9 +70,7 @@ class ReverseDiffusionPredictor:
 
     nfe = 1
 
-    def __call__(
-        self, score_fn: ScoreFn, x: Tensor, sigma: float, sigma_next: float, generator: GeneratorLike = None
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, score_fn: ScoreFn, x: Tensor, sigma: float, sigma_next: float, generator: GeneratorLike = None) -> tuple[Tensor, Tensor]:
         """Returns (x, x_mean), both (B, 1, H, W)."""
         variance = sigma**2 - sigma_next**2
         x_mean = x + variance * score_fn(x, _batch(sigma, x))
@@ -98,9 +96,7 @@ class LangevinCorrector:
     def nfe(self) -> int:
         return self.n_steps
 
-    def __call__(
-        self, score_fn: ScoreFn, x: Tensor, sigma: float, generator: GeneratorLike = None
-    ) -> tuple[Tensor, Tensor]:
+    def __call__(self, score_fn: ScoreFn, x: Tensor, sigma: float, generator: GeneratorLike = None) -> tuple[Tensor, Tensor]:
         """Returns (x, x_mean), both (B, 1, H, W)."""
         x_mean = x
         for _ in range(self.n_steps):
@@ -149,9 +145,7 @@ def sample_pc(
     return SampleOutput(x_mean, nfe)
 
 
-def sample_sdedit(
-    score_fn: ScoreFn, x_input: Tensor, sigmas_desc: Tensor, generator: GeneratorLike = None, **pc_options: Any
-) -> SampleOutput:
+def sample_sdedit(score_fn: ScoreFn, x_input: Tensor, sigmas_desc: Tensor, generator: GeneratorLike = None, **pc_options: Any) -> SampleOutput:
     """SDEdit (Meng et al. 2022; AnoDDPM-style partial noising): noise the real input to σ_start = sigmas_desc[0],
     x = x_input + σ_start z, then run :func:`sample_pc` down ``sigmas_desc``.
 

@@ -47,25 +47,18 @@ class VESDE:
         """The N discrete noise scales, shape (N,), increasing geometrically from σ_min to σ_max."""
         return torch.exp(torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.n_scales))
 
-    def prior_sample(
-        self, shape: Sequence[int], generator: GeneratorLike = None, device: torch.device | str | None = None
-    ) -> Tensor:
+    def prior_sample(self, shape: Sequence[int], generator: GeneratorLike = None, device: torch.device | str | None = None) -> Tensor:
         """A draw from the prior σ_max·N(0, I) of ``shape`` (per-sample generators allowed, see ``noise.randn``)."""
         return self.sigma_max * randn(shape, generator, device)
 
-    def sample_t(
-        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
-    ) -> Tensor:
+    def sample_t(self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
         """Training times t ~ U(eps, 1), shape (batch,)."""
         gen_device = generator.device if generator is not None else device
         u = torch.rand(batch, generator=generator, device=gen_device).to(device)
         return self.eps + (1.0 - self.eps) * u
 
     def __repr__(self) -> str:
-        return (
-            f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, "
-            f"n_scales={self.n_scales}, eps={self.eps})"
-        )
+        return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, n_scales={self.n_scales}, eps={self.eps})"
 
 
 def max_pairwise_distance(images: Tensor, chunk_size: int = 1024) -> float:

@@ -89,9 +89,7 @@ class CycleGANTrainer(MixedPrecisionTrainer):
         optim_set_to_none: bool = False,
         to_kwargs: dict | None = None,
     ):
-        super().__init__(
-            device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp, to_kwargs
-        )
+        super().__init__(device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp, to_kwargs)
         self.g_ab, self.g_ba, self.d_a, self.d_b = g_ab, g_ba, d_a, d_b
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.pool_a, self.pool_b = pool_a, pool_b
@@ -164,12 +162,16 @@ class CycleGANRNGState:
         numpy_states = []
         for randomizable in self.randomizables:
             _, keys, pos, has_gauss, cached = randomizable.R.get_state()
-            numpy_states.append({"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)})
+            numpy_states.append(
+                {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+            )
         return {"torch_cpu": torch.get_rng_state(), "numpy": numpy_states}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if len(state["numpy"]) != len(self.randomizables):
-            raise ValueError(f"checkpoint has {len(state['numpy'])} dataset random states, this dataset has {len(self.randomizables)} (flip setting changed?)")
+            raise ValueError(
+                f"checkpoint has {len(state['numpy'])} dataset random states, this dataset has {len(self.randomizables)} (flip setting changed?)"
+            )
         torch.set_rng_state(state["torch_cpu"].cpu())
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         for randomizable, saved in zip(self.randomizables, state["numpy"]):
@@ -265,5 +267,3 @@ class TranslationSnapshots:
         if self.summary_writer is not None:
             self.summary_writer.add_image("translations", image[None], engine.state.epoch)
             self.summary_writer.flush()
-
-

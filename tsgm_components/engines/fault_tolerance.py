@@ -101,14 +101,26 @@ class TrainingCheckpointSaver:
         self.save_interval = save_interval
         self.logger = logging.getLogger(name)
         self._name = name
-        self.interval_checkpoint = None if save_interval <= 0 else Checkpoint(
-            dict(save_dict), _SafeDiskSaver(save_dir),
-            score_function=lambda engine: engine.state.epoch if epoch_level else engine.state.iteration,
-            score_name="epoch" if epoch_level else "iteration", n_saved=n_saved,
+        self.interval_checkpoint = (
+            None
+            if save_interval <= 0
+            else Checkpoint(
+                dict(save_dict),
+                _SafeDiskSaver(save_dir),
+                score_function=lambda engine: engine.state.epoch if epoch_level else engine.state.iteration,
+                score_name="epoch" if epoch_level else "iteration",
+                n_saved=n_saved,
+            )
         )
-        self.final_checkpoint = None if not save_final else Checkpoint(
-            dict(save_dict), _SafeDiskSaver(save_dir, final_filename),
-            score_function=lambda engine: engine.state.iteration, score_name="final_iteration",
+        self.final_checkpoint = (
+            None
+            if not save_final
+            else Checkpoint(
+                dict(save_dict),
+                _SafeDiskSaver(save_dir, final_filename),
+                score_function=lambda engine: engine.state.iteration,
+                score_name="final_iteration",
+            )
         )
 
     def attach(self, engine: Engine) -> None:
@@ -132,7 +144,6 @@ class TrainingCheckpointSaver:
     def exception_raised(self, engine: Engine, e: Exception) -> None:
         last = None if self.interval_checkpoint is None else self.interval_checkpoint.last_checkpoint
         self.logger.error(
-            f"Training failed: no final checkpoint written to {self.save_dir}"
-            + (f"; last regular checkpoint of this run: {last}" if last else "")
+            f"Training failed: no final checkpoint written to {self.save_dir}" + (f"; last regular checkpoint of this run: {last}" if last else "")
         )
         raise e

@@ -110,9 +110,7 @@ class ScoreMatchingTrainer(MixedPrecisionTrainer):
         prepare_batch: Callable = prepare_pair_batch,
         loss: Callable[..., Tensor] = dsm_loss,
     ):
-        super().__init__(
-            device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp
-        )
+        super().__init__(device, max_epochs, train_data_loader, epoch_length, non_blocking, prepare_batch, train_handlers, amp)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.network = network

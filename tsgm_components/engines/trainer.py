@@ -36,8 +36,14 @@ class MixedPrecisionTrainer(Trainer):
         to_kwargs: dict | None = None,
     ):
         super().__init__(
-            device=device, max_epochs=max_epochs, data_loader=train_data_loader, epoch_length=epoch_length,
-            non_blocking=non_blocking, prepare_batch=prepare_batch, handlers=train_handlers, decollate=False,
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            handlers=train_handlers,
+            decollate=False,
             to_kwargs=to_kwargs,
         )
         # not MONAI's `amp` attribute: its Trainer.run() would make a CUDA GradScaler of it

@@ -44,7 +44,6 @@ from tsgm_components.evaluation.results import MethodResult
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Case:
     """One subject as the evaluation sees it, cropped to the evaluated axial range.
@@ -222,9 +221,7 @@ def calibrate(
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     voxels = [case.voxels() for case in cases]
     if not any(v.target.any() for v in voxels):
-        raise TsgmInputError(
-            ", ".join(c.subject for c in cases), "no tumour voxel in the validation split's evaluated slices: cannot calibrate"
-        )
+        raise TsgmInputError(", ".join(c.subject for c in cases), "no tumour voxel in the validation split's evaluated slices: cannot calibrate")
     if fixed_weights is not None:
         weights = check_weights(fixed_weights, source="fixed_weights")
         search_record: Any = "fixed (not searched)"
@@ -289,16 +286,12 @@ def evaluate_cases(
         volume, slices, healthy = evaluate_case(score, mask, case.target, case.brain, case.spacing, case.z_indices, evaluated)
         if volume is None:
             predicted = int(np.count_nonzero(mask))
-            healthy_volume_rows.append(
-                {"subject": case.subject, "false_positive": predicted > 0, "fp_fraction": predicted / int(case.brain.sum())}
-            )
+            healthy_volume_rows.append({"subject": case.subject, "false_positive": predicted > 0, "fp_fraction": predicted / int(case.brain.sum())})
         else:
             volume_rows.append({"subject": case.subject, **volume})
         slice_rows += [{"subject": case.subject, **row} for row in slices]
         healthy_rows += [{"subject": case.subject, **row} for row in healthy]
-    oracle_threshold, oracle_dice = select_threshold(
-        [case.voxels() for case in cases], np.asarray([calibration["weights"][m] for m in MODALITIES])
-    )
+    oracle_threshold, oracle_dice = select_threshold([case.voxels() for case in cases], np.asarray([calibration["weights"][m] for m in MODALITIES]))
     records = [case.record for case in cases]
     return MethodResult(
         name=name,
@@ -362,8 +355,16 @@ class CalibrationSettings:
         the best weights."""
         tolerance = self.modality_tolerance if method.get("sampled", False) else 0.0
         calibration = calibrate(
-            validation, method.get("mode", self.mode), self.objective, self.weight_step, method.get("fixed_weights"),
-            self.search_bins, self.threshold_bins, self.max_voxels, self.seed, tolerance,
+            validation,
+            method.get("mode", self.mode),
+            self.objective,
+            self.weight_step,
+            method.get("fixed_weights"),
+            self.search_bins,
+            self.threshold_bins,
+            self.max_voxels,
+            self.seed,
+            tolerance,
         )
         calibration["method"] = str(method["name"])
         calibration["detection_dir"] = str(Path(method["detection_dir"]).resolve())
@@ -378,9 +379,10 @@ def validation_reconstruction(validation: Sequence[Case], detection_dir: str | P
     cannot fit both."""
     settings = {json.dumps(reconstruction_settings(case.record.get("reconstruction")), sort_keys=True) for case in validation}
     if len(settings) > 1:
-        raise TsgmInputError(Path(detection_dir) / "validation",
-                             f"subjects were reconstructed with different sampler settings: {sorted(settings)}; detect "
-                             "them again with one setting (--overwrite True)")
+        raise TsgmInputError(
+            Path(detection_dir) / "validation",
+            f"subjects were reconstructed with different sampler settings: {sorted(settings)}; detect them again with one setting (--overwrite True)",
+        )
     return json.loads(settings.pop()) if settings else None
 
 
@@ -398,7 +400,10 @@ def _check_methods(methods: Sequence[Mapping[str, Any]]) -> None:
 
 
 def run_calibration(
-    prepared_dir: str | Path, methods: Sequence[Mapping[str, Any]], out_dir: str | Path, settings: CalibrationSettings,
+    prepared_dir: str | Path,
+    methods: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    settings: CalibrationSettings,
     overwrite: bool = False,
 ) -> str:
     """Bundle entry point (run ``calibrating``): every method's ``calibration.json`` from its validation detections
@@ -415,8 +420,10 @@ def run_calibration(
             validation = load_cases(Path(method["detection_dir"]) / "validation", validation_items, preprocess, truths)
             calibration = settings.calibrate_method(method, validation)
             save_json(calibration, tmp / str(method["name"]) / "calibration.json")
-            lines.append(f"{method['name']}: weights {calibration['weights']}, threshold {calibration['threshold']}, "
-                         f"validation volume Dice {calibration['validation_dice']:.3f}")
+            lines.append(
+                f"{method['name']}: weights {calibration['weights']}, threshold {calibration['threshold']}, "
+                f"validation volume Dice {calibration['validation_dice']:.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -482,7 +489,7 @@ def run_evaluation(
 
 VALIDATION_NOTE = (
     "**Validation split, in-sample**: every method's weights and threshold were chosen on these same subjects; "
-    "read the rows against each other, not as test results (\"test\" below means the evaluated split).\n\n"
+    'read the rows against each other, not as test results ("test" below means the evaluated split).\n\n'
 )
 #: Every evaluation of a test split is appended here (the project's own table commands run from this checkout), or to
 #: the file the environment variable TEST_READS_ENV names (the test suite points it elsewhere).
@@ -499,10 +506,14 @@ def log_test_read(prepared_dir: str | Path, out_dir: str | Path, methods: Sequen
         return
     record = read_prepare_record(prepared_dir)
     header = "| date (UTC) | commit | dataset | split | methods | report |\n|---|---|---|---|---|---|\n"
-    line = (f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {git_commit()} | {record.get('dataset_dir', '?')} | "
-            f"{record.get('split_source', '?')} | {', '.join(methods)} | {Path(out_dir).resolve()} |\n")
+    line = (
+        f"| {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} | {git_commit()} | {record.get('dataset_dir', '?')} | "
+        f"{record.get('split_source', '?')} | {', '.join(methods)} | {Path(out_dir).resolve()} |\n"
+    )
     with log.open("a") as handle:
         if handle.tell() == 0:
-            handle.write("# Test-split reads\n\nAppended by every evaluation of a test split "
-                         "(`tsgm_components.evaluation.harness.log_test_read`).\n\n" + header)
+            handle.write(
+                "# Test-split reads\n\nAppended by every evaluation of a test split "
+                "(`tsgm_components.evaluation.harness.log_test_read`).\n\n" + header
+            )
         handle.write(line)

@@ -59,9 +59,7 @@ def region_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     return float(np.sqrt(np.sum((np.asarray(shape, dtype=np.float64) * np.asarray(spacing, dtype=np.float64)) ** 2)))
 
 
-def overlap_metrics(
-    prediction: np.ndarray, target: np.ndarray, spacing: Sequence[float], include_hd95: bool = True
-) -> dict[str, np.ndarray]:
+def overlap_metrics(prediction: np.ndarray, target: np.ndarray, spacing: Sequence[float], include_hd95: bool = True) -> dict[str, np.ndarray]:
     """Dice, IoU, precision, recall and HD95 (mm) of a batch of tumour cases.
 
     Args:
@@ -93,15 +91,11 @@ def overlap_metrics(
             # distances are translation invariant and erosion sees zeros beyond the border: cropping to the
             # union's bounding box plus one voxel leaves HD95 unchanged and makes MONAI's edge search cheap
             union = (prediction | target).any(axis=0)
-            box = (slice(None), slice(None)) + tuple(
-                slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(union)
-            )
+            box = (slice(None), slice(None)) + tuple(slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2) for idx in np.nonzero(union))
             with warnings.catch_warnings():  # MONAI warns on empty masks; those cases are not passed to it
                 warnings.simplefilter("ignore")
                 metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
-                distances = metric(
-                    y_pred[~empty][box].float(), y[~empty][box].float(), spacing=list(map(float, spacing))
-                )
+                distances = metric(y_pred[~empty][box].float(), y[~empty][box].float(), spacing=list(map(float, spacing)))
             hd95[~empty] = distances[:, 0].double().numpy()
         out["hd95"] = hd95
     out["empty_prediction"] = empty
@@ -145,9 +139,7 @@ def evaluate_case(
     tumour_slices = np.flatnonzero(has_tumour & evaluated_slices)
     slice_rows: list[dict[str, Any]] = []
     if tumour_slices.size:
-        planes = overlap_metrics(
-            np.moveaxis(mask[:, :, tumour_slices], -1, 0), np.moveaxis(target[:, :, tumour_slices], -1, 0), spacing[:2]
-        )
+        planes = overlap_metrics(np.moveaxis(mask[:, :, tumour_slices], -1, 0), np.moveaxis(target[:, :, tumour_slices], -1, 0), spacing[:2])
         for row_index, k in enumerate(tumour_slices):
             row = {"z": int(z_indices[k])}
             row.update({name: float(planes[name][row_index]) for name in OVERLAP_METRICS})
@@ -187,8 +179,11 @@ def paired_bootstrap(
     ``n_resamples`` times (``numpy.random.default_rng(seed)``). Returns ``{"n", "difference", "low", "high"}``;
     NaN bounds for fewer than 2 subjects.
     """
-    subjects = sorted(s for s in set(values) & set(reference)
-                      if values[s] is not None and reference[s] is not None and np.isfinite(values[s]) and np.isfinite(reference[s]))
+    subjects = sorted(
+        s
+        for s in set(values) & set(reference)
+        if values[s] is not None and reference[s] is not None and np.isfinite(values[s]) and np.isfinite(reference[s])
+    )
     differences = np.asarray([values[s] - reference[s] for s in subjects], dtype=np.float64)
     if differences.size == 0:
         return {"n": 0, "difference": math.nan, "low": math.nan, "high": math.nan}

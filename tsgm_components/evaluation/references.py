@@ -97,10 +97,17 @@ def detect_oracle_splits(
             if skip_existing and (out_dir / subject).exists() and not overwrite:
                 continue
             reconstruct = TwinReconstructor(twin_slices(twins_dir, subject, item, preprocess))
-            detector = Detector(reconstruct, preprocess, MAPS_ONLY, ORACLE_METHOD, provenance={
-                "reconstruction": "healthy twin (CEILING: reads the twins, which no method sees)",
-                "twins_dir": str(Path(twins_dir).resolve()), "nfe_per_slice": 0,
-            })
+            detector = Detector(
+                reconstruct,
+                preprocess,
+                MAPS_ONLY,
+                ORACLE_METHOD,
+                provenance={
+                    "reconstruction": "healthy twin (CEILING: reads the twins, which no method sees)",
+                    "twins_dir": str(Path(twins_dir).resolve()),
+                    "nfe_per_slice": 0,
+                },
+            )
             written += detect_datalist([item], None, out_dir, detector, overwrite=overwrite)
     return written
 
@@ -160,12 +167,18 @@ def write_true_pairs(
                 for modality, entry in entries.items():
                     name = f"slices/{subject}/{modality}_z{z:03d}.npy"
                     np.save(tmp / name, twin[modality])
-                    pairs[split].append({"image": name, "condition": conditions[modality], "subject": subject,
-                                         "modality": modality, "z": z})
+                    pairs[split].append({"image": name, "condition": conditions[modality], "subject": subject, "modality": modality, "z": z})
             logger.info("true pairs, %s: %d slices of %d subjects", split, len(pairs[split]), len(slices_of))
         save_json(pairs, tmp / "pseudo_pairs.json")
-        save_json({"what": "true pairs (CEILING): image = healthy twin slice, condition = real slice",
-                   "twins_dir": str(Path(twins_dir).resolve()), "prepared_dir": str(prepared_dir),
-                   "lesion_blend_threshold": lesion_blend_threshold, "lesion_placement": lesion_placement,
-                   "lesion_placement_seed": lesion_placement_seed}, tmp / "true_pairs.json")
+        save_json(
+            {
+                "what": "true pairs (CEILING): image = healthy twin slice, condition = real slice",
+                "twins_dir": str(Path(twins_dir).resolve()),
+                "prepared_dir": str(prepared_dir),
+                "lesion_blend_threshold": lesion_blend_threshold,
+                "lesion_placement": lesion_placement,
+                "lesion_placement_seed": lesion_placement_seed,
+            },
+            tmp / "true_pairs.json",
+        )
     return {split: len(p) for split, p in pairs.items()}

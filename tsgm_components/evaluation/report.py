@@ -45,7 +45,8 @@ def summarise(result: MethodResult) -> dict[str, Any]:
         "healthy_volumes": {
             "n": len(result.healthy_volume_rows),
             "false_positive_rate": float(np.mean([row["false_positive"] for row in result.healthy_volume_rows]))
-            if result.healthy_volume_rows else math.nan,
+            if result.healthy_volume_rows
+            else math.nan,
         },
         "per_subject_volume_dice": {row["subject"]: row["dice"] for row in result.volume_rows},
         "per_subject_auprc": {row["subject"]: row["auprc"] for row in result.volume_rows},
@@ -127,7 +128,8 @@ def confidence_table(summaries: Mapping[str, Mapping[str, Any]]) -> list[str]:
     for name, summary in summaries.items():
         cells = [
             "—" if name == reference else _interval(paired_bootstrap(summary[key], summaries[reference][key]))
-            for reference in references for _, key in CI_METRICS
+            for reference in references
+            for _, key in CI_METRICS
         ]
         lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
     return lines
@@ -236,8 +238,15 @@ def case_rows(result: MethodResult) -> list[dict[str, Any]]:
 
 
 CASE_COLUMNS = (
-    "method", "subject", "has_tumour", *(f"volume_{m}" for m in CASE_METRICS), "volume_empty_prediction",
-    "tumour_slices", *(f"slice_{m}_mean" for m in CASE_METRICS), "healthy_slices", "healthy_false_positive_slices",
+    "method",
+    "subject",
+    "has_tumour",
+    *(f"volume_{m}" for m in CASE_METRICS),
+    "volume_empty_prediction",
+    "tumour_slices",
+    *(f"slice_{m}_mean" for m in CASE_METRICS),
+    "healthy_slices",
+    "healthy_false_positive_slices",
     "healthy_volume_false_positive",
 )
 SLICE_CSV_COLUMNS = ("method", "subject", "z", "kind", *CASE_METRICS, "empty_prediction", "false_positive", "fp_fraction")
@@ -255,8 +264,12 @@ def _pyplot():
 def plot_boxplots(results: Sequence[MethodResult], path: Path) -> None:
     """DSC and AUPRC per method, per 3D volume and per tumour slice (median solid, mean dashed, as the paper)."""
     plt = _pyplot()
-    panels = [("volume_rows", "dice", "DSC per volume"), ("volume_rows", "auprc", "AUPRC per volume"),
-              ("slice_rows", "dice", "DSC per tumour slice"), ("slice_rows", "auprc", "AUPRC per tumour slice")]
+    panels = [
+        ("volume_rows", "dice", "DSC per volume"),
+        ("volume_rows", "auprc", "AUPRC per volume"),
+        ("slice_rows", "dice", "DSC per tumour slice"),
+        ("slice_rows", "auprc", "AUPRC per tumour slice"),
+    ]
     fig, axes = plt.subplots(2, 2, figsize=(4 + 1.2 * len(results), 7), squeeze=False)
     for ax, (rows, metric, title) in zip(axes.ravel(), panels):
         data = [[row[metric] for row in getattr(r, rows) if np.isfinite(row[metric])] or [np.nan] for r in results]
@@ -314,9 +327,9 @@ def write_report(
     summaries = {result.name: summarise(result) for result in results}
     save_json(_json_safe(summaries), out_dir / "summary.json")
     _write_csv([row for result in results for row in case_rows(result)], CASE_COLUMNS, out_dir / "per_case.csv")
-    slice_rows = [
-        {"method": r.name, "kind": "tumour", **row} for r in results for row in r.slice_rows
-    ] + [{"method": r.name, "kind": "healthy", **row} for r in results for row in r.healthy_rows]
+    slice_rows = [{"method": r.name, "kind": "tumour", **row} for r in results for row in r.slice_rows] + [
+        {"method": r.name, "kind": "healthy", **row} for r in results for row in r.healthy_rows
+    ]
     _write_csv(slice_rows, SLICE_CSV_COLUMNS, out_dir / "per_slice.csv")
     markdown = markdown_tables(summaries)
     with atomic_path(out_dir / "results.md", overwrite=True) as tmp:

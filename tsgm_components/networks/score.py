@@ -135,9 +135,7 @@ class ScoreUNet(nn.Module):
         if self.conditional:
             if condition is None or condition.shape != (x.shape[0], self.condition_channels, *x.shape[2:]):
                 got = None if condition is None else tuple(condition.shape)
-                raise ValueError(
-                    f"condition must be (B, {self.condition_channels}, H, W) matching x {tuple(x.shape)}, got {got}"
-                )
+                raise ValueError(f"condition must be (B, {self.condition_channels}, H, W) matching x {tuple(x.shape)}, got {got}")
         elif condition is not None:
             raise ValueError("this ScoreUNet is unconditional (condition_channels=0) but a condition was given")
         return sigma

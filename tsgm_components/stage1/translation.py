@@ -25,7 +25,16 @@ from tsgm_components.data.unpaired import STACK_KEYS, check_in_channels, load_sl
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, save_json, save_nifti_like
 
-__all__ = ["saved_cyclegan_spec", "load_generator", "generator_channels", "translate_slices", "translate_modalities", "write_pseudo_pairs", "translate_volume", "translate_subject"]
+__all__ = [
+    "saved_cyclegan_spec",
+    "load_generator",
+    "generator_channels",
+    "translate_slices",
+    "translate_modalities",
+    "write_pseudo_pairs",
+    "translate_volume",
+    "translate_subject",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +50,7 @@ def saved_cyclegan_spec(checkpoint: str | Path) -> dict[str, Any]:
     return dict(spec)
 
 
-def load_generator(
-    generator: nn.Module, checkpoint: str | Path, direction: str = "AB", preprocess: PreprocessConfig | None = None
-) -> nn.Module:
+def load_generator(generator: nn.Module, checkpoint: str | Path, direction: str = "AB", preprocess: PreprocessConfig | None = None) -> nn.Module:
     """Load ``G_<direction>`` weights from a training checkpoint into ``generator`` and return it in eval mode.
 
     direction: ``"AB"`` (healthy -> tumour, used for pseudo-pairs) or ``"BA"`` (tumour -> healthy).

@@ -15,6 +15,7 @@ Settings (``--conf KEY VALUE``):
 The image sent to the ``vejp_anomaly`` model is ONE 4-channel NIfTI whose channels are the co-registered
 T1, T1ce, T2 and FLAIR volumes in that order (the bundle's ``channel_modalities``).
 """
+
 import json
 import logging
 import os

@@ -13,6 +13,7 @@ fails with "Could not run 'torchvision::nms' with arguments from the 'CPU' backe
 Nothing happens when _C.so loads (a torchvision that matches the installed torch). torch is imported only when
 torchvision is.
 """
+
 import importlib.abc
 import sys
 
