@@ -6,13 +6,16 @@ batch, so chunked and unchunked inference agree exactly (see ``DiffusionSamplerI
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
 #: One generator for the batch, one per sample (length = batch size), or None (global RNG).
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
+#: noise(shape, generator, device) -> float32 tensor of ``shape``, zero mean and unit variance per pixel: :func:`randn`
+#: (white Gaussian) or a structured noise such as AnoDDPM's simplex noise (``peers.anoddpm.SimplexNoise``).
+NoiseFn = Callable[[Sequence[int], GeneratorLike, Union[torch.device, str, None]], Tensor]
 
 
 def randn(shape: Sequence[int], generator: GeneratorLike = None, device: torch.device | str | None = None) -> Tensor:

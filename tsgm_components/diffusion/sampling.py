@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from tsgm_components.diffusion.noise import GeneratorLike, randn
+from tsgm_components.diffusion.noise import GeneratorLike, NoiseFn, randn
 
 #: score_fn(x (B,1,H,W), sigma (B,)) -> score (B,1,H,W)
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -66,15 +66,21 @@ class ReverseDiffusionPredictor:
     """Reverse-diffusion predictor (score-SDE) for VE, from σ to σ_next < σ:
 
     x_mean = x + (σ² − σ_next²) s(x, σ);  x = x_mean + sqrt(σ² − σ_next²) z.  One score evaluation.
+
+    z is ``noise(shape, generator, device)``: white Gaussian (``noise.randn``) by default; a model trained on
+    another zero-mean, unit-variance noise (AnoDDPM's simplex noise) is sampled with that noise, as its reference does.
     """
 
     nfe = 1
+
+    def __init__(self, noise: NoiseFn = randn):
+        self.noise = noise
 
     def __call__(self, score_fn: ScoreFn, x: Tensor, sigma: float, sigma_next: float, generator: GeneratorLike = None) -> tuple[Tensor, Tensor]:
         """Returns (x, x_mean), both (B, 1, H, W)."""
         variance = sigma**2 - sigma_next**2
         x_mean = x + variance * score_fn(x, _batch(sigma, x))
-        return x_mean + math.sqrt(variance) * randn(x.shape, generator, x.device), x_mean
+        return x_mean + math.sqrt(variance) * self.noise(x.shape, generator, x.device), x_mean
 
 
 class LangevinCorrector:
@@ -145,16 +151,25 @@ def sample_pc(
     return SampleOutput(x_mean, nfe)
 
 
-def sample_sdedit(score_fn: ScoreFn, x_input: Tensor, sigmas_desc: Tensor, generator: GeneratorLike = None, **pc_options: Any) -> SampleOutput:
+def sample_sdedit(
+    score_fn: ScoreFn,
+    x_input: Tensor,
+    sigmas_desc: Tensor,
+    generator: GeneratorLike = None,
+    noise: NoiseFn = randn,
+    **pc_options: Any,
+) -> SampleOutput:
     """SDEdit (Meng et al. 2022; AnoDDPM-style partial noising): noise the real input to σ_start = sigmas_desc[0],
     x = x_input + σ_start z, then run :func:`sample_pc` down ``sigmas_desc``.
 
     Args:
         x_input: (B, 1, H, W) real images in [0, 1].
         sigmas_desc: (n,) strictly decreasing positive noise levels starting at σ_start.
+        noise: draws z, ``noise(shape, generator, device)`` (white Gaussian by default; AnoDDPM: simplex noise, with
+            ``predictor=ReverseDiffusionPredictor(noise)``).
         pc_options: :func:`sample_pc`'s ``predictor``, ``corrector`` (None: predictor only) and ``progress``.
     """
-    x_init = x_input + float(sigmas_desc[0]) * randn(x_input.shape, generator, x_input.device)
+    x_init = x_input + float(sigmas_desc[0]) * noise(x_input.shape, generator, x_input.device)
     return sample_pc(score_fn, x_init, sigmas_desc, generator=generator, **pc_options)
 
 

@@ -7,11 +7,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from tsgm_components.diffusion.noise import randn
+from tsgm_components.diffusion.noise import GeneratorLike, NoiseFn, randn
 from tsgm_components.diffusion.sde import VESDE
 
 #: network(x_t (B,1,H,W), sigma (B,), condition (B,C,H,W) | None) -> score (B,1,H,W); e.g. ``ScoreUNet``.
 ScoreNetwork = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+#: region(x0 (B,1,H,W), generator) -> (B,1,H,W) mask in {0, 1}: the pixels to noise (e.g. one patch per image).
+RegionFn = Callable[[Tensor, GeneratorLike], Tensor]
 
 
 def dsm_loss(
@@ -21,9 +23,16 @@ def dsm_loss(
     sde: VESDE,
     generator=None,
     loss_weight: Optional[Callable[[Tensor], Tensor]] = None,
+    noise: NoiseFn = randn,
+    region: Optional[RegionFn] = None,
 ) -> Tensor:
     """Scalar loss, mean over batch and pixels of w(σ)·(σ·s_θ(x0 + σz, σ, condition) + z)², t ~ U(eps, 1),
-    σ = σ(t) (log-uniform on [σ_min, σ_max]), z ~ N(0, I).
+    σ = σ(t) (log-uniform on [σ_min, σ_max]), z ~ N(0, I) (``noise``).
+
+    For any zero-mean noise z the residual is σ·s + z = (D(x_t) − x0)/σ with D = x_t + σ²·s, so a structured
+    ``noise`` (AnoDDPM's simplex noise) trains the denoiser to remove that noise instead. With ``region`` only the
+    masked pixels are noised (z·m) and the mean runs over them alone (patched DDPM: the rest of the image is clean
+    context, its reconstruction not trained).
 
     The σ² factor (inside the square) is score-SDE's weighting; any positive w(σ) keeps the minimiser, the score
     of the noised marginal, and only moves effort between noise levels (``ScoreUNet.loss_weight`` makes every σ
@@ -36,16 +45,23 @@ def dsm_loss(
         sde: supplies σ(t) and the t distribution.
         generator: a ``torch.Generator`` for t and z (on any device), or None for the global RNG.
         loss_weight: w(σ), (B,) → (B,); None for w = 1 (score-SDE's σ²-weighted loss).
+        noise: draws z (after t, from the same generator).
+        region: draws the noised pixels' mask (after z), or None for the whole image.
     """
     t = sde.sample_t(x0.shape[0], generator, device=x0.device)
     sigma = sde.sigma(t)
-    z = randn(x0.shape, generator, device=x0.device).to(x0.dtype)
+    z = noise(x0.shape, generator, x0.device).to(x0.dtype)
+    mask = None if region is None else region(x0, generator).to(x0.dtype)
+    if mask is not None:
+        z = mask * z
     x_t = x0 + sigma[:, None, None, None] * z
     score = network(x_t, sigma, condition)
     squared = (sigma[:, None, None, None] * score + z) ** 2
     if loss_weight is not None:
         squared = loss_weight(sigma)[:, None, None, None] * squared
-    return squared.mean()
+    if mask is None:
+        return squared.mean()
+    return (squared * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def regression_loss(
