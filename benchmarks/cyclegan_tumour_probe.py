@@ -2,24 +2,12 @@
 
     python benchmarks/cyclegan_tumour_probe.py --work_dir runs/demo [--checkpoint runs/demo/cyclegan/model.pt]
 
-TSGM learns "remove what G_A→B adds": if G_A→B adds no tumour-like change to healthy slices, the pseudo-pairs teach
-VE-JP to copy its condition, tumour included, and no sampler can fix that. On FLAIR slices of the prepared dataset
-(training and validation; up to ``--n_slices`` healthy and as many tumour slices) this prints:
-
-- the fraction of brain voxels brighter than the 99th percentile of healthy brain, in healthy slices, tumour slices,
-  G_A→B(healthy) (should approach the tumour slices' value) and G_B→A(tumour) (should approach the healthy value),
-  and the part of it in connected bright regions of at least ``MIN_REGION`` pixels (lesions rather than speckle);
-- the mean brain intensity outside tumours of the same four (per-volume percentile normalisation makes the normal
-  tissue of tumour volumes darker; a generator may learn that global shift instead of lesions);
-- mean |G_B→A(x) − x| inside and outside the tumour of tumour slices (a tumour-removing G_B→A changes the inside far
-  more than the outside), and the median |G_A→B(x) − x| over the brain of healthy slices (what G_A→B does to normal
-  tissue: the pseudo-pairs pass it on to VE-JP as a condition that differs from x_A everywhere);
-- AUPRC of |x − G_B→A(x)| for the tumour voxels over brain voxels (the CycleGAN-only baseline's FLAIR map), next to
-  that of the FLAIR intensity itself (what thresholding gets) and the tumour prevalence (chance level).
-
-Writes nothing unless ``--figure PNG`` (the first ``--n_figure`` slices of each kind: healthy x_A, G_A→B(x_A), their
-difference; tumour x_B, G_B→A(x_B), their difference; FLAIR) or ``--out NAME`` (the numbers as
-``benchmarks/results/NAME.{md,json}``); the config used is the bundle's ``inference.yaml`` (``--config_file`` to change).
+TSGM learns "remove what G_A→B adds": if G_A→B adds nothing tumour-like to healthy slices, no sampler can fix it. On
+up to ``--n_slices`` healthy and tumour FLAIR slices of WORK_DIR/prepared (training + validation): bright-voxel fractions
+(> the healthy brain's 99th percentile; and in regions of >= ``MIN_REGION`` pixels: lesions, not speckle) and normal
+tissue of x_A, x_B, G_A→B(x_A), G_B→A(x_B); |G_B→A(x) − x| in and outside tumours; the median |G_A→B(x) − x| over healthy
+brain; the AUPRC of |x − G_B→A(x)| next to FLAIR intensity and chance. ``--figure PNG``: example translations;
+``--out NAME``: ``benchmarks/results/NAME.{md,json}``.
 """
 
 from __future__ import annotations
@@ -35,17 +23,17 @@ from scipy import ndimage
 import torch
 from monai.bundle import ConfigParser
 
-from tsgm_components import REPO_ROOT
+from tsgm_components import bundle_dir
 from tsgm_components.evaluation.metrics import average_precision
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import read_prepare_config
 from tsgm_components.stage1.translation import load_generator, translate_modalities
 
-from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
+from common import RESULTS, command_line, save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 #: a bright region this large (4-connected pixels of the slice) counts as lesion-like, smaller ones as speckle
 MIN_REGION = 10
-CONFIGS = REPO_ROOT / "bundles" / "cyclegan_brats" / "configs"
+CONFIGS = Path(bundle_dir("cyclegan_brats")) / "configs"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,12 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = args.checkpoint or str(work / "cyclegan" / "model.pt")
     prepared = work / "prepared"
     config = ConfigParser()
-    config.read_config(args.config_file)
-    config.update({"checkpoint": checkpoint})
+    config.read_config(args.config_file), config.update({"checkpoint": checkpoint})
     size = int(config.get_parsed_content("image_size"))
 
-    datalist = json.loads((prepared / "datalist.json").read_text())
-    items = datalist["training"] + datalist["validation"]
+    items = [item for split in ("training", "validation") for item in json.loads((prepared / "datalist.json").read_text())[split]]
     by_slice = {(i["subject"], i["z"], i["modality"]): i for i in items}
     flair = [i for i in items if i["modality"] == "flair"]
     healthy = [i for i in flair if int(i["tumour"]) == 0][: args.n_slices]
@@ -84,20 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     x_a, x_b, seg_b = stack(healthy, "image"), stack(tumour, "image"), stack(tumour, "label") > 0.5
     brain_a, brain_b = x_a > 0, x_b > 0
     preprocess = read_prepare_config(prepared, size)
-    # lazy=False: two generator objects (the parser caches parsed content, so a second plain get_parsed_content would
-    # return the first object and G_BA's weights would overwrite G_AB's: this probe once reported G_B→A(healthy) as
-    # "G_A→B(healthy)")
-    g_ab = load_generator(config.get_parsed_content("network_def", lazy=False), checkpoint, "AB", preprocess)
-    g_ba = load_generator(config.get_parsed_content("network_def", lazy=False), checkpoint, "BA", preprocess)
-    if g_ab is g_ba:
-        raise RuntimeError("the config returned one generator object for both directions")
+    # lazy=False: two generator objects (a cached one would get G_BA's weights over G_AB's, as this probe once did)
+    g_ab, g_ba = (load_generator(config.get_parsed_content("network_def", lazy=False), checkpoint, d, preprocess) for d in ("AB", "BA"))
     fake_b, fake_a = translate_flair(g_ab, healthy), translate_flair(g_ba, tumour)
     bright = torch.quantile(x_a[brain_a], 0.99)
-    frac = lambda x, brain: float((x[brain] > bright).float().mean())  # noqa: E731
 
     def compact_frac(x: torch.Tensor, brain: torch.Tensor) -> float:
-        """Fraction of brain voxels that are bright and in a connected bright region of >= MIN_REGION pixels (a
-        lesion, not speckle)."""
+        """Fraction of brain voxels that are bright and in a connected bright region of >= MIN_REGION pixels."""
         compact = 0
         for image, mask in zip(x[:, 0].numpy(), brain[:, 0].numpy()):
             labels, _ = ndimage.label((image > float(bright)) & mask)
@@ -107,30 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     residual = (x_b - fake_a).abs()
     target = seg_b[brain_b].numpy()
-    mean = lambda x, where: float(x[where].mean())  # noqa: E731
+    images = {"healthy": (x_a, brain_a), "tumour": (x_b, brain_b), "G_AB(healthy)": (fake_b, brain_a), "G_BA(tumour)": (fake_a, brain_b)}
+    normal = {name: brain & ~seg_b if name in ("tumour", "G_BA(tumour)") else brain for name, (_, brain) in images.items()}
     record = {
         "checkpoint": checkpoint,
         "n_healthy": len(healthy),
         "n_tumour": len(tumour),
         "image_size": size,
-        "bright_fraction": {
-            "healthy": frac(x_a, brain_a),
-            "tumour": frac(x_b, brain_b),
-            "G_AB(healthy)": frac(fake_b, brain_a),
-            "G_BA(tumour)": frac(fake_a, brain_b),
-        },
-        "compact_bright_fraction": {
-            "healthy": compact_frac(x_a, brain_a),
-            "tumour": compact_frac(x_b, brain_b),
-            "G_AB(healthy)": compact_frac(fake_b, brain_a),
-            "G_BA(tumour)": compact_frac(fake_a, brain_b),
-        },
-        "normal_tissue_mean": {
-            "healthy": mean(x_a, brain_a),
-            "tumour": mean(x_b, brain_b & ~seg_b),
-            "G_AB(healthy)": mean(fake_b, brain_a),
-            "G_BA(tumour)": mean(fake_a, brain_b & ~seg_b),
-        },
+        "bright_fraction": {name: float((x[brain] > bright).float().mean()) for name, (x, brain) in images.items()},
+        "compact_bright_fraction": {name: compact_frac(x, brain) for name, (x, brain) in images.items()},
+        "normal_tissue_mean": {name: float(x[normal[name]].mean()) for name, (x, _) in images.items()},
         "G_BA_change": {"inside_tumour": float(residual[seg_b].mean()), "outside": float(residual[brain_b & ~seg_b].mean())},
         "G_AB_change_median": float((fake_b - x_a).abs()[brain_a].median()),
         "auprc": {
@@ -139,16 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "chance": float(target.mean()),
         },
     }
-    b, m, c, a = record["bright_fraction"], record["normal_tissue_mean"], record["G_BA_change"], record["auprc"]
-    k = record["compact_bright_fraction"]
+    c, a = record["G_BA_change"], record["auprc"]
+    four = lambda key, digits, tumour="tumour": ", ".join(  # noqa: E731
+        f"{label} {record[key][name]:.{digits}f}" for name, label in zip(images, ("healthy", tumour, "G_A→B(healthy)", "G_B→A(tumour)"))
+    )
     lines = [
         f"{checkpoint}: {len(healthy)} healthy and {len(tumour)} tumour FLAIR slices at {size}²",
-        f"bright-voxel fraction: healthy {b['healthy']:.4f}, tumour {b['tumour']:.4f}, "
-        f"G_A→B(healthy) {b['G_AB(healthy)']:.4f}, G_B→A(tumour) {b['G_BA(tumour)']:.4f}",
-        f"  of it in bright regions of >= {MIN_REGION} pixels: healthy {k['healthy']:.4f}, tumour {k['tumour']:.4f}, "
-        f"G_A→B(healthy) {k['G_AB(healthy)']:.4f}, G_B→A(tumour) {k['G_BA(tumour)']:.4f}",
-        f"mean brain intensity outside tumours: healthy {m['healthy']:.3f}, tumour slices {m['tumour']:.3f}, "
-        f"G_A→B(healthy) {m['G_AB(healthy)']:.3f}, G_B→A(tumour) {m['G_BA(tumour)']:.3f}",
+        f"bright-voxel fraction: {four('bright_fraction', 4)}",
+        f"  of it in bright regions of >= {MIN_REGION} pixels: {four('compact_bright_fraction', 4)}",
+        f"mean brain intensity outside tumours: {four('normal_tissue_mean', 3, 'tumour slices')}",
         f"mean |G_B→A(x) − x| on tumour slices: inside the tumour {c['inside_tumour']:.4f}, outside {c['outside']:.4f}",
         f"median |G_A→B(x) − x| over the brain of healthy slices (change to normal tissue): {record['G_AB_change_median']:.4f}",
         f"AUPRC over brain voxels: |x − G_B→A(x)| {a['G_BA_residual']:.3f}, FLAIR intensity {a['flair_intensity']:.3f}, chance {a['chance']:.3f}",
@@ -156,45 +120,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(lines))
     if args.figure:
         n = min(args.n_figure, len(healthy), len(tumour))
-        rows = [
-            ("healthy x_A", x_a),
-            ("G_A→B(x_A)", fake_b),
-            ("G_A→B(x_A) − x_A", fake_b - x_a),
-            ("tumour x_B", x_b),
-            ("G_B→A(x_B)", fake_a),
-            ("x_B − G_B→A(x_B)", x_b - fake_a),
-        ]
+        rows = [("healthy x_A", x_a), ("G_A→B(x_A)", fake_b), ("G_A→B(x_A) − x_A", fake_b - x_a)]
+        rows += [("tumour x_B", x_b), ("G_B→A(x_B)", fake_a), ("x_B − G_B→A(x_B)", x_b - fake_a)]
         plot_translations([(name, images[:n, 0].numpy()) for name, images in rows], Path(args.figure))
         print(f"wrote {args.figure}")
     if args.out:
-        command = "python benchmarks/cyclegan_tumour_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = command_line(__file__, argv)
         table = "\n".join(["# CycleGAN tumour probe (`benchmarks/cyclegan_tumour_probe.py`)", "", f"`{command}`", "", "```", *lines, "```", ""])
-        print(f"wrote {save_report(table, dict(record, command=command), REPO_ROOT / 'benchmarks' / 'results', args.out)}.md")
+        print(f"wrote {save_report(table, dict(record, command=command), RESULTS, args.out)}.md")
     return 0
 
 
 def plot_translations(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
     """One row per (name, (n, H, W) images): intensities in [0, 1] in grey, differences in a diverging map (±0.5)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = rows[0][1].shape[0]
     figure, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.7 * len(rows)), squeeze=False)
     for r, (name, images) in enumerate(rows):
-        difference = "−" in name
-        for k in range(n):
-            axis = axes[r][k]
-            axis.imshow(
-                np.rot90(images[k]), cmap="RdBu_r" if difference else "gray", vmin=-0.5 if difference else 0.0, vmax=0.5 if difference else 1.0
-            )
-            axis.set_xticks([]), axis.set_yticks([])
+        kind = dict(cmap="RdBu_r", vmin=-0.5, vmax=0.5) if "−" in name else dict(cmap="gray", vmin=0.0, vmax=1.0)
+        for axis, image in zip(axes[r], images):
+            axis.imshow(np.rot90(image), **kind), axis.set_xticks([]), axis.set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    figure.tight_layout(), path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110), plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/denoiser_probe.py --work_dir runs/demo
     python benchmarks/denoiser_probe.py --work_dir runs/demo --pairs true_pairs \
-        --checkpoints "runs/demo/curve/checkpoints/checkpoint_epoch=*.pt" --out probe_curve_true_pairs
+        --checkpoints "runs/demo/curve/checkpoints/checkpoint_epoch=*.pt" --out probe_curve
 
 On validation pairs (x_A, x_B~) of WORK_DIR/PAIRS (CycleGAN's pseudo-pairs, or the phantom's true pairs): noise x_A
 at each σ, ask the model for its clean estimate D(x_A + σz, σ, x_B~) (``ScoreUNet.denoise``; EMA weights, loaded by

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from ignite.engine import Events
 from ignite.handlers import TimeLimit
-from monai.bundle import ConfigParser
 
-from tsgm_components.pipeline import BUNDLES, bundle_command
+from common import command_line, run_command, run_training
+from tsgm_components.pipeline import bundle_command
 
 TSGM = [sys.executable, "-m", "tsgm_components.cli"]
 CUDA = "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
@@ -40,30 +38,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
-def run_command(command: list[str], cwd: Path) -> None:
-    print("$ " + " ".join(command), flush=True)
-    if subprocess.run(command, cwd=cwd).returncode != 0:
-        raise SystemExit(f"gpu_small_models.py: command failed: {' '.join(command)}")
-
-
-def train(bundle: str, configs: Sequence[str], trainer_key: str, run_keys: Sequence[str], overrides: dict[str, Any], limit_s: int) -> dict[str, Any]:
+def train(bundle: str, configs: Sequence[str], trainer_key: str, overrides: dict[str, Any], limit_s: int) -> dict[str, Any]:
     """Runs a bundle's training in this process with ``overrides`` and a wall-clock limit; returns what it did."""
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLES / bundle / "configs" / name) for name in configs])
-    parser.update(overrides)
-    trainer = parser.get_parsed_content(trainer_key)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_s))
-    start = time.perf_counter()
-    for key in run_keys:
-        parser.get_parsed_content(key)
-    return {
-        "bundle": bundle,
-        "configs": list(configs),
-        "iterations": trainer.state.iteration,
-        "seconds": round(time.perf_counter() - start, 1),
-        "time_limit_s": limit_s,
-        "overrides": {k: v for k, v in overrides.items() if k != "work_dir"},
-    }
+    attach = lambda trainer: trainer.add_event_handler(Events.ITERATION_COMPLETED, TimeLimit(limit_s))  # noqa: E731
+    _, trainer, seconds = run_training(bundle, configs, trainer_key, overrides, attach)
+    kept = {k: v for k, v in overrides.items() if k != "work_dir"}
+    return dict(
+        bundle=bundle, configs=list(configs), iterations=trainer.state.iteration, seconds=round(seconds, 1), time_limit_s=limit_s, overrides=kept
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     copy_to = Path(args.copy_to) if args.copy_to else None
     record: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(__file__, argv),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "runs": [],
     }
@@ -94,20 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_command(TSGM + ["phantom", "--out", str(work / "phantom"), "--workers", "8"], work)
         run_command(TSGM + ["prepare", "--dataset_dir", str(work / "phantom"), "--out", str(work / "prepared"), "--image_size", "64"], work)
     common = {"work_dir": str(work)}
-    result = train(
-        "cyclegan_brats",
-        ["train.yaml", "cpu.yaml"],
-        "train#trainer",
-        ["initialize", "training"],
-        {**common, **OVERRIDES["cyclegan"]},
-        args.cyclegan_s,
-    )
+    result = train("cyclegan_brats", ["train.yaml", "cpu.yaml"], "train#trainer", {**common, **OVERRIDES["cyclegan"]}, args.cyclegan_s)
     save("cyclegan", work / "cyclegan" / "model.pt", result)
     run_command(bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work, device=CUDA, checkpoint=work / "cyclegan" / "model.pt"), work)
     for name, extra in (("vejp", []), ("vejp_unconditional", ["train_unconditional.yaml"])):
-        result = train(
-            "vejp_anomaly", ["train.yaml", "cpu.yaml", *extra], "trainer", ["initialize", "training"], {**common, **OVERRIDES["vejp"]}, args.vejp_s
-        )
+        result = train("vejp_anomaly", ["train.yaml", "cpu.yaml", *extra], "trainer", {**common, **OVERRIDES["vejp"]}, args.vejp_s)
         save(name, work / name / "model.pt", result)
     return 0
 

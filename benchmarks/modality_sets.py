@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import shlex
-import sys
 from pathlib import Path
 
 
-from common import evaluation_settings, save_report
-from tsgm_components import REPO_ROOT
+from common import RESULTS, command_line, evaluation_settings, save_report
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.detection.ensembling import simplex_grid
@@ -40,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         help="modality_tolerance values to show the picks of (default: 0 and the CPU configuration's)",
     )
     ap.add_argument("--out", default="modality_sets_cpu")
-    ap.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out_dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     volumes, preprocess, _ = read_prepared(args.work_dir / "prepared")
     cases = load_cases(args.detection_dir / "validation", read_volumes_split(volumes, "validation"), preprocess)
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     for tolerance in sorted(set(args.tolerances or [0.0, float(settings["modality_tolerance"])])):
         chosen = calibrate(cases, **{**settings, "modality_tolerance": tolerance})
         picks[tolerance] = {"weights": chosen["weights"], "validation_dice": chosen["validation_dice"]}
-    command = "python benchmarks/modality_sets.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     lines = [
         "# Modality sets on the validation split (what an ensemble of each is worth; the test split is not read)",
         "",

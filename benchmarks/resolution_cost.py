@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import platform
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,17 +23,16 @@ from tsgm_components.detection.anomaly import anomaly_support
 from tsgm_components.data.brats import find_dataset, load_subject
 from tsgm_components.data.preprocessing import PreprocessConfig, normalize_volume, slices_to_volume, volume_to_slices
 from tsgm_components.data.real_brats import read_split_manifest
-from tsgm_components.evaluation.metrics import average_precision
+from tsgm_components.evaluation.metrics import average_precision, overlap_metrics
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import save_report  # noqa: E402
+from common import RESULTS, command_line, save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
 THRESHOLDS = np.linspace(0.0, 1.0, 201)
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    total = prediction.sum() + truth.sum()
-    return float(2 * np.logical_and(prediction, truth).sum() / total) if total else 1.0
+    """Volume Dice of one tumour volume (``evaluation.metrics.overlap_metrics``: an empty prediction scores 0)."""
+    return float(overlap_metrics(prediction[None], truth[None], (1.0, 1.0, 1.0), include_hd95=False)["dice"][0])
 
 
 def through_size(volume: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
@@ -65,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(2)
     split = read_split_manifest()["split"]
     dataset = find_dataset(args.dataset_dir, require_seg=True)
-    rows, record = [], {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(), "sizes": {}}
+    rows, record = [], {"command": command_line(__file__), "machine": platform.processor() or platform.machine(), "sizes": {}}
     for size in [int(s) for s in args.sizes.split(",")]:
         preprocess = dataclasses.replace(PreprocessConfig(), image_size=size)
         maps = {name: [subject_maps(dataset.subjects[s], preprocess) for s in split[name]] for name in ("train", "val")}
@@ -98,7 +95,7 @@ def main() -> None:
         "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n256² is the native grid (240² padded, no resampling). "
         "Tumour volumes only in the Dice and AUPRC means.\n"
     )
-    print(save_report(table, record, Path(__file__).parent / "results", args.out))
+    print(save_report(table, record, RESULTS, args.out))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +26,11 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from common import evaluation_settings, save_report
-from tsgm_components import REPO_ROOT, bundle_dir
+from common import RESULTS, command_line, evaluation_settings, parse_setting, save_report, setting_label
+from tsgm_components import bundle_dir
 from tsgm_components.data.brats import MODALITIES
 from tsgm_components.evaluation.harness import calibrate, load_cases, read_prepared
 from tsgm_components.data.prepare import read_volumes_split
-
-
-def parse_setting(text: str) -> dict[str, Any]:
-    """``"heun:n_steps=4,n_draws=2"`` -> ``{"sampler": "heun", "n_steps": 4, "n_draws": 2}``."""
-    sampler, _, rest = text.partition(":")
-    setting: dict[str, Any] = {"sampler": sampler}
-    for pair in filter(None, rest.split(",")):
-        key, _, value = pair.partition("=")
-        setting[key] = json.loads(value)
-    return setting
 
 
 def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any]) -> tuple[Path, int]:
@@ -74,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settings", nargs="+", required=True)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="sampler_validation_cpu")
-    ap.add_argument("--out_dir", default=str(REPO_ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out_dir", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     truths: dict = {}
     rows = []
     for text in args.settings:
-        label = text.replace(":", "_").replace(",", "_").replace("=", "")
-        folder, nfe = detect(work_dir, args.checkpoint, label, parse_setting(text))
+        folder, nfe = detect(work_dir, args.checkpoint, setting_label(text), parse_setting(text))
         seconds = [json.loads(p.read_text())["seconds"]["reconstruction"] for p in sorted(folder.glob("*/*_detection.json"))]
         calibration = calibrate(load_cases(folder, items, preprocess, truths), **calibration_kwargs)
         rows.append(
@@ -102,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(f"{text}: NFE {nfe}, {rows[-1]['seconds_per_volume']:.1f} s/volume, validation Dice {calibration['validation_dice']:.3f}", flush=True)
     base = rows[0]
-    command = "python benchmarks/sampler_validation.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command_line(__file__, argv)
     lines = [
         "# Sampler settings on the validation split (calibrated on validation; the test split is not read)",
         "",

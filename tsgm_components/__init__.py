@@ -35,8 +35,9 @@ def git_commit() -> str:
 def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in ``cpuinfo``'s flags).
 
-    The CPU configs turn bfloat16 autocast on only then: it makes the demo's CycleGAN training 1.4× and its sampling 1.9× faster on
-    such CPUs (``benchmarks/cpu_bf16.py``) and slower on CPUs that emulate it. False where ``cpuinfo`` cannot be read.
+    No config turns bfloat16 autocast on by itself (``amp`` is opt-in everywhere); it made the demo's CycleGAN training 1.4× and
+    its sampling 1.9× faster on such CPUs at commit ce3ee16 (``benchmarks/cpu_bf16.py`` measures it) and is slower on CPUs that
+    emulate it. False where ``cpuinfo`` cannot be read.
     """
     try:
         flags = {flag for line in Path(cpuinfo).read_text().splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}

@@ -6,7 +6,8 @@
 Lesion blending (:func:`blend_lesions`, off by default; the paper uses G_A→B(x_A) as it is): at the 64² demo scale
 G_A→B adds a lesion but also rewrites the texture of all normal tissue (median change 0.057 on a brain median of
 0.4, ``benchmarks/results/cyclegan_probe_shipped.md``), so VE-JP learns not to copy its condition finely and normal
-tissue becomes false positives (``benchmarks/results/probe_shipped_on_pseudo_pairs.md``). Blending keeps x_A outside
+tissue becomes false positives (the denoiser probe of the model then shipped, commit 3f40ed7's
+``benchmarks/results/probe_shipped_on_pseudo_pairs.md``). Blending keeps x_A outside
 the region where G_A→B put its hyperintense lesion and G_A→B's output inside it.
 """
 

@@ -60,8 +60,8 @@ class CycleGANTrainer(MixedPrecisionTrainer):
         pool_a, pool_b: image pools of generated A and B images (fed to D_A and D_B).
         loss_weights: cycle/identity weights.
         amp: mixed precision as everywhere in tsgm (:mod:`tsgm_components.diffusion.precision`): the network passes under
-            bfloat16 autocast on the CPU (1.4× faster for the demo's CPU config on a CPU with AVX512-BF16,
-            ``benchmarks/cpu_bf16.py``), float16 with a ``GradScaler`` on CUDA; losses, image pools and weights stay
+            bfloat16 autocast on the CPU (1.4× faster for the demo's CPU config on a CPU with AVX512-BF16 at commit
+            ce3ee16; ``benchmarks/cpu_bf16.py`` measures it), float16 with a ``GradScaler`` on CUDA; losses, image pools and weights stay
             float32.
         epoch_length, non_blocking, prepare_batch, train_handlers, optim_set_to_none, to_kwargs: as in MONAI
             ``SupervisedTrainer``.

@@ -39,7 +39,8 @@ class CycleGANLossWeights:
 
     Defaults are the reference ones (λ_A = λ_B = 10, identity 0.5, change_ab 0). ``change_ab`` > 0 adds
     change_ab · L1(G_AB(real_a), real_a), not in the paper: an L1 penalty on what G_AB changes in a healthy slice,
-    which favours sparse changes (a lesion) over rewriting the whole slice (see ``benchmarks/stage1_variants.py``).
+    which favours sparse changes (a lesion) over rewriting the whole slice (tried at commit 8f0dab4:
+    ``git show 8f0dab4:benchmarks/results/stage1_variants_cpu.md``).
     """
 
     def __init__(self, lambda_a: float = 10.0, lambda_b: float = 10.0, identity: float = 0.5, change_ab: float = 0.0):
