@@ -142,7 +142,7 @@ class DiffusionSamplerInferer(Inferer):
     Averaging: with ``n_draws > 1`` the reconstruction is the mean of that many independent draws (each clamped to
     [0, 1]), NFE = n_draws × the sampler's NFE. One draw of a stochastic sampler carries sampling noise into the
     residual |input − healthy| in healthy tissue; the mean of a few cheap draws estimates the posterior mean
-    instead (``benchmarks/sampling.py`` measures what this buys against the paper's single 2000-NFE draw).
+    instead (``benchmarks/sampler_validation.py`` compares settings through the whole detection pipeline).
 
     Conditional mode (VE-JP): the condition of every network call is the real input slice (never noised); the state
     starts from the prior (pc, heun) or from the noised input (sdedit). Unconditional mode (a network with
@@ -156,8 +156,8 @@ class DiffusionSamplerInferer(Inferer):
 
     Mixed precision: ``amp=True`` runs the network calls under autocast, float16 on CUDA and bfloat16 on the CPU
     (:mod:`tsgm_components.diffusion.precision`; the sampler's state and updates stay float32, scores are cast back to float32). bfloat16 pays off on CPUs with
-    AVX512-BF16/AMX (1.9× for the demo's model on the 2-core AMD EPYC here, reconstructions within 2e-4 of
-    float32 on average: ``benchmarks/cpu_bf16.py``) and is slower on CPUs without.
+    AVX512-BF16/AMX (1.9× for the demo's model of commit ce3ee16 on a 2-core AMD EPYC, reconstructions within 2e-4
+    of float32 on average; ``benchmarks/cpu_bf16.py`` measures it) and is slower on CPUs without.
 
     Compilation: ``compile=True`` runs the network through ``torch.compile`` (compiled once per network and input
     shape; the last chunk of a stack is padded to the chunk size so that a stack needs one shape). On an H100 this
