@@ -1,4 +1,5 @@
-"""Conditional score network for VE-JP: a MONAI ``DiffusionModelUNet`` wrapped as s_θ(x_t, σ, condition)."""
+"""Conditional score network for VE-JP: a MONAI ``DiffusionModelUNet`` wrapped as s_θ(x_t, σ, condition), optionally
+also conditioned on a class label (class-conditional peers with a null class for the unconditional score)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class ScoreUNet(nn.Module):
             2^(len(channels) − 1).
         sigma_data: σ_d, the standard deviation of the data on the [-1, 1] scale assumed by the preconditioning
             (EDM's 0.5).
+        num_classes: 0 (default): no class input, the network and its weights as before. K > 0: the UNet's class
+            embedding (``num_class_embeds = K + 1``) is added to the noise embedding; labels 0..K−1 are the classes
+            and label K (:attr:`null_class`) the "no class" token of classifier-free guidance (Ho & Salimans 2022).
     """
 
     def __init__(
@@ -61,12 +65,16 @@ class ScoreUNet(nn.Module):
         num_head_channels: int | Sequence[int] = PAPER_PRESET["num_head_channels"],
         norm_num_groups: int = PAPER_PRESET["norm_num_groups"],
         sigma_data: float = 0.5,
+        num_classes: int = 0,
     ):
         super().__init__()
         if condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
         if sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = int(num_classes)
         self.condition_channels = int(condition_channels)
         self.sigma_data = float(sigma_data)
         self.size_multiple = 2 ** (len(channels) - 1)
@@ -80,32 +88,42 @@ class ScoreUNet(nn.Module):
             num_head_channels=num_head_channels,
             norm_num_groups=norm_num_groups,
             resblock_updown=True,
+            num_class_embeds=self.num_classes + 1 if self.num_classes else None,
         )
 
     @property
     def conditional(self) -> bool:
         return self.condition_channels > 0
 
-    def forward(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None) -> Tensor:
+    @property
+    def null_class(self) -> int:
+        """The label of the unconditional score of a class-conditional model (``num_classes``)."""
+        if not self.num_classes:
+            raise ValueError("this ScoreUNet has no class input (num_classes=0)")
+        return self.num_classes
+
+    def forward(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         """Score estimate.
 
         Args:
             x: noisy state x_t, (B, 1, H, W), data scale [0, 1] plus noise of std ``sigma``.
             sigma: noise level, (B,) (or a scalar, broadcast to the batch), > 0.
             condition: (B, condition_channels, H, W) in [0, 1], never noised; None for an unconditional model.
+            class_labels: (B,) int64 in 0..num_classes (num_classes = :attr:`null_class`) for a class-conditional
+                model (``num_classes > 0``); None otherwise.
 
         Returns:
-            (B, 1, H, W) score, the estimate of ∇_x log p_σ(x | condition), in units of 1/intensity.
+            (B, 1, H, W) score, the estimate of ∇_x log p_σ(x | condition, class), in units of 1/intensity.
         """
-        sigma = self._check(x, sigma, condition)
-        return (self._denoise(x, sigma, condition) - x) / sigma.to(x.dtype)[:, None, None, None] ** 2
+        sigma = self._check(x, sigma, condition, class_labels)
+        return (self._denoise(x, sigma, condition, class_labels) - x) / sigma.to(x.dtype)[:, None, None, None] ** 2
 
-    def denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None) -> Tensor:
-        """D(x_t, σ, condition) ≈ E[x_0 | x_t, condition]: (B, 1, H, W) on the [0, 1] data scale; arguments as
-        ``forward``."""
-        return self._denoise(x, self._check(x, sigma, condition), condition)
+    def denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
+        """D(x_t, σ, condition, class) ≈ E[x_0 | x_t, condition, class]: (B, 1, H, W) on the [0, 1] data scale;
+        arguments as ``forward``."""
+        return self._denoise(x, self._check(x, sigma, condition, class_labels), condition, class_labels)
 
-    def _denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None) -> Tensor:
+    def _denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None, class_labels: Tensor | None = None) -> Tensor:
         sigma_y = 2.0 * sigma.to(x.dtype)[:, None, None, None]
         total = torch.sqrt(sigma_y**2 + self.sigma_data**2)
         c_skip, c_out, c_in = self.sigma_data**2 / total**2, sigma_y * self.sigma_data / total, 1.0 / total
@@ -113,7 +131,7 @@ class ScoreUNet(nn.Module):
         net_in = c_in * y_t
         if self.conditional:
             net_in = torch.cat([net_in, 2.0 * condition.to(x.dtype) - 1.0], dim=1)
-        denoised_y = c_skip * y_t + c_out * self.unet(net_in, NOISE_LABEL_SCALE * torch.log(sigma))
+        denoised_y = c_skip * y_t + c_out * self.unet(net_in, NOISE_LABEL_SCALE * torch.log(sigma), class_labels=class_labels)
         return (denoised_y + 1.0) / 2.0
 
     def loss_weight(self, sigma: Tensor) -> Tensor:
@@ -121,7 +139,7 @@ class ScoreUNet(nn.Module):
         which turns the loss into the plain mean squared error of the UNet output against its target. (B,) → (B,)."""
         return 1.0 + (2.0 * sigma / self.sigma_data) ** 2
 
-    def _check(self, x: Tensor, sigma: Tensor, condition: Tensor | None) -> Tensor:
+    def _check(self, x: Tensor, sigma: Tensor, condition: Tensor | None, class_labels: Tensor | None = None) -> Tensor:
         """Validates shapes; returns sigma as a float32 (B,) tensor on x's device."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"x must be (B, 1, H, W), got {tuple(x.shape)}")
@@ -138,4 +156,12 @@ class ScoreUNet(nn.Module):
                 raise ValueError(f"condition must be (B, {self.condition_channels}, H, W) matching x {tuple(x.shape)}, got {got}")
         elif condition is not None:
             raise ValueError("this ScoreUNet is unconditional (condition_channels=0) but a condition was given")
+        if self.num_classes:
+            if class_labels is None or class_labels.shape != (x.shape[0],):
+                got = None if class_labels is None else tuple(class_labels.shape)
+                raise ValueError(f"class_labels must be ({x.shape[0]},) for a class-conditional ScoreUNet, got {got}")
+            if class_labels.min() < 0 or class_labels.max() > self.num_classes:
+                raise ValueError(f"class_labels must lie in 0..{self.num_classes} (the last is the null class)")
+        elif class_labels is not None:
+            raise ValueError("this ScoreUNet has no class input (num_classes=0) but class_labels were given")
         return sigma
