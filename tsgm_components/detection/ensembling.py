@@ -49,18 +49,27 @@ def check_weights(weights: Mapping[str, float], source: str = "weights") -> dict
     return values
 
 
-def weighted_anomaly(maps: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Σ_m w_m · maps[m] over the four modalities; maps: modality -> array (any equal shape), float32 out.
+def weighted_anomaly(maps: Mapping[str, np.ndarray] | np.ndarray, weights: Mapping[str, float] | np.ndarray) -> np.ndarray:
+    """Σ_m w_m · maps_m, float32: the one weighted sum of per-modality anomaly (detection, the MONAI Label transforms,
+    the evaluation and the calibration search).
 
-    A modality with weight 0 may be absent from ``maps`` (detection skips reconstructing it)."""
-    weights = check_weights(weights)
-    missing = [m for m in MODALITIES if m not in maps and weights[m] > 0]
-    if missing:
-        raise ValueError(f"anomaly maps missing for modalities {missing}")
-    total = np.zeros(np.shape(next(iter(maps.values()))), dtype=np.float32)
-    for modality in maps:
-        total += np.float32(weights[modality]) * np.asarray(maps[modality], dtype=np.float32)
-    return total
+    maps: modality -> array (any equal shape; a modality with weight 0 may be absent: detection skips reconstructing
+    it), with ``weights`` modality -> w (Σ = 1); or an (..., M) array whose last axis are the modalities, with
+    ``weights`` (M,) (or modality -> w for M = 4 in ``MODALITIES`` order). One float32 matrix-vector product.
+    """
+    if isinstance(maps, Mapping):
+        weights = check_weights(weights)
+        missing = [m for m in MODALITIES if m not in maps and weights[m] > 0]
+        if missing:
+            raise ValueError(f"anomaly maps missing for modalities {missing}")
+        used = [m for m in MODALITIES if weights[m] > 0]
+        return weighted_anomaly(np.stack([np.asarray(maps[m], dtype=np.float32) for m in used], axis=-1), [weights[m] for m in used])
+    vector = np.asarray([weights[m] for m in MODALITIES] if isinstance(weights, Mapping) else weights, dtype=np.float32)
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.shape[-1] != len(vector):
+        raise ValueError(f"anomaly maps have {maps.shape[-1]} modality columns, weights {len(vector)}")
+    flat = maps if maps.ndim == 2 else maps.reshape(-1, len(vector))
+    return (flat @ vector).reshape(maps.shape[:-1])
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -210,7 +219,7 @@ def _binned_counts(pooled: _Pooled, weights: np.ndarray) -> tuple[np.ndarray, np
     score > t_j, per volume (``score > t_j`` ⇔ ceil(score / max · n_bins) ≥ j + 1, counted by one bincount).
     """
     n_bins, n_volumes = pooled.n_bins, len(pooled.n_tumour)
-    score = np.asarray(weights, dtype=np.float32) @ pooled.maps_t
+    score = weighted_anomaly(pooled.maps_t.T, weights)
     top = float(score.max()) if score.size else 0.0
     scale = n_bins / top if top > 0 else 0.0
     score *= scale

@@ -33,6 +33,7 @@ from tsgm_components.detection.ensembling import (
     score_to_mask,
     search_weights,
     select_threshold,
+    weighted_anomaly,
 )
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_not_over_inputs, save_json
@@ -63,9 +64,8 @@ class Case:
 
     def score(self, weights: Mapping[str, float]) -> np.ndarray:
         """(H, W, Z) float32 weighted anomaly Σ w_m · anomaly_m (0 outside the brain)."""
-        vector = np.asarray([weights[m] for m in MODALITIES], dtype=np.float32)
         volume = np.zeros(self.brain.shape, dtype=np.float32)
-        volume[self.brain] = self.maps @ vector
+        volume[self.brain] = weighted_anomaly(self.maps, weights)
         return volume
 
     def voxels(self) -> BrainVoxels:
