@@ -19,7 +19,7 @@ from sklearn.metrics import average_precision_score
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.data.brats import MODALITIES
-from tsgm_components.detection.masking import load_calibration
+from tsgm_components.detection.masking import Calibration
 from tsgm_components.detection.ensembling import (
     BrainVoxels,
     fixed_mask,
@@ -377,10 +377,11 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     assert calibration["weights"]["t2"] == 1.0 and calibration["mode"] == "fixed" and calibration["n_validation_subjects"] == 3
     assert json.loads((out / "weak" / "calibration.json").read_text())["mode"] == "otsu"
     # the contract with VE-JP inference: detection reads these files back
-    weights, threshold, mode, reconstruction = load_calibration(out / "good" / "calibration.json")
-    assert weights == calibration["weights"] and threshold == calibration["threshold"] and mode == "fixed"
-    assert reconstruction is None  # these synthetic maps were not sampled
-    assert load_calibration(out / "weak" / "calibration.json")[1:3] == (None, "otsu")
+    loaded = Calibration.load(out / "good" / "calibration.json")
+    assert loaded.weights == calibration["weights"] and loaded.threshold == calibration["threshold"] and loaded.mode == "fixed"
+    assert loaded.reconstruction is None and loaded.to_json() == calibration  # not sampled; written back unchanged
+    weak = Calibration.load(out / "weak" / "calibration.json")
+    assert (weak.threshold, weak.mode) == (None, "otsu")
     assert json.loads((out / "t1_only" / "calibration.json").read_text())["weights"]["t1"] == 1.0
 
     summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
@@ -406,7 +407,7 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     volumes, preprocess, _ = read_prepared(synthetic / "prepared")
     healthy_case = load_cases(synthetic / "detections" / "good" / "test", volumes["test"][2:], preprocess)[0]
     assert good["healthy_volumes"]["n"] == 1
-    assert good["healthy_volumes"]["false_positive_rate"] == float(predict(healthy_case, calibration)[1].any())
+    assert good["healthy_volumes"]["false_positive_rate"] == float(predict(healthy_case, loaded)[1].any())
     assert sorted(good["per_subject_volume_dice"]) == ["test_0", "test_1"] and "| test_0 |" in markdown
     assert good["role"] is None and "CEILING" not in markdown
     assert "oracle (upper bound, NOT a result" in markdown and "| good |" in markdown

@@ -148,7 +148,7 @@ def _stored(data: np.ndarray, transform: np.ndarray, affine: np.ndarray) -> tupl
 )
 def test_other_orientations_are_processed_in_the_training_orientation_and_written_back(tmp_path, transform):
     from tsgm_components.detection.detector import Detector, detect_subject
-    from tsgm_components.detection.masking import MaskSettings
+    from tsgm_components.detection.masking import Calibration
     from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 
     grid = PreprocessConfig(z_min=2, z_max=5, image_size=16, pad_to=16, orientation="LPS", voxel_size=(1, 1, 1), volume_shape=SHAPE)
@@ -175,7 +175,7 @@ def test_other_orientations_are_processed_in_the_training_orientation_and_writte
 
     outputs = {}
     for name in ("LPSX", "OTHR"):
-        settings = MaskSettings(PAPER_WEIGHTS, "fixed", 0.05)
+        settings = Calibration(PAPER_WEIGHTS, "fixed", 0.05)
         folder = detect_subject(subject_files(tmp_path / "in" / name, False), tmp_path / "out", Detector(darken, grid, settings, "half"))
         outputs[name] = {key: nib.load(str(folder / f"{name}_{key}.nii.gz")) for key in ("anomaly", "mask", "anomaly_flair")}
         assert json.loads((folder / f"{name}_detection.json").read_text())["input_geometry"]["reoriented"] == (name == "OTHR")
@@ -318,7 +318,7 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     volume stored in two voxel orders: the model sees the same slices, the label comes back in each input's order."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from tsgm_components.detection.masking import MaskSettings
+    from tsgm_components.detection.masking import Calibration
     from tsgm_components.monai_label import AnomalyFromHealthyd, MultiModalSlicesd
     from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 
@@ -329,7 +329,7 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
     ras = stacked.as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
     paths["RAS"] = save(np.asarray(ras.dataobj), tmp_path / "ras.nii.gz", ras.affine)
     load = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), MultiModalSlicesd("image", grid)])
-    settings = MaskSettings(PAPER_WEIGHTS, "fixed", 0.05)
+    settings = Calibration(PAPER_WEIGHTS, "fixed", 0.05)
     seen, labels = {}, {}
     for name, path in paths.items():
         item = load({"image": str(path)})

@@ -2,7 +2,7 @@
 ``inferer(image[None], network)`` -> [0] -> "pred" -> postprocessing(dict). "image" is one multi-channel NIfTI
 (channels = ``channel_modalities``). The steps are the detection step's (:mod:`tsgm_components.detection.detector`):
 ``preprocess_volume`` per modality, the same slice inferer, :func:`~tsgm_components.detection.anomaly.anomaly_maps` and
-:meth:`~tsgm_components.detection.masking.MaskSettings.mask`.
+:meth:`~tsgm_components.detection.masking.Calibration.mask`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tsgm_components.detection.anomaly import anomaly_maps
 from tsgm_components.data.brats import MODALITIES, grid_geometry
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.detection.masking import MaskSettings
+from tsgm_components.detection.masking import Calibration
 
 
 class SliceStackInferer(Inferer):
@@ -90,7 +90,7 @@ class AnomalyFromHealthyd(MapTransform):
         keys: str,
         image_key: str,
         preprocess: PreprocessConfig,
-        mask_settings: MaskSettings,
+        mask_settings: Calibration,
         channel_modalities: Sequence[str] = MODALITIES,
     ):
         super().__init__(keys)

@@ -31,7 +31,7 @@ from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.data.preprocessing import PreprocessConfig, preprocess_volume, slices_to_volume
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_not_over_inputs, check_writable, save_json
-from tsgm_components.detection.masking import MaskSettings, reconstruction_settings
+from tsgm_components.detection.masking import Calibration, reconstruction_settings
 from tsgm_components.detection.overlays import save_overlay
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Detector:
 
     reconstruct: Reconstructor
     preprocess: PreprocessConfig
-    mask_settings: MaskSettings
+    mask_settings: Calibration
     method: str
     provenance: Mapping[str, Any] | None = None
     reconstruct_modalities: str = "all"
@@ -88,7 +88,7 @@ class Detector:
     def __post_init__(self) -> None:
         if self.reconstruct_modalities not in RECONSTRUCT_MODALITIES:
             raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {self.reconstruct_modalities!r}")
-        calibrated, used = self.mask_settings.calibrated_reconstruction, reconstruction_settings(self.provenance)
+        calibrated, used = self.mask_settings.reconstruction, reconstruction_settings(self.provenance)
         if calibrated and used and self.mask_settings.threshold_source and dict(calibrated) != used:
             differing = {key: (calibrated.get(key), used[key]) for key in used if calibrated.get(key) != used[key]}
             logger.warning(
@@ -207,10 +207,10 @@ def detect_subject(
             **({"input_channels": dict(files.channels)} if files.channels else {}),
             "input_geometry": volumes.geometry.record(),
             "outputs": outputs,
-            "weights": mask_settings.record()["weights"],
+            "weights": mask_settings.detection_record()["weights"],
             "weights_source": mask_settings.weights_source,
             "reconstructed_modalities": reconstructed,
-            "mask": mask_settings.record()["mask"],
+            "mask": mask_settings.detection_record()["mask"],
             "preprocess": preprocess.to_dict(),
             "reconstruction": dict(detector.provenance or {}),
             "seconds": {

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.detection.detector import Detector, Reconstructor, detect_datalist
-from tsgm_components.detection.masking import MAPS_ONLY, MaskSettings
+from tsgm_components.detection.masking import MAPS_ONLY, Calibration
 from tsgm_components.detection.ensembling import PAPER_WEIGHTS
 from tsgm_components.stage1.translation import translate_modalities
 
@@ -75,7 +75,7 @@ def detect_splits(
     Writes ``detections_dir/<method>/<split>/<id>/`` through :func:`tsgm_components.detection.detector.detect_datalist`;
     ``weights`` only shape the stored combined map and overlay. Returns the written subject folders.
     """
-    detector = Detector(reconstruct, preprocess, MaskSettings(weights, weights_source=MAPS_ONLY.weights_source), method, provenance)
+    detector = Detector(reconstruct, preprocess, Calibration(weights, weights_source=MAPS_ONLY.weights_source), method, provenance)
     written = []
     for split in splits:
         written += detect_datalist(volumes, split, Path(detections_dir) / method / split, detector, overwrite, skip_existing)

@@ -30,14 +30,13 @@ from tsgm_components.detection.ensembling import (
     OTSU_MIN_COMPONENT_MM2,
     BrainVoxels,
     check_weights,
-    score_to_mask,
     search_weights,
     select_threshold,
     weighted_anomaly,
 )
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.io import atomic_dir, check_not_over_inputs, save_json
-from tsgm_components.detection.masking import reconstruction_settings
+from tsgm_components.io import atomic_dir, check_not_over_inputs
+from tsgm_components.detection.masking import Calibration, reconstruction_settings
 from tsgm_components.evaluation.metrics import evaluate_case, overlap_metrics
 from tsgm_components.evaluation.report import write_report
 from tsgm_components.evaluation.results import MethodResult
@@ -178,13 +177,13 @@ def load_cases(
     return cases
 
 
-def predict(case: Case, calibration: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(score float32, mask uint8) of a case, both (H, W, Z), under a calibration dict."""
-    score = case.score(calibration["weights"])
-    return score, score_to_mask(score, case.brain, calibration["mode"], calibration.get("threshold"), case.spacing)
+def predict(case: Case, calibration: Calibration) -> tuple[np.ndarray, np.ndarray]:
+    """(score float32, mask uint8) of a case, both (H, W, Z), under a calibration."""
+    score = case.score(calibration.weights)
+    return score, calibration.mask(score, case.brain, case.spacing)
 
 
-def mean_volume_dice(cases: Sequence[Case], calibration: Mapping[str, Any]) -> float:
+def mean_volume_dice(cases: Sequence[Case], calibration: Calibration) -> float:
     """Exact mean per-volume Dice over the cases with tumour in range (NaN when none has tumour)."""
     values = []
     for case in cases:
@@ -253,7 +252,7 @@ def calibrate(
     }
     if mode == "otsu":
         calibration["min_component_mm2"] = OTSU_MIN_COMPONENT_MM2
-    calibration["validation_dice"] = mean_volume_dice(cases, calibration)
+    calibration["validation_dice"] = mean_volume_dice(cases, Calibration.from_json(calibration))
     return calibration
 
 
@@ -270,7 +269,7 @@ def _record_value(records: Sequence[Mapping[str, Any]], *path: str) -> float | N
 
 
 def evaluate_cases(
-    name: str, cases: Sequence[Case], calibration: Mapping[str, Any], min_brain_fraction: float = 0.01, role: str | None = None
+    name: str, cases: Sequence[Case], calibration: Calibration, min_brain_fraction: float = 0.01, role: str | None = None
 ) -> MethodResult:
     """Apply ``calibration`` unchanged to the (test) cases and score them (see :mod:`tsgm_components.evaluation.metrics`).
 
@@ -291,11 +290,11 @@ def evaluate_cases(
             volume_rows.append({"subject": case.subject, **volume})
         slice_rows += [{"subject": case.subject, **row} for row in slices]
         healthy_rows += [{"subject": case.subject, **row} for row in healthy]
-    oracle_threshold, oracle_dice = select_threshold([case.voxels() for case in cases], np.asarray([calibration["weights"][m] for m in MODALITIES]))
+    oracle_threshold, oracle_dice = select_threshold([case.voxels() for case in cases], np.asarray([calibration.weights[m] for m in MODALITIES]))
     records = [case.record for case in cases]
     return MethodResult(
         name=name,
-        calibration=dict(calibration),
+        calibration=calibration.to_json(),
         volume_rows=volume_rows,
         slice_rows=slice_rows,
         healthy_rows=healthy_rows,
@@ -318,7 +317,7 @@ def example_slice(cases: Sequence[Case]) -> tuple[str, int]:
 
 
 def example_panels(
-    case: Case, calibration: Mapping[str, Any], detection_dir: str | Path, flair: np.ndarray, z: int, geometry: VolumeGeometry
+    case: Case, calibration: Calibration, detection_dir: str | Path, flair: np.ndarray, z: int, geometry: VolumeGeometry
 ) -> dict[str, np.ndarray | None]:
     """The five 2D panels of one method at slice ``z``: flair is the normalised (H, W, D) input FLAIR (model orientation),
     ``geometry`` the subject's (the written healthy map is in the input's voxel order)."""
@@ -418,11 +417,11 @@ def run_calibration(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for method in methods:
             validation = load_cases(Path(method["detection_dir"]) / "validation", validation_items, preprocess, truths)
-            calibration = settings.calibrate_method(method, validation)
-            save_json(calibration, tmp / str(method["name"]) / "calibration.json")
+            calibration = Calibration.from_json(settings.calibrate_method(method, validation), f"{method['name']} (validation)")
+            calibration.save(tmp / str(method["name"]) / "calibration.json")
             lines.append(
-                f"{method['name']}: weights {calibration['weights']}, threshold {calibration['threshold']}, "
-                f"validation volume Dice {calibration['validation_dice']:.3f}"
+                f"{method['name']}: weights {dict(calibration.weights)}, threshold {calibration.threshold}, "
+                f"validation volume Dice {calibration.details['validation_dice']:.3f}"
             )
     return "\n".join(lines)
 
@@ -462,13 +461,12 @@ def run_evaluation(
         for method in methods:
             name, detection_dir = str(method["name"]), Path(method["detection_dir"])
             validation = load_cases(detection_dir / "validation", splits["validation"], preprocess, truths)
-            calibration = settings.calibrate_method(method, validation)
-            save_json(calibration, tmp / name / "calibration.json")
-            logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), calibration["weights"])
+            calibration = Calibration.from_json(settings.calibrate_method(method, validation), f"{name} (validation)")
+            calibration.save(tmp / name / "calibration.json")
+            logger.info("%s: calibrated on %d validation subjects: %s", name, len(validation), dict(calibration.weights))
             del validation
             # the test maps a method's calibration gives no weight are not needed (detection may have skipped them)
-            weighted = [m for m in MODALITIES if calibration["weights"][m] > 0]
-            test = load_cases(detection_dir / evaluated_split, splits[evaluated_split], preprocess, truths, weighted)
+            test = load_cases(detection_dir / evaluated_split, splits[evaluated_split], preprocess, truths, calibration.weighted)
             results.append(evaluate_cases(name, test, calibration, min_brain_fraction, method.get("role")))
             if example is None:
                 example = example_slice(test)
