@@ -532,3 +532,42 @@ def test_channels_last_layout_changes_only_rounding():
     converted = DiffusionSamplerInferer(VESDE(sigma_max=20.0), channels_last=True, **kwargs)(inputs, network)
     assert network.unet.conv_in.conv.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(converted, plain, rtol=0, atol=1e-4)
+
+
+def test_a_sampler_setting_is_declared_once():
+    """The sampler settings are the inferer's arguments before its run options: the bundle config passes its
+    sampler_settings mapping as it is, keeps the top-level keys users override, and records every setting (defaults
+    included) in the detection provenance, which is what a calibration compares."""
+    from monai.bundle import ConfigParser
+
+    from tsgm_components import REPO_ROOT
+    from tsgm_components.detection.masking import reconstruction_settings
+    from tsgm_components.diffusion.inferers import SAMPLER_SETTINGS
+
+    assert SAMPLER_SETTINGS == ("sampler", "n_steps", "snr", "n_corrector_steps", "sdedit_sigma_start", "churn", "n_draws")
+    inferer = DiffusionSamplerInferer.from_settings(VESDE(), {"sampler": "heun", "n_steps": 4}, seed=3)
+    assert inferer.settings == {
+        "sampler": "heun",
+        "n_steps": 4,
+        "snr": 0.075,
+        "n_corrector_steps": 1,
+        "sdedit_sigma_start": None,
+        "churn": 0.0,
+        "n_draws": 1,
+    }
+    with pytest.raises(ValueError, match="unknown sampler settings \\['steps'\\]"):
+        DiffusionSamplerInferer.from_settings(VESDE(), {"steps": 4})
+    with pytest.raises(TypeError):  # run options are keyword-only, never taken for a setting
+        DiffusionSamplerInferer(VESDE(), "pc", None, 0.075, 1, None, 0.0, 1, True)
+    configs = REPO_ROOT / "bundles" / "vejp_anomaly" / "configs"
+    parser = ConfigParser()
+    parser.read_config(str(configs / "inference.yaml"))
+    parser.update({"checkpoint": str(configs.parent / "models" / "phantom.pt"), "sampler": "heun", "n_steps": 4, "n_draws": 2, "churn": 0.5})
+    provenance = parser.get_parsed_content("provenance")
+    assert reconstruction_settings(provenance) == parser.get_parsed_content("slice_inferer").settings
+    assert (provenance["sampler"], provenance["n_steps"], provenance["n_draws"], provenance["churn"]) == ("heun", 4, 2, 0.5)
+    assert provenance["nfe_per_slice"] == 2 * (2 * 4 - 1) and provenance["seed"] == 0
+    # every top-level sampler key is used once, in sampler_settings
+    text = (configs / "inference.yaml").read_text()
+    for key in parser["sampler_settings"]:
+        assert text.count(f'"@{key}"') == 1, key

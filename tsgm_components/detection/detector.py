@@ -89,8 +89,11 @@ class Detector:
         if self.reconstruct_modalities not in RECONSTRUCT_MODALITIES:
             raise ValueError(f"reconstruct_modalities must be one of {RECONSTRUCT_MODALITIES}, got {self.reconstruct_modalities!r}")
         calibrated, used = self.mask_settings.reconstruction, reconstruction_settings(self.provenance)
-        if calibrated and used and self.mask_settings.threshold_source and dict(calibrated) != used:
-            differing = {key: (calibrated.get(key), used[key]) for key in used if calibrated.get(key) != used[key]}
+        # a setting the calibration does not record (added since it was written) is not compared
+        differing = (
+            {key: (calibrated[key], used[key]) for key in used if key in calibrated and calibrated[key] != used[key]} if calibrated and used else {}
+        )
+        if differing and self.mask_settings.threshold_source:
             logger.warning(
                 "the threshold (%s) was chosen on reconstructions with other sampler settings than this detection's "
                 "(calibration, this run: %s): its masks may not fit; calibrate again on validation detections made "

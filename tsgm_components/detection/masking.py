@@ -19,22 +19,20 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tsgm_components.data.brats import MODALITIES
+from tsgm_components.diffusion.inferers import SAMPLER_SETTINGS
 from tsgm_components.detection.ensembling import MASK_MODES, OTSU_MIN_COMPONENT_MM2, PAPER_WEIGHTS, check_weights, score_to_mask, weighted_anomaly
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import save_json
 
 
-#: the reconstruction settings a threshold depends on: a calibration records those of the validation detections it
-#: was chosen on (``calibration.json`` "reconstruction"), and detection warns when it applies it to other ones
-RECONSTRUCTION_KEYS = ("sampler", "n_steps", "n_draws", "snr", "n_corrector_steps", "sdedit_sigma_start", "churn")
-
-
 def reconstruction_settings(provenance: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The :data:`RECONSTRUCTION_KEYS` of a detection's ``reconstruction`` provenance, or None for a method that does
-    not sample (baselines, ceilings)."""
+    """The sampler settings (:data:`~tsgm_components.diffusion.inferers.SAMPLER_SETTINGS`) of a detection's
+    ``reconstruction`` provenance, or None for a method that does not sample (baselines, ceilings). A threshold depends
+    on them: a calibration records those of the validation detections it was chosen on (``calibration.json``
+    "reconstruction"), and detection warns when it applies it to other ones."""
     if not provenance or "sampler" not in provenance:
         return None
-    return {key: provenance.get(key) for key in RECONSTRUCTION_KEYS}
+    return {key: provenance.get(key) for key in SAMPLER_SETTINGS}
 
 
 def calibration_beside(checkpoint: str | Path) -> str | None:

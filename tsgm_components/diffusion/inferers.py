@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -168,8 +169,13 @@ class DiffusionSamplerInferer(Inferer):
     oneDNN's CPU convolutions run faster (the demo's 64² model on 2 cores: ``benchmarks/cpu_detection_speed.py``);
     the numbers change only by floating-point rounding.
 
+    Settings: the arguments before ``*`` are the sampler settings (:data:`SAMPLER_SETTINGS`): what a reconstruction,
+    and so a calibrated threshold, depends on. A new setting is one argument there (and, for a bundle config key, its
+    default in ``sampler_settings`` of ``inference.yaml``); the keyword-only ones after it are run options.
+
     Attributes:
         nfe_per_slice: score evaluations per slice of the configured sampler.
+        settings: the sampler settings of this inferer (every one, defaults included): what detection records.
     """
 
     def __init__(
@@ -182,6 +188,7 @@ class DiffusionSamplerInferer(Inferer):
         sdedit_sigma_start: Optional[float] = None,
         churn: float = 0.0,
         n_draws: int = 1,
+        *,
         conditional: bool = True,
         seed: int = 0,
         batch_size: int = 64,
@@ -227,6 +234,17 @@ class DiffusionSamplerInferer(Inferer):
         self.sigmas = entry.sigmas(sde, n_steps, sdedit_sigma_start)
         self.nfe_per_draw = entry.nfe(self)
         self.nfe_per_slice = self.n_draws * self.nfe_per_draw
+        arguments = locals()
+        self.settings = {name: arguments[name] for name in SAMPLER_SETTINGS}
+
+    @classmethod
+    def from_settings(cls, sde: VESDE, sampler_settings: Mapping[str, Any], **options: Any) -> "DiffusionSamplerInferer":
+        """``cls(sde, **sampler_settings, **options)``: the bundle configs' form, the sampler settings as one mapping
+        (``sampler_settings`` of ``inference.yaml``, recorded as :attr:`settings` in every detection's provenance)."""
+        unknown = sorted(set(sampler_settings) - set(SAMPLER_SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown sampler settings {unknown}: the settings are {list(SAMPLER_SETTINGS)}")
+        return cls(sde, **sampler_settings, **options)
 
     def _score_fn(self, network: nn.Module, condition: Optional[Tensor]) -> ScoreFn:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -314,3 +332,13 @@ class DiffusionSamplerInferer(Inferer):
         if out.nfe != self.nfe_per_draw:  # the recorded nfe_per_slice must be what was run
             raise RuntimeError(f"sampler {self.sampler!r} made {out.nfe} score evaluations per draw, expected {self.nfe_per_draw}")
         return out.sample
+
+
+#: The sampler settings: :class:`DiffusionSamplerInferer`'s arguments before its keyword-only run options. Every
+#: detection records them (``_detection.json`` "reconstruction"), a calibration those of the detections it was chosen
+#: on, and detection warns when they differ.
+SAMPLER_SETTINGS: tuple[str, ...] = tuple(
+    name
+    for name, parameter in inspect.signature(DiffusionSamplerInferer.__init__).parameters.items()
+    if parameter.kind is parameter.POSITIONAL_OR_KEYWORD
+)[2:]  # after self and sde
