@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -125,20 +125,29 @@ class SubjectFiles:
         name = subject or item.get("subject") or _subject_id(paths)
         return cls(str(name), paths, {k: int(v) for k, v in dict(item.get("channels") or {}).items()}, labels)
 
-    def require(self, keys: tuple[str, ...]) -> None:
+    def require(self, keys: Sequence[str], reasons: Mapping[str, str] | None = None) -> None:
+        """TsgmInputError unless every key has a file; ``reasons``: key -> why it is needed (added to the message)."""
         missing = [k for k in keys if k not in self.paths]
         if missing:
             where = next(iter(self.paths.values()), self.subject)
-            raise TsgmInputError(where, f"subject {self.subject}: missing {', '.join(missing)} file(s)")
+            why = "; ".join(reasons[k] for k in missing if reasons and k in reasons)
+            raise TsgmInputError(where, f"subject {self.subject}: missing {', '.join(missing)} file(s)" + (f"; {why}" if why else ""))
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities with a file, in ``MODALITIES`` order."""
+        return [m for m in MODALITIES if m in self.paths]
 
 
 def _subject_id(paths: Mapping[str, Path]) -> str:
-    """``BraTS20_Training_001`` from ``.../BraTS20_Training_001_t1.nii.gz`` (either BraTS naming), else the stem."""
-    if MODALITIES[0] not in paths:
+    """``BraTS20_Training_001`` from ``.../BraTS20_Training_001_t1.nii.gz`` (either BraTS naming; the first modality
+    given), else the stem."""
+    first = next((m for m in MODALITIES if m in paths), None)
+    if first is None:
         return "subject"
-    name = _strip_nifti_suffix(Path(paths[MODALITIES[0]]).name)
+    name = _strip_nifti_suffix(Path(paths[first]).name)
     for layout, keys in FILE_KEYS.items():
-        suffix = f"{SEPARATORS[layout]}{keys[MODALITIES[0]]}"
+        suffix = f"{SEPARATORS[layout]}{keys[first]}"
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -178,8 +187,13 @@ def _odd_segmentation(folder: Path, taken: set[Path]) -> Path | None:
     return others[0] if len(others) == 1 else None
 
 
-def folder_subject_files(subject_dir: str | Path, require_seg: bool) -> SubjectFiles:
-    """The files of one BraTS subject folder (either naming); ``seg`` is included when present, required if asked."""
+def folder_subject_files(
+    subject_dir: str | Path, require_seg: bool, modalities: Sequence[str] = MODALITIES, reasons: Mapping[str, str] | None = None
+) -> SubjectFiles:
+    """The files of one BraTS subject folder (either naming); ``seg`` is included when present, required if asked.
+
+    ``modalities`` must have a file (the others are included when present); ``reasons``: modality -> why it is
+    needed, added to the error that names the missing file."""
     subject_dir = Path(subject_dir)
     if not subject_dir.is_dir():
         problem = "is a file, not a subject directory" if subject_dir.exists() else "subject directory does not exist"
@@ -196,12 +210,15 @@ def folder_subject_files(subject_dir: str | Path, require_seg: bool) -> SubjectF
                 notes.append(f"{name}: segmentation {path.name} used (not named {name}{sep}{keys[SEG]}.nii[.gz])")
         if path is not None:
             paths[key] = path
-        elif key != SEG or require_seg:
+        elif key in modalities or (key == SEG and require_seg):
             expected = f"{name}{sep}{keys[key]}"
             present = sorted(p.name for p in subject_dir.iterdir() if not p.name.startswith("."))
             others = [p for p in present if p.startswith(f"{expected}.")]
             hint = f"; found {', '.join(others)}: convert it to NIfTI" if others else f"; the folder holds {present[:8]}"
-            raise TsgmInputError(subject_dir / f"{expected}.nii.gz", f"missing {key} file for subject {name} (looked for .nii.gz and .nii{hint})")
+            why = f"; {reasons[key]}" if reasons and key in reasons else ""
+            raise TsgmInputError(
+                subject_dir / f"{expected}.nii.gz", f"missing {key} file for subject {name} (looked for .nii.gz and .nii{hint}){why}"
+            )
     return SubjectFiles(name, paths, labels=_label_convention(layout, name), layout=layout, notes=tuple(notes))
 
 
@@ -219,8 +236,11 @@ def msd_subject_files(image: str | Path, require_seg: bool) -> SubjectFiles:
     return SubjectFiles(_strip_nifti_suffix(image.name), paths, dict(MSD_CHANNELS), "msd_task01", "msd_task01")
 
 
-def subject_files(subject: str | Path, require_seg: bool) -> SubjectFiles:
-    """One subject given as a BraTS subject folder (either naming) or an MSD Task01 4D image file."""
+def subject_files(
+    subject: str | Path, require_seg: bool, modalities: Sequence[str] = MODALITIES, reasons: Mapping[str, str] | None = None
+) -> SubjectFiles:
+    """One subject given as a BraTS subject folder (either naming) or an MSD Task01 4D image file; a folder must hold
+    ``modalities`` (:func:`folder_subject_files`)."""
     path = Path(subject)
     if path.is_file() and path.name.endswith(NIFTI_SUFFIXES):
         try:
@@ -234,7 +254,7 @@ def subject_files(subject: str | Path, require_seg: bool) -> SubjectFiles:
             f"is a file, not a subject directory (give a subject folder, or an MSD Task01 4D image with "
             f"{len(MSD_CHANNELS)} channels; this file has shape {shape})",
         )
-    return folder_subject_files(path, require_seg)
+    return folder_subject_files(path, require_seg, modalities, reasons)
 
 
 @dataclass
@@ -486,10 +506,11 @@ def grid_geometry(affine: Any, shape: tuple[int, ...], preprocess: PreprocessCon
 class SubjectVolumes:
     """One subject's validated volumes, in the model's orientation (:class:`VolumeGeometry`).
 
-    arrays: modality -> (H, W, D) float32 raw intensities (finite, not all zero), all the same shape.
+    arrays: modality -> (H, W, D) float32 raw intensities (finite, not all zero), all the same shape (the modalities
+        with a file, in ``MODALITIES`` order: all four unless a detection needs fewer).
     seg: (H, W, D) uint8 labels in {0, 1, 2, 4} (mapped from the dataset's convention), or None when not given.
-    reference: NIfTI header source of the first modality (outputs are written with it, in the input's voxel order).
-    brain_mask: (H, W, D) bool, voxels where any modality is non-zero (BraTS is skull-stripped).
+    reference: NIfTI header source of the first modality loaded (outputs are written with it, in the input's voxel order).
+    brain_mask: (H, W, D) bool, voxels where any loaded modality is non-zero (BraTS is skull-stripped).
     geometry: the input's geometry and the map between its voxel order and the arrays'.
     """
 
@@ -502,23 +523,31 @@ class SubjectVolumes:
     def slices(self, preprocess: PreprocessConfig) -> dict[str, np.ndarray]:
         """modality -> (S, s, s) float32 slices in [0, 1]: the training preprocessing (normalised with this subject's
         brain mask, axial slices ``z_min..z_max``), the one place a subject becomes model input."""
-        return {m: preprocess_volume(self.arrays[m], self.brain_mask, preprocess)[1] for m in MODALITIES}
+        return {m: preprocess_volume(self.arrays[m], self.brain_mask, preprocess)[1] for m in self.arrays}
 
     def save(self, array: np.ndarray, path: str | os.PathLike, dtype: Any = np.float32, overwrite: bool = False) -> None:
         """Write an (H, W, D) array of this subject (model orientation) as NIfTI in the input's exact geometry."""
         save_nifti_like(self.geometry.to_input(array), self.reference, path, overwrite=overwrite, dtype=dtype)
 
 
-def open_subject(files: SubjectFiles | Mapping[str, Any], preprocess: PreprocessConfig) -> tuple[dict[str, nib.Nifti1Image], VolumeGeometry]:
+def open_subject(
+    files: SubjectFiles | Mapping[str, Any],
+    preprocess: PreprocessConfig,
+    modalities: Sequence[str] = MODALITIES,
+    reasons: Mapping[str, str] | None = None,
+) -> tuple[dict[str, nib.Nifti1Image], VolumeGeometry]:
     """Open a subject's files and check their headers: readable, 3D, same shape and affine (``AFFINE_ATOL``), and a
     geometry that fits the training grid (:func:`volume_geometry`). Cheap (no voxel data read): used to validate a
-    whole dataset before processing it. Returns the images and the subject's geometry."""
+    whole dataset before processing it. ``modalities`` must have a file (``reasons``: why, for the error); the other
+    modalities are opened when present. Returns the images and the subject's geometry."""
     files = SubjectFiles.from_record(files)
-    files.require(MODALITIES)
-    keys = [*MODALITIES, *([SEG] if SEG in files.paths else [])]
+    files.require(modalities, reasons)
+    if not files.modalities:
+        raise TsgmInputError(next(iter(files.paths.values()), files.subject), f"subject {files.subject}: no modality file (t1, t1ce, t2, flair)")
+    keys = [*files.modalities, *([SEG] if SEG in files.paths else [])]
     images = {key: _open(Path(files.paths[key]), files.channels.get(key)) for key in keys}
-    first = Path(files.paths[MODALITIES[0]])
-    reference, reference_name = images[MODALITIES[0]], first.name
+    first = Path(files.paths[keys[0]])
+    reference, reference_name = images[keys[0]], first.name
     for key in keys[1:]:
         path, image = Path(files.paths[key]), images[key]
         if image.shape != reference.shape:
@@ -561,16 +590,23 @@ def load_volume(path: str | Path, preprocess: PreprocessConfig) -> tuple[nib.Nif
     return image, geometry, geometry.to_training(array)
 
 
-def load_subject(files: SubjectFiles | Mapping[str, Any], preprocess: PreprocessConfig) -> SubjectVolumes:
+def load_subject(
+    files: SubjectFiles | Mapping[str, Any],
+    preprocess: PreprocessConfig,
+    modalities: Sequence[str] = MODALITIES,
+    reasons: Mapping[str, str] | None = None,
+) -> SubjectVolumes:
     """Load and validate a subject's volumes (``files``: :class:`SubjectFiles`, a volumes.json item, or ``{key: path}``).
 
+    ``modalities`` must have a file (``reasons``: modality -> why, for the error); every modality with a file is loaded
+    (the brain mask is where any of them is non-zero), so a subject with all four loads the same whatever is required.
     Checks :func:`open_subject`'s header and geometry checks, then finite values, no all-zero modality and labels of
     the dataset's convention; reorients everything to the model's orientation.
     """
     files = SubjectFiles.from_record(files)
-    images, geometry = open_subject(files, preprocess)
+    images, geometry = open_subject(files, preprocess, modalities, reasons)
     arrays = {}
-    for modality in MODALITIES:
+    for modality in files.modalities:
         path = Path(files.paths[modality])
         data = _read_data(path, images[modality])
         if not data.any():
@@ -583,5 +619,5 @@ def load_subject(files: SubjectFiles | Mapping[str, Any], preprocess: Preprocess
     if SEG in files.paths:
         path = Path(files.paths[SEG])
         seg = geometry.to_training(_map_labels(_read_data(path, images[SEG]), files.labels, path))
-    brain_mask = np.logical_or.reduce([arrays[m] != 0 for m in MODALITIES])
-    return SubjectVolumes(arrays=arrays, seg=seg, reference=images[MODALITIES[0]], brain_mask=brain_mask, geometry=geometry)
+    brain_mask = np.logical_or.reduce([array != 0 for array in arrays.values()])
+    return SubjectVolumes(arrays=arrays, seg=seg, reference=images[files.modalities[0]], brain_mask=brain_mask, geometry=geometry)

@@ -2,8 +2,8 @@
 
 A method is a ``reconstruct(slices) -> healthy`` callable over (N, 1, s, s) slice stacks in [0, 1].
 :func:`detect_subject` loads and validates one subject, applies the training preprocessing, reconstructs all
-slices of all four modalities in one call, and writes the detection output of ``docs/architecture.md`` in the input's
-exact geometry, atomically; :func:`detect_datalist` does a split (rank sharding, resume) and :func:`run_detection` is
+slices of its modalities (all four, or those the calibration weighs: only their files are needed) in one call, and
+writes the detection output of ``docs/architecture.md`` in the input's exact geometry, atomically; :func:`detect_datalist` does a split (rank sharding, resume) and :func:`run_detection` is
 the bundle entry point (input-form dispatch). The parts live in their own modules: mask policy
 (:mod:`~tsgm_components.detection.masking`), residual maps (:mod:`~tsgm_components.detection.anomaly`), overlay
 (:mod:`~tsgm_components.detection.overlays`); MONAI Label's dict pipeline over the same parts is :mod:`~tsgm_components.monai_label`.
@@ -107,6 +107,15 @@ class Detector:
         """The modalities this detection reconstructs, in ``MODALITIES`` order."""
         return [m for m in MODALITIES if self.reconstruct_modalities == "all" or self.mask_settings.weights[m] > 0]
 
+    @property
+    def needed(self) -> dict[str, str]:
+        """Modality -> why this detection needs its file: the reconstructed modalities only (with ``weighted``, a
+        folder with FLAIR alone is enough for weights that weigh FLAIR alone)."""
+        if self.reconstruct_modalities == "all":
+            return {m: "reconstruct_modalities 'all' reconstructs every modality (use 'weighted')" for m in MODALITIES}
+        weights, source = self.mask_settings.weights, self.mask_settings.weights_source
+        return {m: f"the calibration weighs {m} (weight {weights[m]:g}; {source})" for m in self.reconstructed}
+
 
 def _reconstruct_volume(reconstruct: Reconstructor, slices: Mapping[str, np.ndarray], files: SubjectFiles) -> dict[str, np.ndarray]:
     """Run ``reconstruct`` once on the (S, s, s) slices of the given modalities, stacked in ``MODALITIES`` order (one
@@ -170,19 +179,20 @@ def detect_subject(
     weights, reconstructed = mask_settings.weights, detector.reconstructed
     subject = files.subject
     files = dataclasses.replace(files, paths={k: Path(v) for k, v in files.paths.items() if k in MODALITIES})
+    files.require(reconstructed, detector.needed)
     target = check_can_write(check_not_over_inputs(Path(out_dir) / subject, files.paths.values()), overwrite)
-    volumes = load_subject(files, preprocess)
+    volumes = load_subject(files, preprocess, reconstructed, detector.needed)
     warn_on_data_mismatch(detector.weights_data, volumes.reference, subject)
     check_writable(target, output_bytes(volumes.geometry, len(reconstructed)))  # before the sampling
 
     reconstruction_started = time.perf_counter()
     normalised, slices = {}, {}
-    for modality in MODALITIES:
+    for modality in volumes.arrays:  # the modalities with a file: all four, or at least the reconstructed ones
         normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
     healthy_slices = _reconstruct_volume(detector.reconstruct, {m: slices[m] for m in reconstructed}, files)
     healthy = {m: slices_to_volume(healthy_slices[m], volumes.brain_mask.shape, preprocess) for m in reconstructed}
     anomaly, weighted = anomaly_maps(slices, healthy_slices, volumes.brain_mask, preprocess, weights)
-    logger.info("%s: reconstructed %d slices × %s", subject, len(slices[MODALITIES[0]]), "/".join(reconstructed))
+    logger.info("%s: reconstructed %d slices × %s", subject, len(slices[reconstructed[0]]), "/".join(reconstructed))
     reconstruction_seconds = time.perf_counter() - reconstruction_started
     mask = mask_settings.mask(weighted, volumes.brain_mask, volumes.geometry.training_voxel_size, preprocess.z_range)
     if mask is None:
@@ -201,12 +211,13 @@ def detect_subject(
             outputs["mask"] = f"{subject}_mask.nii.gz"
             volumes.save(mask, tmp / outputs["mask"], dtype=np.uint8)
         outputs["overlay"] = f"{subject}_overlay.png"
-        save_overlay(normalised["flair"], weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
+        background = normalised["flair"] if "flair" in normalised else normalised[reconstructed[0]]
+        save_overlay(background, weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
         outputs["detection"] = f"{subject}_detection.json"
         record = {
             "method": method,
             "subject": subject,
-            "inputs": {m: str(Path(files.paths[m]).resolve()) for m in MODALITIES},
+            "inputs": {m: str(Path(files.paths[m]).resolve()) for m in files.modalities},
             **({"input_channels": dict(files.channels)} if files.channels else {}),
             "input_geometry": volumes.geometry.record(),
             "outputs": outputs,
@@ -256,7 +267,7 @@ def detect_datalist(
         check_can_write(target, overwrite)
         files = SubjectFiles.from_record(item)
         # headers and geometry of every subject, and room for all outputs, before the first is processed
-        needed += output_bytes(open_subject(files, detector.preprocess)[1], n_reconstructed)
+        needed += output_bytes(open_subject(files, detector.preprocess, detector.reconstructed, detector.needed)[1], n_reconstructed)
         todo.append(files)
     if todo:
         check_writable(Path(out_dir) / todo[0].subject, needed)
@@ -276,7 +287,8 @@ def run_detection(
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Path]:
-    """Bundle entry point: detect one subject folder, four explicit files, or one split of ``volumes.json``.
+    """Bundle entry point: detect one subject folder, explicit files (those of the reconstructed modalities at least),
+    or one split of ``volumes.json``.
 
     Exactly one input form must be given (``files`` counts when any of its paths is set). Returns the written subject
     folders.
@@ -286,15 +298,18 @@ def run_detection(
     subject, subject_dir, datalist, out_dir = (None if v is None else str(v) for v in (subject, subject_dir, datalist, out_dir))
     given = [name for name, value in (("subject_dir", subject_dir), ("t1/t1ce/t2/flair", files), ("datalist", datalist)) if value]
     if len(given) != 1:
-        raise ValueError(f"give exactly one input: subject_dir, the four paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
+        raise ValueError(f"give exactly one input: subject_dir, the paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
     if datalist:
         return detect_datalist(datalist, split, out_dir, detector, overwrite, skip_existing, rank, world_size)
     if subject_dir:
-        files = subject_files(subject_dir, require_seg=False)
+        files = subject_files(subject_dir, require_seg=False, modalities=detector.reconstructed, reasons=detector.needed)
         for note in files.notes:
             logger.info(note)
     else:
-        missing = [m for m in MODALITIES if m not in files]
+        missing = [m for m in detector.reconstructed if m not in files]
         if missing:
-            raise TsgmInputError(next(iter(files.values())), f"missing modalities {missing}: give all of t1, t1ce, t2, flair")
+            needed = detector.needed
+            raise TsgmInputError(
+                next(iter(files.values())), f"no {', '.join(missing)} file given (--{' --'.join(missing)}); " + "; ".join(needed[m] for m in missing)
+            )
     return [detect_subject(files, out_dir, detector, overwrite=overwrite, subject=subject)]
