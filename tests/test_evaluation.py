@@ -103,7 +103,9 @@ def test_modality_tolerance_applies_only_to_methods_that_sample(monkeypatch):
     import tsgm_components.evaluation.harness as evaluation
 
     seen = []
-    monkeypatch.setattr(evaluation, "calibrate", lambda cases, *args: seen.append(args[-1]) or {})
+    # calibrate(cases, mode, objective, weight_step, fixed_weights, search_bins, threshold_bins, max_voxels, seed,
+    # modality_tolerance, healthy_fpr_limit)
+    monkeypatch.setattr(evaluation, "calibrate", lambda cases, *args: seen.append(args[8]) or {})
     settings = CalibrationSettings(modality_tolerance=0.02)
     settings.calibrate_method({"name": "tsgm", "detection_dir": ".", "sampled": True}, [])
     settings.calibrate_method({"name": "cyclegan", "detection_dir": "."}, [])
@@ -121,6 +123,45 @@ def test_threshold_lands_in_the_gap_between_classes():
     assert 0.45 <= threshold <= 0.55 and dice == pytest.approx(1.0)  # the middle of the gap
     for volume in volumes:  # the mask rule (score > t) reproduces the perfect split
         np.testing.assert_array_equal(fixed_mask(volume.maps[:, 0], threshold).astype(bool), volume.target)
+
+
+def _tumour_and_healthy_volumes(rng: np.random.Generator, healthy_columns: list[float]) -> list[BrainVoxels]:
+    """Two tumour volumes (tumour scores in [0.5, 1), normal tissue in [0, 0.55)) and one tumour-free volume whose
+    modality column k flags 20 % of its voxels in [0.5, 0.9) times ``healthy_columns[k]`` (0: clean)."""
+    volumes = []
+    for _ in range(2):
+        target = rng.random(4000) < 0.2
+        score = np.where(target, 0.5 + 0.5 * rng.random(4000), 0.55 * rng.random(4000))
+        volumes.append(BrainVoxels(np.repeat(score[:, None], len(healthy_columns), axis=1).astype(np.float32), target))
+    hot = rng.random(4000) < 0.2
+    base = 0.3 * rng.random(4000)
+    columns = [np.where(hot & (factor > 0), 0.5 + 0.4 * rng.random(4000), base) for factor in healthy_columns]
+    volumes.append(BrainVoxels(np.stack(columns, axis=1).astype(np.float32), np.zeros(4000, dtype=bool)))
+    return volumes
+
+
+def test_healthy_volumes_pay_for_false_positives_in_the_threshold():
+    """With healthy_fpr_limit the threshold flags at most that fraction of the tumour-free volume (brute force), and
+    is the best mean Dice among the thresholds that do; without it the tumour volumes alone decide."""
+    volumes = _tumour_and_healthy_volumes(np.random.default_rng(3), [1.0])
+    free, _ = select_threshold(volumes, np.ones(1), n_bins=20000)
+    bounded, dice = select_threshold(volumes, np.ones(1), n_bins=20000, healthy_fpr_limit=0.05)
+    healthy = volumes[-1].maps[:, 0]
+    assert free < 0.6 and (healthy > free).mean() > 0.15  # the unconstrained rule flags most of the hot healthy region
+    assert (healthy > bounded).mean() <= 0.05 < (healthy > bounded - 0.01).mean()  # at the bound: 0.2·(0.9 − t)/0.4
+    assert bounded == pytest.approx(0.8, abs=0.01)
+    tumour_dice = np.mean([2 * (v.target & (v.maps[:, 0] > bounded)).sum() / (v.target.sum() + (v.maps[:, 0] > bounded).sum()) for v in volumes[:2]])
+    assert dice == pytest.approx(tumour_dice, abs=1e-9)
+
+
+def test_weight_search_prefers_the_modality_that_leaves_healthy_volumes_clean():
+    """Modality 0 fires on the tumour-free volume, modality 1 does not; both separate the tumours equally: only the
+    constrained search must choose modality 1 (the unconstrained one takes the first grid point of the tie)."""
+    volumes = _tumour_and_healthy_volumes(np.random.default_rng(4), [1.0, 0.0])
+    free = search_weights(volumes, step=0.5, n_bins=2000)
+    bounded = search_weights(volumes, step=0.5, n_bins=2000, healthy_fpr_limit=0.01)
+    assert free.weights[0] > 0
+    np.testing.assert_allclose(bounded.weights, [0.0, 1.0])
 
 
 def test_selected_threshold_matches_brute_force_mean_dice():
@@ -401,13 +442,15 @@ def test_bundle_evaluating_writes_calibration_and_report(synthetic):
     markdown = (out / "results.md").read_text()
     assert (
         "| method | volume DSC | slice DSC | AUPRC | IoU | precision | recall | HD95 (mm) | healthy-volume FPR | "
-        "healthy-slice FPR | NFE | s / volume |"
+        "healthy-volume FP voxels | healthy-slice FPR | NFE | s / volume |"
     ) in markdown
     # test_2 has no tumour: a healthy volume, a false positive when any voxel is predicted
     volumes, preprocess, _ = read_prepared(synthetic / "prepared")
     healthy_case = load_cases(synthetic / "detections" / "good" / "test", volumes["test"][2:], preprocess)[0]
     assert good["healthy_volumes"]["n"] == 1
-    assert good["healthy_volumes"]["false_positive_rate"] == float(predict(healthy_case, loaded)[1].any())
+    healthy_mask = predict(healthy_case, loaded)[1]
+    assert good["healthy_volumes"]["false_positive_rate"] == float(healthy_mask.any())
+    assert good["healthy_volumes"]["fp_voxel_fraction"] == pytest.approx(healthy_mask[healthy_case.brain].mean())
     assert sorted(good["per_subject_volume_dice"]) == ["test_0", "test_1"] and "| test_0 |" in markdown
     assert good["role"] is None and "CEILING" not in markdown
     assert "oracle (upper bound, NOT a result" in markdown and "| good |" in markdown

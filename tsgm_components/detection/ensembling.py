@@ -8,6 +8,8 @@ Anomaly score of a voxel = Σ_m w_m · |x_m − healthy_m| with Σ w_m = 1 (pape
 
 Calibration (:func:`search_weights`, :func:`select_threshold`) runs on the validation split only: one weight vector
 on a simplex grid maximises the validation objective (the paper averaged per-subject optima found on training data).
+Tumour-free validation volumes pay for their false positives: a threshold is admissible only when the mean fraction
+of their brain voxels it flags is at most ``healthy_fpr_limit`` (:func:`healthy_fpr_curve`; None: no constraint).
 """
 
 from __future__ import annotations
@@ -194,13 +196,15 @@ class _Pooled:
     """Volumes concatenated for vectorised counting on a grid of ``n_bins`` thresholds.
 
     maps_t: (M, N) float32 (modality-major: the weighted sum is one fast vector-matrix product);
-    offset: (N,) int64 = volume index · (n_bins + 1); tumour: indices of tumour voxels; n_tumour: (V,) per volume.
+    offset: (N,) int64 = volume index · (n_bins + 1); tumour: indices of tumour voxels; n_tumour, n_voxels: (V,)
+    tumour and brain voxels per volume.
     """
 
     maps_t: np.ndarray
     offset: np.ndarray
     tumour: np.ndarray
     n_tumour: np.ndarray
+    n_voxels: np.ndarray
     n_bins: int
 
     @classmethod
@@ -209,7 +213,8 @@ class _Pooled:
         offset = np.concatenate([np.full(len(v.target), i * (n_bins + 1), dtype=np.int64) for i, v in enumerate(volumes)])
         target = np.concatenate([v.target for v in volumes]).astype(bool, copy=False)
         n_tumour = np.asarray([float(v.target.sum()) for v in volumes])
-        return cls(maps_t, offset, np.flatnonzero(target), n_tumour, n_bins)
+        n_voxels = np.asarray([float(len(v.target)) for v in volumes])
+        return cls(maps_t, offset, np.flatnonzero(target), n_tumour, n_voxels, n_bins)
 
 
 def _binned_counts(pooled: _Pooled, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -253,19 +258,46 @@ def _objective_curves(true_pos: np.ndarray, predicted: np.ndarray, n_tumour: np.
     return dice.mean(axis=0), float((recall_gain * precision).sum())
 
 
-def select_threshold(volumes: Sequence[BrainVoxels], weights: np.ndarray, n_bins: int = 10000) -> tuple[float, float]:
+def healthy_fpr_curve(predicted: np.ndarray, n_tumour: np.ndarray, n_voxels: np.ndarray) -> np.ndarray | None:
+    """Mean fraction of brain voxels flagged in the tumour-free volumes at every grid threshold, shape (n_bins,).
+
+    predicted: (V, n_bins) voxels above each threshold; n_tumour, n_voxels: (V,). None when every volume has tumour.
+    """
+    healthy = n_tumour == 0
+    if not healthy.any():
+        return None
+    return (predicted[healthy] / n_voxels[healthy, None]).mean(axis=0)
+
+
+def _admissible(predicted: np.ndarray, pooled: _Pooled, healthy_fpr_limit: float | None) -> np.ndarray:
+    """(n_bins,) bool: thresholds whose healthy-volume false-positive fraction is within the limit (all without one;
+    the highest threshold when none is: it flags the fewest voxels)."""
+    fpr = None if healthy_fpr_limit is None else healthy_fpr_curve(predicted, pooled.n_tumour, pooled.n_voxels)
+    if fpr is None:
+        return np.ones(predicted.shape[1], dtype=bool)
+    admissible = fpr <= healthy_fpr_limit
+    admissible[-1] |= not admissible.any()
+    return admissible
+
+
+def select_threshold(
+    volumes: Sequence[BrainVoxels], weights: np.ndarray, n_bins: int = 10000, healthy_fpr_limit: float | None = None
+) -> tuple[float, float]:
     """Threshold maximising the mean per-volume Dice over ``volumes`` for the weighted score (mask = score > t).
 
     Args:
         volumes: validation volumes (brain voxels in the evaluated z range).
         weights: (M,) ensemble weights.
         n_bins: thresholds searched, evenly spaced on [0, max score).
+        healthy_fpr_limit: only thresholds that flag at most this mean fraction of the tumour-free volumes' brain
+            voxels are admissible (the highest when none is); None: all are.
     Returns:
         (threshold, mean Dice at that threshold).
     """
     pooled = _Pooled.of(volumes, n_bins)
     thresholds, true_pos, predicted = _binned_counts(pooled, weights)
     mean_dice, _ = _objective_curves(true_pos, predicted, pooled.n_tumour)
+    mean_dice = np.where(_admissible(predicted, pooled, healthy_fpr_limit), mean_dice, -np.inf)
     # middle of the first run of grid thresholds that reach the maximum: a clean gap between the classes is
     # split in the middle instead of being hugged at its lower end
     at_best = mean_dice >= mean_dice.max() - 1e-12
@@ -307,6 +339,7 @@ def search_weights(
     max_voxels: int = 1_000_000,
     seed: int = 0,
     modality_tolerance: float = 0.0,
+    healthy_fpr_limit: float | None = None,
 ) -> WeightSearch:
     """Grid search of the ensemble weights on the simplex.
 
@@ -316,7 +349,9 @@ def search_weights(
     computed on a random subsample of at most ``max_voxels`` voxels (same fraction per volume); ties between grid
     points go to the first in grid order. ``modality_tolerance`` > 0 trades objective for speed: among the grid points
     within that much of the best value, the best of those that weigh the fewest modalities (each weighted modality
-    costs a detection one full sampling pass; the others are not reconstructed).
+    costs a detection one full sampling pass; the others are not reconstructed). ``healthy_fpr_limit``: the Dice
+    objective's best threshold is taken among the admissible ones (see :func:`select_threshold`); average precision
+    already counts the tumour-free volumes' voxels as false positives.
 
     Args:
         volumes: validation volumes; every ``maps`` has the same number M of modality columns.
@@ -331,7 +366,10 @@ def search_weights(
     for index, weights in enumerate(grid):
         _, true_pos, predicted = _binned_counts(pooled, weights)
         mean_dice, average_precision = _objective_curves(true_pos, predicted, pooled.n_tumour)
-        values[index] = mean_dice.max() if objective == "dice" else average_precision
+        if objective == "dice":
+            values[index] = mean_dice[_admissible(predicted, pooled, healthy_fpr_limit)].max()
+        else:
+            values[index] = average_precision
     best = int(np.argmax(values))
     if modality_tolerance > 0:
         n_weighted = (grid > 0).sum(axis=1)

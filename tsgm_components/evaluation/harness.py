@@ -204,6 +204,7 @@ def calibrate(
     max_voxels: int = 1_000_000,
     seed: int = 0,
     modality_tolerance: float = 0.0,
+    healthy_fpr_limit: float | None = None,
 ) -> dict[str, Any]:
     """Ensemble weights and binarisation from validation cases: the content of ``calibration.json``.
 
@@ -212,6 +213,8 @@ def calibrate(
     modalities), or ``fixed_weights`` when given (no search).
     Threshold: maximum mean per-volume Dice over ``threshold_bins`` thresholds on all validation voxels; it is
     the mask rule in ``"fixed"`` mode and recorded (but unused) in ``"otsu"`` mode, which thresholds per slice.
+    ``healthy_fpr_limit``: the tumour-free validation volumes pay for false positives: weights and threshold are chosen
+    among the thresholds flagging at most this mean fraction of their brain voxels (``ensembling.select_threshold``).
     ``validation_dice`` is the exact mean per-volume Dice of the final rule on these cases.
     """
     if mode not in MASK_MODES:
@@ -225,7 +228,7 @@ def calibrate(
         weights = check_weights(fixed_weights, source="fixed_weights")
         search_record: Any = "fixed (not searched)"
     else:
-        search = search_weights(voxels, weight_step, objective, search_bins, max_voxels, seed, modality_tolerance)
+        search = search_weights(voxels, weight_step, objective, search_bins, max_voxels, seed, modality_tolerance, healthy_fpr_limit)
         weights = {m: round(float(w), 6) for m, w in zip(MODALITIES, search.weights)}
         search_record = {
             "grid_step": weight_step,
@@ -237,7 +240,7 @@ def calibrate(
             "voxels_used": min(max_voxels, sum(len(v.target) for v in voxels)),
             "threshold_levels": search_bins,
         }
-    threshold, _ = select_threshold(voxels, np.asarray([weights[m] for m in MODALITIES]), threshold_bins)
+    threshold, _ = select_threshold(voxels, np.asarray([weights[m] for m in MODALITIES]), threshold_bins, healthy_fpr_limit)
     calibration: dict[str, Any] = {
         "weights": weights,
         "threshold": float(threshold) if mode == "fixed" else None,
@@ -248,6 +251,7 @@ def calibrate(
         "n_validation_subjects": len(cases),
         "validation_subjects": [case.subject for case in cases],
         "fixed_threshold_on_validation": float(threshold),
+        "healthy_fpr_limit": healthy_fpr_limit,
         "weights_search": search_record,
     }
     if mode == "otsu":
@@ -347,6 +351,7 @@ class CalibrationSettings:
     max_voxels: int = 1_000_000
     seed: int = 0
     modality_tolerance: float = 0.0
+    healthy_fpr_limit: float | None = None
 
     def calibrate_method(self, method: Mapping[str, Any], validation: Sequence[Case]) -> dict[str, Any]:
         """``calibration.json`` of one ``methods`` entry from its validation cases. ``modality_tolerance`` applies to
@@ -364,6 +369,7 @@ class CalibrationSettings:
             self.max_voxels,
             self.seed,
             tolerance,
+            self.healthy_fpr_limit,
         )
         calibration["method"] = str(method["name"])
         calibration["detection_dir"] = str(Path(method["detection_dir"]).resolve())

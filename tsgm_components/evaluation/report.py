@@ -47,6 +47,9 @@ def summarise(result: MethodResult) -> dict[str, Any]:
             "false_positive_rate": float(np.mean([row["false_positive"] for row in result.healthy_volume_rows]))
             if result.healthy_volume_rows
             else math.nan,
+            "fp_voxel_fraction": float(np.mean([row["fp_fraction"] for row in result.healthy_volume_rows]))
+            if result.healthy_volume_rows
+            else math.nan,
         },
         "per_subject_volume_dice": {row["subject"]: row["dice"] for row in result.volume_rows},
         "per_subject_auprc": {row["subject"]: row["auprc"] for row in result.volume_rows},
@@ -143,16 +146,20 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         "",
         "Volume metrics: per 3D volume restricted to the processed slices z_min..z_max, over the volumes with tumour "
         "there; slice DSC: per tumour slice. Healthy-volume FPR: fraction of volumes without tumour (healthy subjects "
-        "and tumours outside the range) with any predicted voxel; healthy-slice FPR: fraction of tumour-free slices "
-        "with any predicted voxel. NFE: network evaluations per slice.",
+        "and tumours outside the range) with any predicted voxel; healthy-volume FP voxels: mean fraction of their brain "
+        "voxels predicted (the calibration's healthy_fpr_limit bounds it on validation); healthy-slice FPR: fraction "
+        "of tumour-free slices with any predicted voxel. NFE: network evaluations per slice.",
         "",
-        "| method | " + " | ".join(h for h, _, _ in MAIN_COLUMNS) + " | healthy-volume FPR | healthy-slice FPR | NFE | s / volume |",
-        "|---" * (len(MAIN_COLUMNS) + 5) + "|",
+        "| method | "
+        + " | ".join(h for h, _, _ in MAIN_COLUMNS)
+        + " | healthy-volume FPR | healthy-volume FP voxels | healthy-slice FPR | NFE | s / volume |",
+        "|---" * (len(MAIN_COLUMNS) + 6) + "|",
     ]
     for name, summary in summaries.items():
         cells = [_cell(summary[level][metric], 2 if metric == "hd95" else 3) for _, level, metric in MAIN_COLUMNS]
         volumes = summary["healthy_volumes"]
         cells.append(f"{_number(volumes['false_positive_rate'], 2)} (n={volumes['n']})")
+        cells.append(_number(100 * volumes["fp_voxel_fraction"], 2) + " %" if volumes["n"] else "–")
         cells.append(_number(summary["healthy_slices"]["false_positive_rate"], 3))
         cells.append(_number(summary["nfe_per_slice"], 0))
         cells.append(_number(summary["seconds_per_volume"], 1))
