@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tsgm_components.pipeline import BUNDLES, dataset_steps, demo_steps, run_demo
+from tsgm_components.pipeline import BUNDLES, DEMO_SEED, WEIGHTS_SEED, dataset_steps, demo_steps, run_demo
 
 
 @pytest.mark.parametrize("from_scratch", [False, True])
@@ -15,7 +15,7 @@ def test_every_bundle_step_names_existing_configs_and_the_work_dir(tmp_path, fro
     steps = demo_steps(tmp_path, from_scratch=from_scratch)
     assert [s.name for s in steps][-1] == "calibrate on validation, evaluate on test"
     bundle_steps = [s for s in steps if "monai.bundle" in s.command]
-    assert len(bundle_steps) == (21 if from_scratch else 11)
+    assert len(bundle_steps) == (21 if from_scratch else 14)
     for step in bundle_steps:
         configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
         assert all(Path(c).is_file() for c in configs), step.name
@@ -31,6 +31,7 @@ def test_shipped_weights_by_default_and_the_trained_ones_from_scratch(tmp_path):
         ("TSGM detection, test", "vejp_anomaly/models/phantom.pt"),
         ("SDEdit baseline detection, validation", "vejp_anomaly/models/phantom_unconditional.pt"),
         ("REFERENCE VE-JP on true pairs detection, test", "vejp_anomaly/models/phantom_true_pairs.pt"),
+        ("CONTROL regression network detection, test", "vejp_anomaly/models/phantom_regression.pt"),
     ):
         assert shipped[name][shipped[name].index("--checkpoint") + 1] == str(BUNDLES / target)
     cyclegan = shipped["CycleGAN-only baseline detection"]
@@ -47,6 +48,24 @@ def test_shipped_weights_by_default_and_the_trained_ones_from_scratch(tmp_path):
     assert cyclegan[cyclegan.index("--cyclegan_checkpoint") + 1] == str(tmp_path / "cyclegan" / "model.pt")
 
 
+def test_the_demo_reports_on_a_phantom_no_model_or_setting_has_seen(tmp_path, monkeypatch):
+    """The shipped phantom weights come from the phantom of WEIGHTS_SEED (`tsgm build_weights`); the demo generates
+    and splits the phantom of DEMO_SEED, a different one; its ladder holds the CONTROL rows."""
+    from tsgm_components import cli
+
+    assert DEMO_SEED != WEIGHTS_SEED
+    steps = {s.name: s.command for s in demo_steps(tmp_path)}
+    for name in ("phantom dataset (+ healthy twins for the ceiling rows)", "prepare slices"):
+        assert steps[name][steps[name].index("--seed") + 1] == str(DEMO_SEED)
+    evaluating = steps["calibrate on validation, evaluate on test"]
+    assert any(c.endswith("controls.yaml") for c in ast.literal_eval(evaluating[evaluating.index("--config_file") + 1]))
+    seen = {}
+    monkeypatch.setattr(cli, "run_demo", lambda work_dir, seed, from_scratch: seen.update(seed=seed, from_scratch=from_scratch))
+    monkeypatch.setattr("tsgm_components.weights.export_weights", lambda *args, **kwargs: [])
+    cli.build_weights(str(tmp_path / "weights"))
+    assert seen == {"seed": WEIGHTS_SEED, "from_scratch": True}
+
+
 def test_training_resumes_only_when_an_interrupted_run_left_checkpoints(tmp_path):
     vejp = next(s for s in demo_steps(tmp_path, from_scratch=True) if s.name.startswith("train VE-JP"))
     assert "--resume" not in vejp.resolved_command()
@@ -57,7 +76,7 @@ def test_training_resumes_only_when_an_interrupted_run_left_checkpoints(tmp_path
 
 def test_detection_steps_always_run_and_skip_finished_subjects(tmp_path):
     detections = [s for s in demo_steps(tmp_path) if "detection" in s.name and not s.name.startswith("calibrate")]
-    assert len(detections) == 9
+    assert len(detections) == 11
     for step in detections:
         assert step.output is None
         assert step.command[step.command.index("--skip_existing") + 1] == "True"

@@ -8,12 +8,13 @@ exit with code 2, without a traceback.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import fire
 
 from tsgm_components.errors import TsgmInputError
-from tsgm_components.pipeline import run_demo  # stdlib only: the driver runs the bundles as subprocesses
+from tsgm_components.pipeline import WEIGHTS_SEED, run_demo  # stdlib only: the driver runs the bundles as subprocesses
 
 
 def phantom(
@@ -137,7 +138,7 @@ def build_weights(work_dir: str = "runs/weights", overwrite: bool = False) -> No
     (models/phantom*.pt): the command that made them. --overwrite True replaces shipped weights."""
     from tsgm_components.weights import export_weights
 
-    run_demo(str(work_dir), from_scratch=True)
+    run_demo(str(work_dir), seed=WEIGHTS_SEED, from_scratch=True)
     for path in export_weights(str(work_dir), "phantom", overwrite=bool(overwrite)):
         print(f"wrote {path}")
 
@@ -158,6 +159,15 @@ def export_weights(work_dir: str, weights: str = "real", models: str | None = No
         print(f"wrote {path}")
 
 
+def compare(work_dir: str, dataset_dir: str | None = None, scale: str = "cpu", peers: str | None = None, split_file: str | None = None) -> None:
+    """Train and evaluate the peer methods (bundles/peer_methods) next to TSGM, its controls and baselines on one dataset
+    (default: the demo's phantom; DATASET_DIR: a dataset `tsgm prepare` reads), each peer's setting chosen on validation,
+    the test split read once; prints the table and the paper's Table II. Resumable: rerun the same command."""
+    from tsgm_components.comparison import run_comparison
+
+    run_comparison(str(work_dir), dataset_dir, scale, peers, split_file)
+
+
 COMMANDS = {
     "phantom": phantom,
     "real_data": real_data,
@@ -166,11 +176,25 @@ COMMANDS = {
     "run": run,
     "build_weights": build_weights,
     "export_weights": export_weights,
+    "compare": compare,
 }
+
+
+def show_progress() -> None:
+    """Show the package's INFO log records (the progress lines of ``tsgm prepare`` and others) on stdout, one plain
+    line each: the commands log through :mod:`logging`, this entry point decides where it goes."""
+    package = logging.getLogger("tsgm_components")
+    if not package.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``tsgm`` console script."""
+    show_progress()
     try:
         fire.Fire(COMMANDS, command=argv, name="tsgm")
     except (TsgmInputError, OSError) as error:

@@ -1,0 +1,61 @@
+"""`tsgm compare`: every peer's steps name real configs, settings are chosen on validation only, one test evaluation."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from tsgm_components.comparison import COMPARISON_DIR, PEERS, SETTINGS_DIR, chosen_setting, comparison_steps, peer_plan, run_comparison
+
+
+def test_every_peer_declares_training_detection_and_its_tuned_setting():
+    for peer in PEERS:
+        plan = peer_plan(peer)
+        assert plan["training_runs"][0] == "training", peer
+        assert (plan["setting_key"] is None) == (plan["candidates"] == []), peer
+
+
+def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
+    steps = comparison_steps(tmp_path)
+    names = [s.name for s in steps]
+    for step in steps:
+        if "monai.bundle" in step.command:
+            configs = ast.literal_eval(step.command[step.command.index("--config_file") + 1])
+            assert all(Path(c).is_file() for c in configs), step.name
+    for peer in PEERS:
+        plan = peer_plan(peer)
+        validation = [i for i, n in enumerate(names) if n.startswith(f"{peer} detection, validation")]
+        test = names.index(f"{peer} detection, test (setting chosen on validation)")
+        assert len(validation) == max(1, len(plan["candidates"])) and max(validation) < test
+        for run in plan["training_runs"]:
+            assert names.index(f"{peer}: {run}") < min(validation)
+        # a validation detection never reads test
+        for i in validation:
+            assert steps[i].command[steps[i].command.index("--splits") + 1] == "['validation']"
+    final = steps[-1]
+    assert final.command[final.command.index("--evaluation_dir") + 1] == str(tmp_path / COMPARISON_DIR)
+    assert sum("evaluating" in s.command for s in steps) == 2  # TSGM's own table and the comparison's
+
+
+def test_the_chosen_setting_is_the_best_validation_dice_and_reaches_test_detection(tmp_path):
+    peer = next(p for p in PEERS if peer_plan(p)["candidates"])
+    plan = peer_plan(peer)
+    best = plan["candidates"][len(plan["candidates"]) // 2]
+    dice = {value: 0.8 if value == best else 0.5 for value in plan["candidates"]}
+    for value, d in dice.items():
+        folder = tmp_path / SETTINGS_DIR / peer / f"{peer}_{value}"
+        folder.mkdir(parents=True)
+        (folder / "calibration.json").write_text(json.dumps({"validation_dice": d}))
+    chosen = chosen_setting(tmp_path, peer)
+    assert chosen["value"] == best and chosen["method"] == f"{peer}_{best}"
+    assert json.loads((tmp_path / SETTINGS_DIR / peer / "chosen.json").read_text())["value"] == chosen["value"]
+    test = next(s for s in comparison_steps(tmp_path, peers=(peer,)) if s.name == f"{peer} detection, test (setting chosen on validation)")
+    command = test.resolved_command()
+    assert command[command.index("--method") + 1] == chosen["method"]
+    assert command[command.index(f"--{plan['setting_key']}") + 1] == str(chosen["value"])
+
+
+def test_unknown_peer_is_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(SystemExit, match="unknown peers \\['vqvae'\\]"):
+        run_comparison(str(tmp_path), peers="vae,vqvae")
