@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -546,3 +547,27 @@ def test_phantom_flair_threshold_informative_but_not_trivial(prepared_dir):
     truth = np.stack([np.load(prepared_dir / it["label"]) for it in items]).astype(bool)
     dice = [2 * (truth & (flair > t)).sum() / (truth.sum() + (flair > t).sum()) for t in np.linspace(0.3, 0.99, 70)]
     assert 0.4 < max(dice) < 0.85
+
+
+def test_prepare_logs_its_steps_and_the_command_shows_them(tmp_path, capsys, caplog):
+    """prepare() logs (INFO; nothing at INFO when not verbose); the tsgm command shows the lines on stdout."""
+    from tsgm_components.cli import show_progress
+    from tsgm_components.data.prepare import prepare
+
+    dataset = small_dataset(tmp_path, n=3)
+    with caplog.at_level("INFO", logger="tsgm_components.data.prepare"):
+        prepare(dataset, tmp_path / "quiet", SMALL_PREP, verbose=False)
+        assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+        prepare(dataset, tmp_path / "out", SMALL_PREP)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith("prepare: layout brats2020") and messages[-1].startswith(f"prepared {tmp_path / 'out'} in ")
+    assert any(m.startswith("prepare: training grid") for m in messages) and any(m.startswith("  train S00") for m in messages)
+    package = logging.getLogger("tsgm_components")
+    handlers, level, propagate = list(package.handlers), package.level, package.propagate
+    try:
+        package.handlers.clear()
+        show_progress()
+        logging.getLogger("tsgm_components.data.prepare").info("prepare: shown")
+    finally:
+        package.handlers[:], package.level, package.propagate = handlers, level, propagate
+    assert capsys.readouterr().out == "prepare: shown\n"

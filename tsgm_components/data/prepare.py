@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from tsgm_components import REPO_ROOT
-from tsgm_components.data.brats import MODALITIES, SEG, SubjectFiles, find_dataset, has_tumour, load_subject, open_subject
+from tsgm_components.data.brats import MODALITIES, SEG, Dataset, SubjectFiles, find_dataset, has_tumour, load_subject, open_subject
 from tsgm_components.data.phantom import PHANTOM_RECORD
 from tsgm_components.data.preprocessing import PreprocessConfig, volume_to_slices
 from tsgm_components.data.real_brats import SPLIT_FILE as REAL_SPLIT, SUBJECTS as REAL_SUBJECTS
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.io import atomic_dir, check_can_write, check_writable
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 #: split.json key -> MONAI datalist key
@@ -124,6 +127,92 @@ def _slice_records(
     return slices, z_axis[kept].tolist(), tumour[kept].astype(int).tolist()
 
 
+def _check_output(dataset_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output inside (or holding) the input dataset, or an existing one unless ``overwrite``."""
+    if out == dataset_dir or dataset_dir in out.parents or out in dataset_dir.parents:
+        raise TsgmInputError(out, f"output must be outside the input dataset {dataset_dir} (inputs are never modified)")
+    check_can_write(out, overwrite)
+
+
+def find_subjects(dataset_dir: Path, cfg: PreprocessConfig, log: Callable[..., None]) -> tuple[Dataset, PreprocessConfig]:
+    """Step 1: the dataset's subjects (segmentations required) and ``cfg`` with the training grid of the first subject;
+    every subject's headers are checked against it before any work."""
+    dataset = find_dataset(dataset_dir, require_seg=True)
+    subjects = list(dataset.subjects)
+    log("prepare: layout %s (%s), %d subjects", dataset.layout, dataset.release, len(subjects))
+    for note in dataset.notes:
+        log("prepare: %s", note)
+    if dataset.skipped:
+        log("prepare: skipping %d folders without subject files: %s", len(dataset.skipped), dataset.skipped[:5])
+    cfg = training_grid(dataset.subjects[subjects[0]], cfg)
+    reoriented = sum(open_subject(dataset.subjects[subject], cfg)[1].axcodes != cfg.orientation for subject in subjects)
+    log(
+        "prepare: training grid %s, %s mm, %s voxels (from %s); %d subjects reoriented to it",
+        cfg.orientation,
+        "×".join(f"{v:g}" for v in cfg.voxel_size),
+        "×".join(map(str, cfg.volume_shape)),
+        subjects[0],
+        reoriented,
+    )
+    return dataset, cfg
+
+
+def select_split(
+    dataset_dir: Path,
+    subjects: list[str],
+    strata: Mapping[str, str],
+    seed: int,
+    val_fraction: float,
+    test_fraction: float,
+    split_file: str | Path | None,
+    warn: Callable[..., None],
+) -> tuple[dict[str, list[str]], str]:
+    """Step 2: ``(split, split_source)``: ``split_file`` if given; the committed split of the project's real dataset
+    or the shipped BraTS2020 manifest when the dataset holds their subjects (default split settings); else
+    :func:`split_subjects` with ``seed``, stratified by ``strata``."""
+    if split_file is None and sorted(subjects) == sorted(REAL_SUBJECTS) and (seed, val_fraction, test_fraction) == (0, 0.1, 0.1):
+        split_file = REAL_SPLIT  # the project's real dataset (tsgm real_data): its committed split
+    if split_file is not None:
+        return load_split_file(split_file, subjects), str(Path(split_file).resolve())
+    split, note = shipped_split(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction)
+    if note and not (dataset_dir / PHANTOM_RECORD).is_file():  # the phantom borrows BraTS ids
+        warn("prepare: WARNING: %s", note)
+    if split is not None:
+        return split, str(BRATS2020_SPLIT)
+    try:
+        split = split_subjects(subjects, seed, val_fraction, test_fraction, strata)
+    except ValueError as error:
+        raise TsgmInputError(dataset_dir, str(error)) from error
+    return split, f"seeded (seed={seed}), stratified by healthy/tumour subject"
+
+
+def write_subject_slices(
+    root: Path, subject: str, files: SubjectFiles, cfg: PreprocessConfig, min_brain_fraction: float
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Step 3, one subject: its kept slices as ``root/slices/<id>/{<mod>,seg}_zZZZ.npy``; returns its datalist items
+    and the tumour flag of each kept z."""
+    slices, kept, tumour = _slice_records(subject, files, cfg, min_brain_fraction)
+    (root / "slices" / subject).mkdir(parents=True)
+    items = []
+    for z, is_tumour in zip(kept, tumour):
+        i = z - cfg.z_min
+        label = f"slices/{subject}/{SEG}_z{z:03d}.npy"
+        np.save(root / label, slices[SEG][i])
+        for modality in MODALITIES:
+            image = f"slices/{subject}/{modality}_z{z:03d}.npy"
+            np.save(root / image, slices[modality][i])
+            items.append({"image": image, "label": label, "subject": subject, "modality": modality, "z": z, "tumour": is_tumour})
+    return items, tumour
+
+
+def write_records(
+    root: Path, config: Mapping[str, Any], split: Mapping[str, list[str]], datalist: Mapping[str, Any], volumes: Mapping[str, Any]
+) -> None:
+    """Step 4: ``prepare_config.json``, ``split.json``, ``datalist.json`` and ``volumes.json`` in ``root``."""
+    for filename, obj in [(PREPARE_CONFIG, config), ("split.json", split), ("datalist.json", datalist), ("volumes.json", volumes)]:
+        (root / filename).write_text(json.dumps(obj, indent=1) + "\n")
+
+
 def prepare(
     dataset_dir: str | Path,
     out: str | Path,
@@ -138,88 +227,43 @@ def prepare(
 ) -> dict[str, Any]:
     """Prepare a BraTS-layout dataset at ``dataset_dir`` into ``out``; returns the per-split counts.
 
-    The split comes from ``split_file`` if given, else from the shipped BraTS2020 manifest when the
-    dataset holds exactly its subjects, else from :func:`split_subjects` with ``seed``.
+    Steps: :func:`find_subjects` (headers and training grid), :func:`select_split` (``split_file`` if given, else the
+    shipped BraTS2020 manifest when the dataset holds exactly its subjects, else :func:`split_subjects` with ``seed``),
+    :func:`write_subject_slices` per subject, :func:`write_records`; all inside one atomic output folder. Progress is
+    logged (INFO; DEBUG when not ``verbose``), the ``tsgm`` command shows it.
     """
     start = time.perf_counter()
+    log = logger.info if verbose else logger.debug
     dataset_dir, out = Path(dataset_dir).resolve(), Path(out).resolve()
-    if out == dataset_dir or dataset_dir in out.parents or out in dataset_dir.parents:
-        raise TsgmInputError(out, f"output must be outside the input dataset {dataset_dir} (inputs are never modified)")
-    check_can_write(out, overwrite)
-    dataset = find_dataset(dataset_dir, require_seg=True)
+    _check_output(dataset_dir, out, overwrite)
+    dataset, cfg = find_subjects(dataset_dir, cfg, log)
     files, subjects = dataset.subjects, list(dataset.subjects)
-    if verbose:
-        print(f"prepare: layout {dataset.layout} ({dataset.release}), {len(subjects)} subjects", flush=True)
-        for note in dataset.notes:
-            print(f"prepare: {note}", flush=True)
-        if dataset.skipped:
-            print(f"prepare: skipping {len(dataset.skipped)} folders without subject files: {dataset.skipped[:5]}")
-    cfg = training_grid(files[subjects[0]], cfg)
-    reoriented = 0
-    for subject in subjects:
-        reoriented += open_subject(files[subject], cfg)[1].axcodes != cfg.orientation
-    if verbose:
-        print(
-            f"prepare: training grid {cfg.orientation}, {'×'.join(f'{v:g}' for v in cfg.voxel_size)} mm, "
-            f"{'×'.join(map(str, cfg.volume_shape))} voxels (from {subjects[0]}); {reoriented} subjects reoriented to it",
-            flush=True,
-        )
     # every slice file (.npy: 128-byte header + data): float32 per modality, uint8 for the segmentation
     n_slices = len(subjects) * len(cfg.z_range)
     check_writable(out, n_slices * ((len(MODALITIES) * 4 + 1) * cfg.image_size**2 + (len(MODALITIES) + 1) * 128))
     strata = subject_strata(files)
-    split, split_source = None, None
-    if split_file is None and sorted(subjects) == sorted(REAL_SUBJECTS) and (seed, val_fraction, test_fraction) == (0, 0.1, 0.1):
-        split_file = REAL_SPLIT  # the project's real dataset (tsgm real_data): its committed split
-    if split_file is None:
-        split, note = shipped_split(BRATS2020_SPLIT, subjects, seed, val_fraction, test_fraction)
-        if note and verbose and not (dataset_dir / PHANTOM_RECORD).is_file():  # the phantom borrows BraTS ids
-            print(f"prepare: WARNING: {note}", flush=True)
-        split_source = str(BRATS2020_SPLIT) if split is not None else None
-    else:
-        split, split_source = load_split_file(split_file, subjects), str(Path(split_file).resolve())
-    if split is None:
-        try:
-            split = split_subjects(subjects, seed, val_fraction, test_fraction, strata)
-        except ValueError as error:
-            raise TsgmInputError(dataset_dir, str(error)) from error
-        split_source = f"seeded (seed={seed}), stratified by healthy/tumour subject"
-    if verbose:
-        print(f"prepare: {len(subjects)} subjects in {dataset_dir}, split {split_source}", flush=True)
+    split, split_source = select_split(
+        dataset_dir, subjects, strata, seed, val_fraction, test_fraction, split_file, logger.warning if verbose else logger.debug
+    )
+    log("prepare: %d subjects in %s, split %s", len(subjects), dataset_dir, split_source)
 
     datalist: dict[str, list[dict[str, Any]]] = {DATALIST_KEYS[s]: [] for s in SPLITS}
     volumes: dict[str, list[dict[str, str]]] = {DATALIST_KEYS[s]: [] for s in SPLITS}
     counts = {
-        s: {
-            "subjects": len(split[s]),
-            "healthy_subjects": sum(strata[subject] == "healthy" for subject in split[s]),
-            "healthy_slices": 0,
-            "tumour_slices": 0,
-            "discarded_blank": 0,
-        }
+        s: {"subjects": len(split[s]), "healthy_subjects": sum(strata[subject] == "healthy" for subject in split[s])}
+        | {"healthy_slices": 0, "tumour_slices": 0, "discarded_blank": 0}
         for s in SPLITS
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for name in SPLITS:
-            key = DATALIST_KEYS[name]
             for subject in split[name]:
-                slices, kept, tumour = _slice_records(subject, files[subject], cfg, min_brain_fraction)
-                folder = tmp / "slices" / subject
-                folder.mkdir(parents=True)
-                for z, is_tumour in zip(kept, tumour):
-                    i = z - cfg.z_min
-                    label = f"slices/{subject}/{SEG}_z{z:03d}.npy"
-                    np.save(tmp / label, slices[SEG][i])
-                    for modality in MODALITIES:
-                        image = f"slices/{subject}/{modality}_z{z:03d}.npy"
-                        np.save(tmp / image, slices[modality][i])
-                        datalist[key].append({"image": image, "label": label, "subject": subject, "modality": modality, "z": z, "tumour": is_tumour})
+                items, tumour = write_subject_slices(tmp, subject, files[subject], cfg, min_brain_fraction)
+                datalist[DATALIST_KEYS[name]] += items
+                volumes[DATALIST_KEYS[name]].append(files[subject].record())
                 counts[name]["tumour_slices"] += sum(tumour)
                 counts[name]["healthy_slices"] += len(tumour) - sum(tumour)
-                counts[name]["discarded_blank"] += len(cfg.z_range) - len(kept)
-                volumes[key].append(files[subject].record())
-                if verbose:
-                    print(f"  {name:5s} {subject}: {len(kept)} slices, {sum(tumour)} tumour  [{time.perf_counter() - start:.1f} s]", flush=True)
+                counts[name]["discarded_blank"] += len(cfg.z_range) - len(tumour)
+                log("  %-5s %s: %d slices, %d tumour  [%.1f s]", name, subject, len(tumour), sum(tumour), time.perf_counter() - start)
         config = {
             **cfg.to_dict(),
             "seed": seed,
@@ -232,16 +276,9 @@ def prepare(
             "release": dataset.release,
             "counts": counts,
         }
-        for filename, obj in [
-            (PREPARE_CONFIG, config),
-            ("split.json", split),
-            ("datalist.json", datalist),
-            ("volumes.json", volumes),
-        ]:
-            (tmp / filename).write_text(json.dumps(obj, indent=1) + "\n")
-    if verbose:
-        print(format_counts(counts))
-        print(f"prepared {out} in {time.perf_counter() - start:.1f} s", flush=True)
+        write_records(tmp, config, split, datalist, volumes)
+    log("%s", format_counts(counts))
+    log("prepared %s in %.1f s", out, time.perf_counter() - start)
     return counts
 
 
