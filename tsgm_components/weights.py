@@ -37,7 +37,8 @@ TRAINED_ON = {
     "real": "20 real BraTS 2018 training cases with expert labels (github.com/koriavinash1/DeepBrainSeg, "
     "sample_volume/brats; `tsgm real_data`), the training subjects of data_manifests/brats18_sample_split.json; "
     "healthy slices = the tumour-free slices of these patients",
-    "phantom": "the phantom dataset of `tsgm demo` (nilearn's MNI152 brain): for the demo, tests and MONAI Label trials, not for real scans",
+    "phantom": "the training split of the phantom of seed 0 (nilearn's MNI152 brain; `tsgm build_weights`): for the demo "
+    "(which reports on the phantom of seed 1), tests and MONAI Label trials, not for real scans",
 }
 BUILD_COMMANDS = {
     "real": "tsgm real_data --source <DeepBrainSeg copy> --out DATA && tsgm run DATA runs/real --scale cpu "
