@@ -9,7 +9,6 @@ s̃(x, σ) = s(x, σ) + scale·∇_x log p(healthy | x, σ), i.e. the denoiser D
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -117,7 +116,7 @@ class ClassifierGuidedReconstructor(GuidedODEReconstructor):
         self.classifier = classifier.eval()
         self.scale = float(scale)
         self.target = int(target)
-        self._score = denoiser_score(functools.partial(self.score_model.denoise), clip_denoised)
+        self._score = denoiser_score(self.score_model.denoise, clip_denoised)
         n = len(self.sigmas) - 1
         self.nfe_per_slice = 2 * (n - 1) + 2 * n - 1
 
