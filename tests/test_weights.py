@@ -31,7 +31,7 @@ def demo_run(tmp_path) -> Path:
     (work / "prepared").mkdir(parents=True)
     (work / "prepared" / "prepare_config.json").write_text(json.dumps(dict(PREPROCESS, seed=0)))
     torch.manual_seed(0)
-    for folder, condition in (("vejp", 1), ("vejp_unconditional", 0), ("vejp_true_pairs", 1)):
+    for folder, condition in (("vejp", 1), ("vejp_unconditional", 0), ("vejp_true_pairs", 1), ("vejp_regression", 1)):
         network = dict(NETWORK, condition_channels=condition)
         spec = ModelSpec(PREPROCESS, network, {"sigma_min": 0.01, "sigma_max": 20.0})
         (work / folder / "checkpoints").mkdir(parents=True)

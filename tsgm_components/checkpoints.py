@@ -8,6 +8,7 @@ generator and discriminator arguments). Loading weights into a network built fro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -170,6 +171,12 @@ PROVENANCE_SUFFIX = "_provenance.json"
 DATA_KINDS = ("phantom", "real")
 
 
+@functools.lru_cache(maxsize=16)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, once per (path, size, modification time): one detection checks its weights at several places."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def checked_provenance(checkpoint: str | Path) -> dict[str, Any] | None:
     """The provenance record beside ``checkpoint`` (None for a file without one, e.g. your own training run), after
     checking that the file is the one it describes: TsgmInputError naming the file on a SHA-256 mismatch."""
@@ -182,7 +189,8 @@ def checked_provenance(checkpoint: str | Path) -> dict[str, Any] | None:
     except (OSError, ValueError) as error:
         raise TsgmInputError(path, f"unreadable provenance record ({type(error).__name__}: {error})") from error
     expected = provenance.get("sha256")
-    if expected and hashlib.sha256(checkpoint.read_bytes()).hexdigest() != expected:
+    stat = checkpoint.stat()
+    if expected and _sha256(checkpoint.resolve(), stat.st_size, stat.st_mtime_ns) != expected:
         raise TsgmInputError(
             checkpoint,
             f"the file differs from the one {path.name} records (SHA-256 mismatch: damaged or "
