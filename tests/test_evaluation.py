@@ -568,3 +568,14 @@ def test_every_test_split_evaluation_is_logged_and_validation_ones_are_not(synth
     assert len(lines) == (before or 6) + 1 and lines[-1].endswith(f"| good | {tmp_path / 't'} |")
     with pytest.raises(TsgmInputError, match="must be 'test' or 'validation'"):
         run_evaluation(synthetic / "prepared", methods, tmp_path / "x", CalibrationSettings(weight_step=0.1), evaluated_split="train")
+
+
+def test_the_note_under_a_table_names_only_its_rows():
+    """A real-data table (no twins) has CONTROL rows but no CEILING or true-pairs row: its note says nothing of them."""
+    from tsgm_components.evaluation.report import ladder_note
+
+    real = ladder_note({"tsgm": {"role": None}, "regression": {"role": "control"}, "cyclegan": {"role": None}})
+    assert "CONTROL rows" in real and "regression is" in real and "cyclegan is stage 1 alone" in real
+    assert "CEILING" not in real and "vejp_true_pairs" not in real and "oracle" not in real
+    phantom = ladder_note({"oracle_reconstruction": {"role": "ceiling"}, "vejp_true_pairs": {"role": "reference"}})
+    assert phantom.startswith("CEILING rows are upper bounds by construction") and "REFERENCE rows" in phantom

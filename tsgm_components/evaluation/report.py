@@ -88,15 +88,29 @@ def row_label(name: str, summary: Mapping[str, Any]) -> str:
     return f"{name} ({summary['role'].upper()})" if summary.get("role") else name
 
 
-LADDER_NOTE = (
-    "CEILING rows are upper bounds by construction, not results: oracle_reconstruction reads the phantom's healthy "
-    "twins (healthy = the twin: what residual detection reaches with a perfect reconstruction). REFERENCE rows are "
-    "given what no method has and are not bounds: vejp_true_pairs is stage 2 trained on (twin, real) pairs, i.e. TSGM "
-    "with a perfect stage 1 (it also trains on tumour slices, about 2.6x TSGM's training slices). CONTROL rows are what "
-    "a part of TSGM must beat: regression (the same network, pairs and budget, plain L2 regression: does diffusion "
-    "training add anything?) and flair_threshold_model_size (FLAIR thresholding through the models' resampling). "
-    "cyclegan is stage 1 alone: tsgm − cyclegan is what stage 2 adds."
-)
+#: What each row role means, and what the known rows are: the note under a table names only the rows it holds.
+ROLE_NOTES = {
+    "ceiling": "CEILING rows are upper bounds by construction, not results.",
+    "reference": "REFERENCE rows are given what no method has and are not bounds.",
+    "control": "CONTROL rows are what a part of TSGM must beat.",
+}
+ROW_NOTES = {
+    "oracle_reconstruction": "oracle_reconstruction reads the phantom's healthy twins (healthy = the twin: what residual detection "
+    "reaches with a perfect reconstruction).",
+    "vejp_true_pairs": "vejp_true_pairs is stage 2 trained on (twin, real) pairs, i.e. TSGM with a perfect stage 1 (it also trains "
+    "on tumour slices, about 2.6x TSGM's training slices).",
+    "regression": "regression is the same network, pairs and budget trained by plain L2 regression: does diffusion training add anything?",
+    "flair_threshold_model_size": "flair_threshold_model_size is FLAIR thresholding through the models' resampling (resolution parity).",
+    "cyclegan": "cyclegan is stage 1 alone: tsgm − cyclegan is what stage 2 adds.",
+}
+
+
+def ladder_note(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """The note under a table: what its row roles mean and what its known rows are (only those present)."""
+    roles = {summary.get("role") for summary in summaries.values()}
+    parts = [note for role, note in ROLE_NOTES.items() if role in roles]
+    parts += [note for name, note in ROW_NOTES.items() if name in summaries]
+    return " ".join(parts)
 
 
 #: Rows every other row is compared with, paired per subject, when present.
@@ -164,8 +178,8 @@ def markdown_tables(summaries: Mapping[str, Mapping[str, Any]]) -> str:
         cells.append(_number(summary["nfe_per_slice"], 0))
         cells.append(_number(summary["seconds_per_volume"], 1))
         lines.append(f"| {row_label(name, summary)} | " + " | ".join(cells) + " |")
-    if any(summary.get("role") in ("ceiling", "reference") for summary in summaries.values()):
-        lines += ["", LADDER_NOTE]
+    if any(summary.get("role") for summary in summaries.values()):
+        lines += ["", ladder_note(summaries)]
     lines += confidence_table(summaries)
     subjects = sorted({subject for summary in summaries.values() for subject in summary["per_subject_volume_dice"]})
     lines += [
