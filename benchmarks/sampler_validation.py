@@ -10,7 +10,8 @@ the evaluation bundle's calibration on those maps (``evaluation.calibrate`` with
 ``tsgm_evaluation/configs/evaluate.yaml`` + ``cpu.yaml``): ensemble weights and threshold chosen on validation, and
 the validation volume Dice of that rule. The test split is never read. Seconds per volume: the sampler's mean
 reconstruction time as recorded in each volume's ``_detection.json``, all four modalities
-(a reused folder keeps the time of the run that wrote it).
+(a reused folder keeps the time of the run that wrote it). ``--subjects``: a stated subset of the validation split
+for samplers too costly for all of it (every setting of the run is scored on the same subset).
 
 Writes ``benchmarks/results/<--out>.{md,json}`` and prints the table.
 """
@@ -33,7 +34,7 @@ from tsgm_components.evaluation.harness import calibrate, load_cases, read_prepa
 from tsgm_components.data.prepare import read_volumes_split
 
 
-def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any]) -> tuple[Path, int]:
+def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any], datalist: Path) -> tuple[Path, int]:
     """Validation detection with ``setting`` through the bundle's inference config; (folder, NFE per slice)."""
     out = work_dir / "sampler_validation" / Path(checkpoint).stem / label / "validation"
     parser = ConfigParser()
@@ -42,7 +43,7 @@ def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any])
         {
             "work_dir": str(work_dir),
             "checkpoint": checkpoint,
-            "datalist": str(work_dir / "prepared" / "volumes.json"),
+            "datalist": str(datalist),
             "split": "validation",
             "detection_dir": str(out),
             "skip_existing": True,
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=str(Path(bundle_dir("vejp_anomaly")) / "models" / "model.pt"))
     ap.add_argument("--settings", nargs="+", required=True)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--subjects", nargs="+", default=None, help="validation subjects to score (default: all)")
     ap.add_argument("--out", default="sampler_validation_cpu")
     ap.add_argument("--out_dir", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -69,11 +71,20 @@ def main(argv: list[str] | None = None) -> None:
     work_dir = args.work_dir.resolve()
     volumes, preprocess, _ = read_prepared(work_dir / "prepared")
     items = read_volumes_split(volumes, "validation")
+    datalist = work_dir / "prepared" / "volumes.json"
+    if args.subjects:
+        unknown = sorted(set(args.subjects) - {item["subject"] for item in items})
+        if unknown:
+            raise SystemExit(f"not validation subjects of {datalist}: {unknown}")
+        items = [item for item in items if item["subject"] in args.subjects]
+        datalist = work_dir / "sampler_validation" / f"volumes_{'_'.join(sorted(args.subjects))}.json"
+        datalist.parent.mkdir(parents=True, exist_ok=True)
+        datalist.write_text(json.dumps({"validation": items}))
     calibration_kwargs = evaluation_settings()
     truths: dict = {}
     rows = []
     for text in args.settings:
-        folder, nfe = detect(work_dir, args.checkpoint, setting_label(text), parse_setting(text))
+        folder, nfe = detect(work_dir, args.checkpoint, setting_label(text), parse_setting(text), datalist)
         seconds = [json.loads(p.read_text())["seconds"]["reconstruction"] for p in sorted(folder.glob("*/*_detection.json"))]
         calibration = calibrate(load_cases(folder, items, preprocess, truths), **calibration_kwargs)
         rows.append(
@@ -95,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`{command}`",
         "",
-        f"Checkpoint: `{args.checkpoint}`; {len(items)} validation subjects; all four modalities reconstructed; "
+        f"Checkpoint: `{args.checkpoint}`; {len(items)} validation subjects ({', '.join(i['subject'] for i in items)}); "
+        "all four modalities reconstructed; "
         f"torch threads {torch.get_num_threads()}. Speed-up against the first row; seconds are each folder's recorded "
         "reconstruction time (a reused folder keeps that of the run that wrote it, and other load on the machine "
         "changes them): NFE is the cost measure.",
