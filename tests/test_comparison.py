@@ -57,5 +57,6 @@ def test_the_chosen_setting_is_the_best_validation_dice_and_reaches_test_detecti
 
 
 def test_unknown_peer_is_refused_with_the_known_ones(tmp_path):
-    with pytest.raises(SystemExit, match="unknown peers \\['vqvae'\\]"):
-        run_comparison(str(tmp_path), peers="vae,vqvae")
+    for peers in ("vae,vqvae", ("vae", "vqvae")):  # fire passes `--peers vae,vqvae` as a tuple
+        with pytest.raises(SystemExit, match="unknown peers \\['vqvae'\\]"):
+            run_comparison(str(tmp_path), peers=peers)

@@ -348,7 +348,7 @@ INPUT_CASES: dict[str, Callable] = {
     "explicit_modality_missing": lambda a, t: (
         _vejp_files(a, t, flair=None),
         str(path_of(a["dataset"] / "S001", "t1")),
-        r"missing modalities \['flair'\]",
+        r"no flair file given \(--flair\); the calibration weighs flair",
     ),
     "datalist_names_absent_file": _absent_datalist_file,
 }

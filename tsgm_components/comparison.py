@@ -191,7 +191,7 @@ def paper_table() -> str:
 
 
 def run_comparison(
-    work_dir: str, dataset_dir: str | None = None, scale: str = "cpu", peers: str | None = None, split_file: str | None = None
+    work_dir: str, dataset_dir: str | None = None, scale: str = "cpu", peers: str | tuple[str, ...] | None = None, split_file: str | None = None
 ) -> None:
     """``tsgm compare``: train and evaluate every peer next to TSGM on one dataset, print the table and the paper's.
 
@@ -199,7 +199,9 @@ def run_comparison(
     DATASET_DIR: a dataset ``tsgm prepare`` reads (default: the demo's phantom). SCALE: cpu (64², 2 cores) or paper
     (256², a GPU). PEERS: comma-separated subset of :data:`PEERS`. Resumable: rerun the same command.
     """
-    chosen = tuple(PEERS if peers is None else [p.strip() for p in str(peers).split(",") if p.strip()])
+    # fire hands `--peers vae,pddpm` over as a tuple, `--peers vae` as a string
+    names = peers if isinstance(peers, (list, tuple)) else [] if peers is None else str(peers).split(",")
+    chosen = tuple(p.strip() for p in names if p.strip()) or PEERS
     unknown = sorted(set(chosen) - set(PEERS))
     if unknown:
         raise SystemExit(f"tsgm compare: unknown peers {unknown}; choose from {list(PEERS)}")
