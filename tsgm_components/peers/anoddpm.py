@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from tsgm_components.checkpoints import SPEC_KEY, CheckpointSpec, read_checkpoint
+from tsgm_components.checkpoints import SPEC_KEY, CheckpointSpec, ModelSpec, read_checkpoint
 from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.diffusion.inferers import slice_generator
 from tsgm_components.diffusion.noise import GeneratorLike, NoiseFn, randn
@@ -209,11 +209,12 @@ def make_noise(kind: str = "simplex", octaves: int = 6, persistence: float = 0.8
 # ---------------------------------------------------------------- checkpoint spec
 
 
-class DiffusionPeerSpec(CheckpointSpec):
+class DiffusionPeerSpec(ModelSpec):
     """Spec of a diffusion peer's checkpoint (AnoDDPM, pDDPM): ``peer`` (the method name), ``preprocess``
     (PreprocessConfig dict), ``network`` (``ScoreUNet`` kwargs), ``sde`` (``sigma_min``, ``sigma_max``), ``noise``
     (:func:`make_noise` kwargs) and, for pDDPM, ``patch`` (``patch_size``, ``patch_stride``). Detection rebuilds the
-    network, noise and patches from it, so one detection config serves checkpoints of every scale."""
+    network, noise and patches from it, so one detection config serves checkpoints of every scale. A score model's
+    spec (``ModelSpec``'s ``preprocess``, ``network``, ``sde``) with the peer's sections added."""
 
     bundle = "peer_methods"
 
@@ -227,7 +228,8 @@ class DiffusionPeerSpec(CheckpointSpec):
         patch: Mapping[str, Any] | None = None,
     ):
         make_noise(**noise)  # refuse a spec whose noise cannot be built
-        super().__init__(
+        CheckpointSpec.__init__(
+            self,
             {
                 "peer": peer,
                 "preprocess": preprocess,
@@ -235,7 +237,7 @@ class DiffusionPeerSpec(CheckpointSpec):
                 "sde": dict(sde),
                 "noise": dict(noise),
                 "patch": None if patch is None else dict(patch),
-            }
+            },
         )
 
     def matches(self, saved: Any) -> bool:
@@ -249,19 +251,6 @@ class DiffusionPeerSpec(CheckpointSpec):
             found = saved.get("peer") if isinstance(saved, Mapping) else None
             raise TsgmInputError(checkpoint, f"not a {peer} checkpoint of the {cls.bundle} bundle ('{SPEC_KEY}' peer: {found!r})")
         return cls(saved["peer"], saved["preprocess"], saved["network"], saved["sde"], saved["noise"], saved.get("patch"))
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.from_dict(self.spec["preprocess"])
-
-    @property
-    def network(self) -> dict[str, Any]:
-        """``ScoreUNet`` keyword arguments."""
-        return dict(self.spec["network"])
-
-    @property
-    def sde(self) -> dict[str, Any]:
-        return dict(self.spec["sde"])
 
     @property
     def noise(self) -> NoiseFn:
