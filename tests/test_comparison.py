@@ -36,6 +36,12 @@ def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
     final = steps[-1]
     assert final.command[final.command.index("--evaluation_dir") + 1] == str(tmp_path / COMPARISON_DIR)
     assert sum("evaluating" in s.command for s in steps) == 2  # TSGM's own table and the comparison's
+    # an evaluation holding only some of the peers is redone when more are asked for, kept when it holds them all
+    summary = tmp_path / COMPARISON_DIR / "summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"tsgm": {}, "vae": {}}))
+    assert comparison_steps(tmp_path, peers=("vae",))[-1].output == summary
+    assert comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].output is None
 
 
 def test_the_chosen_setting_is_the_best_validation_dice_and_reaches_test_detection(tmp_path):

@@ -57,6 +57,11 @@ def candidate_method(peer: str, value: Any) -> str:
     return f"{peer}_{value}" if value is not None else peer
 
 
+def candidate_calibration(work_dir: Path, peer: str, value: Any) -> Path:
+    """The validation calibration of one candidate setting: ``W/peer_settings/<peer>/<method>/calibration.json``."""
+    return work_dir / SETTINGS_DIR / peer / candidate_method(peer, value) / "calibration.json"
+
+
 def chosen_setting(work_dir: Path, peer: str) -> dict[str, Any]:
     """The candidate with the best validation volume Dice (first on ties), from each candidate's validation calibration;
     recorded in ``W/peer_settings/<peer>/chosen.json``."""
@@ -66,7 +71,7 @@ def chosen_setting(work_dir: Path, peer: str) -> dict[str, Any]:
     calibrations = work_dir / SETTINGS_DIR / peer
     dice = {}
     for value in plan["candidates"]:
-        record = json.loads((calibrations / candidate_method(peer, value) / "calibration.json").read_text())
+        record = json.loads(candidate_calibration(work_dir, peer, value).read_text())
         dice[str(value)] = float(record["validation_dice"])
     best = max(plan["candidates"], key=lambda value: dice[str(value)])
     chosen = {
@@ -128,7 +133,8 @@ def peer_steps(work_dir: Path, peer: str, scale: str) -> list[Step]:
                     methods=methods,
                     calibration_dir=work_dir / SETTINGS_DIR / peer,
                 ),
-                work_dir / SETTINGS_DIR / peer,
+                # done when every candidate has its calibration (a candidate added to the config: calibrate again)
+                work_dir / SETTINGS_DIR / peer if all(candidate_calibration(work_dir, peer, v).is_file() for v in candidates) else None,
             )
         )
 
@@ -167,15 +173,21 @@ def comparison_steps(
             rows.append({"name": peer, "detection_dir": str(work_dir / "detections" / chosen["method"])})
         return {"peer_methods": rows}
 
+    summary = work_dir / COMPARISON_DIR / "summary.json"
     steps.append(
         Step(
             "calibrate on validation, evaluate on test: every row",
             bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluation_dir=work_dir / COMPARISON_DIR),
-            work_dir / COMPARISON_DIR / "summary.json",
+            summary if evaluated_rows(summary) >= set(peers) else None,  # a peer added since the last evaluation: evaluate again
             late_overrides=peer_methods,
         )
     )
     return steps
+
+
+def evaluated_rows(summary: Path) -> set[str]:
+    """The method rows of an evaluation's ``summary.json`` (empty when there is none yet)."""
+    return set(json.loads(summary.read_text())) if summary.is_file() else set()
 
 
 def paper_table() -> str:
