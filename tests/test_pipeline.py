@@ -97,6 +97,23 @@ def test_test_detection_samples_only_what_the_validation_calibration_weighs(tmp_
         assert "--calibration_file" not in validation.command
         assert test.command[test.command.index("--reconstruct_modalities") + 1] == "weighted"
         assert test.command[test.command.index("--calibration_file") + 1] == str(tmp_path / "calibration" / method / "calibration.json")
+    # the calibration is done once every row the test detection reads has its file; a row added since calibrates again
+    methods = [
+        "tsgm",
+        "sdedit",
+        "vejp_true_pairs",
+        "regression",
+        "flair_threshold",
+        "cyclegan",
+        "flair_threshold_model_size",
+        "oracle_reconstruction",
+    ]
+    for method in methods:
+        (tmp_path / "calibration" / method).mkdir(parents=True)
+        (tmp_path / "calibration" / method / "calibration.json").write_text("{}")
+    assert demo_steps(tmp_path)[calibrating].output == tmp_path / "calibration"
+    (tmp_path / "calibration" / "regression" / "calibration.json").unlink()
+    assert demo_steps(tmp_path)[calibrating].output is None
 
 
 def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch):

@@ -235,11 +235,14 @@ def model_steps(
                 None,
             ),
         )
+    calibrated = [model[3] for model in diffusion] + ["flair_threshold", "cyclegan", "flair_threshold_model_size"]
+    calibrated += ["oracle_reconstruction"] if ceilings else []
+    calibration_done = all((work_dir / "calibration" / method / "calibration.json").is_file() for method in calibrated)
     detection.append(
         Step(
             "calibrate on validation (before test detection)",
             bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir),
-            work_dir / "calibration",
+            work_dir / "calibration" if calibration_done else None,  # a row added since (a new control): calibrate again
         )
     )
     if read_test:
