@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from tsgm_components.comparison import COMPARISON_DIR, PEERS, SETTINGS_DIR, chosen_setting, comparison_steps, peer_plan, run_comparison
+from tsgm_components.comparison import (
+    COMPARISON_DIR,
+    PEERS,
+    SETTINGS_DIR,
+    TABLE_III_DETECTIONS,
+    TABLE_III_DIR,
+    chosen_setting,
+    comparison_steps,
+    peer_plan,
+    run_comparison,
+)
 
 
 def test_every_peer_declares_training_detection_and_its_tuned_setting():
@@ -35,7 +45,15 @@ def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
             assert steps[i].command[steps[i].command.index("--splits") + 1] == "['validation']"
     final = steps[-1]
     assert final.command[final.command.index("--evaluation_dir") + 1] == str(tmp_path / COMPARISON_DIR)
-    assert sum("evaluating" in s.command for s in steps) == 2  # TSGM's own table and the comparison's
+    assert sum("evaluating" in s.command for s in steps) == 3  # TSGM's own table, Table III and the comparison's
+    # Table III: TSGM's maps of all four modalities on both splits (its own test detection samples only the weighted)
+    for split in ("validation", "test"):
+        detect = steps[names.index(f"Table III: TSGM detection, {split}, all four modalities")].command
+        assert detect[detect.index("--split") + 1] == split and detect[detect.index("--reconstruct_modalities") + 1] == "all"
+        assert detect[detect.index("--method") + 1] == TABLE_III_DETECTIONS
+    table_iii = next(s for s in steps if s.name.startswith("Table III: each modality"))
+    assert table_iii.command[table_iii.command.index("--config_file") + 1].endswith("modalities.yaml']")
+    assert table_iii.output == tmp_path / TABLE_III_DIR / "summary.json"
     # an evaluation holding only some of the peers is redone when more are asked for, kept when it holds them all
     summary = tmp_path / COMPARISON_DIR / "summary.json"
     summary.parent.mkdir(parents=True)

@@ -579,3 +579,26 @@ def test_the_note_under_a_table_names_only_its_rows():
     assert "CEILING" not in real and "vejp_true_pairs" not in real and "oracle" not in real
     phantom = ladder_note({"oracle_reconstruction": {"role": "ceiling"}, "vejp_true_pairs": {"role": "reference"}})
     assert phantom.startswith("CEILING rows are upper bounds by construction") and "REFERENCE rows" in phantom
+
+
+def test_table_iii_rows_from_one_methods_maps(synthetic):
+    """modalities.yaml: each modality alone, equal weights and validation weights from one detection folder whose
+    tumour signal is in T2 only: T2 alone and the validation-weighted ensemble (which puts all weight on T2) agree,
+    the equal-weight ensemble dilutes the signal, T1 alone carries none."""
+    from monai.bundle import run
+
+    configs = [str(BUNDLE / "configs" / name) for name in ("evaluate.yaml", "cpu.yaml", "modalities.yaml")]
+    run(
+        "evaluating",
+        config_file=configs,
+        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        work_dir=str(synthetic),
+        table_iii_methods=[{"name": "good", "detection_dir": str(synthetic / "detections" / "good")}],
+    )
+    summary = json.loads((synthetic / "table_iii" / "summary.json").read_text())
+    assert list(summary) == [f"good_{m}_only" for m in MODALITIES] + ["good_equal_weights", "good_validation_weights"]
+    assert summary["good_equal_weights"]["calibration"]["weights"] == {m: 0.25 for m in MODALITIES}
+    assert summary["good_validation_weights"]["calibration"]["weights"]["t2"] == 1.0
+    auprc = {name: row["volume"]["auprc"]["mean"] for name, row in summary.items()}
+    assert auprc["good_validation_weights"] == auprc["good_t2_only"] > auprc["good_equal_weights"] > auprc["good_t1_only"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tsgm_components.pipeline import BUNDLES, DEMO_SEED, SCALES, Step, bundle_command, dataset_steps, demo_steps, run_steps
+from tsgm_components.pipeline import BUNDLES, DEMO_SEED, SCALES, WEIGHT_SETS, Step, bundle_command, dataset_steps, demo_steps, run_steps
 
 #: Table II's peers in the paper's order, then the peers users compare with today.
 PEERS = ("vae", "fanogan", "dpm_classifier_free", "dpm_classifier", "anoddpm", "pddpm")
@@ -32,7 +32,15 @@ PAPER_TABLE_II_BRATS = {
     "dpm_classifier": (78.37, 81.95),
     "tsgm": (85.90, 86.84),
 }
+#: The paper's Table III, BraTS 2020 (%, per tumour slice, mean; its ± is not a spread over subjects): TSGM and
+#: CycleGAN trained on FLAIR only, on T2 only, on the four modalities as separate single-channel samples (ensemble
+#: weighted as in its Fig. 6) and as one four-channel sample.
+PAPER_TABLE_III_BRATS = {
+    "cyclegan": {"flair only": (70.95, 75.66), "t2 only": (55.97, 60.33), "single-channel": (84.58, 86.45), "multi-channel": (56.84, 66.51)},
+    "tsgm": {"flair only": (58.58, 64.23), "t2 only": (67.88, 74.37), "single-channel": (85.90, 86.84), "multi-channel": (81.76, 84.22)},
+}
 COMPARISON_DIR = "comparison"  # in the work dir: the evaluation of every row
+TABLE_III_DIR, TABLE_III_DETECTIONS = "table_iii", "tsgm_all_modalities"  # in the work dir (modalities.yaml's defaults)
 SETTINGS_DIR = "peer_settings"  # in the work dir: each peer's candidate calibrations and the chosen setting
 TRAINING_RUN = re.compile(r"training(_[a-z]+)?$")
 
@@ -153,6 +161,39 @@ def peer_steps(work_dir: Path, peer: str, scale: str) -> list[Step]:
     return steps
 
 
+def table_iii_steps(work_dir: Path, checkpoint: Path, overlay: list[str]) -> list[Step]:
+    """The paper's Table III from TSGM's and CycleGAN-only's maps: TSGM detection of both splits with all four
+    modalities reconstructed (``detections/tsgm_all_modalities``; TSGM's own test detection samples only the modalities
+    its calibration weighs), then the evaluation bundle's ``modalities.yaml`` report in ``W/table_iii``."""
+    steps = [
+        Step(
+            f"Table III: TSGM detection, {split}, all four modalities",
+            bundle_command(
+                "inference",
+                "vejp_anomaly",
+                ["inference.yaml"],
+                work_dir,
+                checkpoint=checkpoint,
+                datalist=work_dir / "prepared" / "volumes.json",
+                split=split,
+                method=TABLE_III_DETECTIONS,
+                reconstruct_modalities="all",
+                skip_existing=True,
+            ),
+            None,
+        )
+        for split in ("validation", "test")
+    ]
+    steps.append(
+        Step(
+            "Table III: each modality, equal and validation weights (TSGM, CycleGAN-only)",
+            bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", *overlay, "modalities.yaml"], work_dir),
+            work_dir / TABLE_III_DIR / "summary.json",
+        )
+    )
+    return steps
+
+
 def comparison_steps(
     work_dir: Path, dataset_dir: Path | None = None, scale: str = "cpu", peers: tuple[str, ...] = PEERS, split_file: Path | None = None
 ) -> list[Step]:
@@ -164,7 +205,9 @@ def comparison_steps(
     else:
         tsgm = dataset_steps(work_dir, dataset_dir, scale, split_file=split_file)
         evaluation_configs = ["evaluate.yaml", *SCALES[scale]["overlay"], "controls.yaml"]  # type: ignore[misc]
-    steps = tsgm + [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
+    checkpoint = BUNDLES / WEIGHT_SETS["phantom"]["vejp"] if dataset_dir is None else work_dir / "vejp" / "model.pt"
+    overlay = evaluation_configs[1:2] if dataset_dir is None else list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
+    steps = tsgm + table_iii_steps(work_dir, checkpoint, overlay) + [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
 
     def peer_methods() -> dict[str, object]:
         rows = []
@@ -202,6 +245,19 @@ def paper_table() -> str:
     )
 
 
+def paper_table_iii() -> str:
+    """Markdown: the paper's Table III figures (DSC, AUPRC per tumour slice, %), to read the rows against."""
+    lines = [
+        f"| {method} | {setting} | {dsc:.2f} | {auprc:.2f} |"
+        for method, rows in PAPER_TABLE_III_BRATS.items()
+        for setting, (dsc, auprc) in rows.items()
+    ]
+    return (
+        "The paper's Table III, BraTS 2020 (%, per tumour slice): separately trained models, not ensembles of one model's maps\n\n"
+        "| method | training input | DSC | AUPRC |\n|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+
+
 def run_comparison(
     work_dir: str, dataset_dir: str | None = None, scale: str = "cpu", peers: str | tuple[str, ...] | None = None, split_file: str | None = None
 ) -> None:
@@ -227,3 +283,5 @@ def run_comparison(
     print(f"\nComparison finished in {seconds:.0f} s. Report: {work / COMPARISON_DIR}\n")
     print((work / COMPARISON_DIR / "results.md").read_text())
     print(paper_table())
+    print(f"Table III (modalities and ensembles of one model's maps): {work / TABLE_III_DIR / 'results.md'}\n")
+    print(paper_table_iii())
