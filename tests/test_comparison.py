@@ -8,6 +8,8 @@ import pytest
 
 from tsgm_components.comparison import (
     COMPARISON_DIR,
+    FIGURE_8_SEEDS,
+    UNCERTAINTY_DIR,
     PEERS,
     SETTINGS_DIR,
     TABLE_III_DETECTIONS,
@@ -84,3 +86,29 @@ def test_unknown_peer_is_refused_with_the_known_ones(tmp_path):
     for peers in ("vae,vqvae", ("vae", "vqvae")):  # fire passes `--peers vae,vqvae` as a tuple
         with pytest.raises(SystemExit, match="unknown peers \\['vqvae'\\]"):
             run_comparison(str(tmp_path), peers=peers)
+
+
+def test_figure_8_runs_the_stochastic_sampler_per_seed_on_the_largest_validation_tumour(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    items = []
+    for subject, size in (("small", 2), ("large", 5), ("none", 0)):
+        seg = np.zeros((8, 8, 4), np.uint8)
+        seg[:size, :size, 1] = 2
+        nib.save(nib.Nifti1Image(seg, np.eye(4)), str(tmp_path / f"{subject}_seg.nii.gz"))
+        items.append({"subject": subject, "seg": str(tmp_path / f"{subject}_seg.nii.gz")})
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "volumes.json").write_text(json.dumps({"training": [], "validation": items, "test": []}))
+    steps = comparison_steps(tmp_path, peers=("vae",))
+    runs = [s for s in steps if s.name.startswith("Fig. 8: TSGM detection")]
+    assert len(runs) == len(FIGURE_8_SEEDS) == 3
+    for seed, step in zip(FIGURE_8_SEEDS, runs):
+        command = step.resolved_command()
+        assert command[command.index("--config_file") + 1].endswith("paper_sampler.yaml']")
+        assert command[command.index("--sample_seed") + 1] == str(seed) and command[command.index("--method") + 1] == f"tsgm_pc_seed{seed}"
+        assert command[command.index("--split") + 1] == "validation" and command[command.index("--subject") + 1] == "large"
+        assert command[command.index("--n_steps") + 1] == "100"  # the demo's CPU scale
+        assert command[command.index("--calibration_file") + 1] == str(tmp_path / "calibration" / "tsgm" / "calibration.json")
+    report = next(s for s in steps if s.name.startswith("Fig. 8: mean and variance"))
+    assert report.output == tmp_path / UNCERTAINTY_DIR / "summary.json" and steps.index(report) > steps.index(runs[-1])

@@ -602,3 +602,48 @@ def test_table_iii_rows_from_one_methods_maps(synthetic):
     assert summary["good_validation_weights"]["calibration"]["weights"]["t2"] == 1.0
     auprc = {name: row["volume"]["auprc"]["mean"] for name, row in summary.items()}
     assert auprc["good_validation_weights"] == auprc["good_t2_only"] > auprc["good_equal_weights"] > auprc["good_t1_only"]
+
+
+def test_uncertainty_maps_are_the_runs_mean_and_variance(synthetic, tmp_path):
+    """uncertainty.yaml (Fig. 8): three runs whose ensemble maps differ by known noise give NIfTI mean and variance
+    (ddof 1) equal to numpy's, in the runs' geometry; identical runs agree perfectly and have variance 0."""
+    from monai.bundle import run
+
+    calibration = Calibration.from_json({"weights": {"t1": 0.0, "t1ce": 0.0, "t2": 1.0, "flair": 0.0}, "threshold": 0.3, "mode": "fixed"})
+    calibration.save(tmp_path / "calibration.json")
+    rng = np.random.default_rng(0)
+    detections = tmp_path / "detections"
+    source = synthetic / "detections" / "good" / "validation"
+    for run_index, noise in enumerate((0.0, 0.05, 0.1)):
+        for folder in source.iterdir():
+            target = detections / f"pc_seed{run_index}" / "validation" / folder.name
+            shutil.copytree(folder, target)
+            t2 = nib.load(str(target / f"{folder.name}_anomaly_t2.nii.gz"))
+            noisy = np.asarray(t2.dataobj, np.float32) + noise * rng.random(t2.shape).astype(np.float32) * (np.asarray(t2.dataobj) > 0)
+            for name in ("t2", ""):
+                nib.save(nib.Nifti1Image(noisy, t2.affine), str(target / f"{folder.name}_anomaly{'_' + name if name else ''}.nii.gz"))
+    runs = [f"pc_seed{k}" for k in range(3)]
+    common = dict(
+        config_file=str(BUNDLE / "configs" / "uncertainty.yaml"),
+        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        work_dir=str(synthetic),
+        detections_dir=str(detections),
+        calibration_file=str(tmp_path / "calibration.json"),
+        deterministic="$None",
+    )
+    run("uncertainty", runs=runs, uncertainty_dir=str(tmp_path / "noisy"), **common)
+    subject = sorted(p.name for p in source.iterdir())[0]
+    stack = np.stack([np.asarray(nib.load(str(detections / r / "validation" / subject / f"{subject}_anomaly.nii.gz")).dataobj) for r in runs])
+    mean = nib.load(str(tmp_path / "noisy" / subject / f"{subject}_anomaly_mean.nii.gz"))
+    variance = np.asarray(nib.load(str(tmp_path / "noisy" / subject / f"{subject}_anomaly_variance.nii.gz")).dataobj)
+    np.testing.assert_allclose(np.asarray(mean.dataobj), stack.mean(0), atol=1e-6)
+    np.testing.assert_allclose(variance, stack.var(0, ddof=1), atol=1e-6)
+    np.testing.assert_array_equal(mean.affine, nib.load(str(detections / runs[0] / "validation" / subject / f"{subject}_anomaly.nii.gz")).affine)
+    noisy = json.loads((tmp_path / "noisy" / "summary.json").read_text())["subjects"][subject]
+    assert noisy["mean_std_healthy_brain"] > 0 and len(noisy["auprc"]) == 3 and len(noisy["dice_between_runs"]) == 3
+    assert matplotlib.image.imread(tmp_path / "noisy" / "figures" / "uncertainty.png").ndim == 3
+    run("uncertainty", runs=[runs[0], runs[0]], uncertainty_dir=str(tmp_path / "same"), **common)
+    same = json.loads((tmp_path / "same" / "summary.json").read_text())["subjects"][subject]
+    assert same["dice_between_runs"] == [1.0] and same["mean_std_healthy_brain"] == 0.0 and same["auprc"][0] == same["auprc"][1]
+    assert not np.asarray(nib.load(str(tmp_path / "same" / subject / f"{subject}_anomaly_variance.nii.gz")).dataobj).any()

@@ -41,6 +41,7 @@ PAPER_TABLE_III_BRATS = {
 }
 COMPARISON_DIR = "comparison"  # in the work dir: the evaluation of every row
 TABLE_III_DIR, TABLE_III_DETECTIONS = "table_iii", "tsgm_all_modalities"  # in the work dir (modalities.yaml's defaults)
+UNCERTAINTY_DIR, FIGURE_8_SEEDS, FIGURE_8_CPU_LEVELS = "uncertainty", (0, 1, 2), 100  # Fig. 8: uncertainty.yaml's folder
 SETTINGS_DIR = "peer_settings"  # in the work dir: each peer's candidate calibrations and the chosen setting
 TRAINING_RUN = re.compile(r"training(_[a-z]+)?$")
 
@@ -194,6 +195,54 @@ def table_iii_steps(work_dir: Path, checkpoint: Path, overlay: list[str]) -> lis
     return steps
 
 
+def largest_tumour_subject(volumes_json: Path, split: str = "validation") -> str:
+    """The ``split`` subject of ``volumes.json`` with the most tumour voxels (``seg > 0``): Fig. 8's example."""
+    import nibabel as nib
+    import numpy as np
+
+    items = json.loads(volumes_json.read_text())[split]
+    return max(items, key=lambda item: int(np.count_nonzero(np.asarray(nib.load(item["seg"]).dataobj))))["subject"]
+
+
+def figure_8_steps(work_dir: Path, checkpoint: Path, scale: str) -> list[Step]:
+    """The paper's Fig. 8 on one validation subject (the largest tumour): TSGM detection with the paper's stochastic
+    sampler (``paper_sampler.yaml``; N = 100 levels at the CPU scale instead of 1,000) and TSGM's validation
+    calibration, once per seed in ``FIGURE_8_SEEDS``, then the evaluation bundle's ``uncertainty`` report in
+    ``W/uncertainty`` (mean and variance maps as NIfTI, figure, table; the deterministic default beside them)."""
+    levels = {"n_steps": FIGURE_8_CPU_LEVELS} if scale == "cpu" else {}
+    steps = [
+        Step(
+            f"Fig. 8: TSGM detection, PC sampler, seed {seed}",
+            bundle_command(
+                "inference",
+                "vejp_anomaly",
+                ["inference.yaml", "paper_sampler.yaml"],
+                work_dir,
+                checkpoint=checkpoint,
+                datalist=work_dir / "prepared" / "volumes.json",
+                split="validation",
+                calibration_file=work_dir / "calibration" / "tsgm" / "calibration.json",
+                sample_seed=seed,
+                method=f"tsgm_pc_seed{seed}",
+                skip_existing=True,
+                **levels,
+            ),
+            None,
+            late_overrides=lambda: {"subject": largest_tumour_subject(work_dir / "prepared" / "volumes.json")},
+        )
+        for seed in FIGURE_8_SEEDS
+    ]
+    runs = [f"tsgm_pc_seed{seed}" for seed in FIGURE_8_SEEDS]
+    steps.append(
+        Step(
+            "Fig. 8: mean and variance maps over the runs",
+            bundle_command("uncertainty", "tsgm_evaluation", ["uncertainty.yaml"], work_dir, runs=runs),
+            work_dir / UNCERTAINTY_DIR / "summary.json",
+        )
+    )
+    return steps
+
+
 def comparison_steps(
     work_dir: Path, dataset_dir: Path | None = None, scale: str = "cpu", peers: tuple[str, ...] = PEERS, split_file: Path | None = None
 ) -> list[Step]:
@@ -207,7 +256,8 @@ def comparison_steps(
         evaluation_configs = ["evaluate.yaml", *SCALES[scale]["overlay"], "controls.yaml"]  # type: ignore[misc]
     checkpoint = BUNDLES / WEIGHT_SETS["phantom"]["vejp"] if dataset_dir is None else work_dir / "vejp" / "model.pt"
     overlay = evaluation_configs[1:2] if dataset_dir is None else list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
-    steps = tsgm + table_iii_steps(work_dir, checkpoint, overlay) + [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
+    steps = tsgm + table_iii_steps(work_dir, checkpoint, overlay) + figure_8_steps(work_dir, checkpoint, scale)
+    steps += [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
 
     def peer_methods() -> dict[str, object]:
         rows = []
@@ -285,3 +335,5 @@ def run_comparison(
     print(paper_table())
     print(f"Table III (modalities and ensembles of one model's maps): {work / TABLE_III_DIR / 'results.md'}\n")
     print(paper_table_iii())
+    print(f"\nFig. 8 (mean and variance over {len(FIGURE_8_SEEDS)} PC sampler runs): {work / UNCERTAINTY_DIR / 'figures' / 'uncertainty.png'}")
+    print((work / UNCERTAINTY_DIR / "results.md").read_text())

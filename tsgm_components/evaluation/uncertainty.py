@@ -1,0 +1,178 @@
+"""The paper's Fig. 8: mean and variance of the anomaly map over independent runs of a stochastic sampler.
+
+Input: K ≥ 2 detection folders of the same subjects made with the same stochastic sampler and calibration but
+different ``sample_seed`` (vejp_anomaly inference with ``paper_sampler.yaml`` and ``--sample_seed k --method
+tsgm_pc_seed<k>``).
+For each subject present in all of them this writes, in ``out_dir/<id>/``, the voxel-wise mean and variance (ddof 1)
+of the runs' ensemble maps (``<id>_anomaly.nii.gz``, the calibration's weighted sum) as NIfTI in the input's geometry,
+and reports per run the threshold-free AUPRC and the mask Dice against the ground truth, the Dice between the runs'
+masks, and the mean standard deviation inside the tumour and in the rest of the brain. The deterministic default
+(the posterior mean: every run the same map, variance 0 by construction) can be shown beside them, labelled so.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from tsgm_components.data.brats import load_subject
+from tsgm_components.data.preprocessing import normalize_volume
+from tsgm_components.data.prepare import read_volumes_split
+from tsgm_components.detection.masking import Calibration
+from tsgm_components.errors import TsgmInputError
+from tsgm_components.evaluation.harness import load_case, load_ground_truth, read_prepared
+from tsgm_components.evaluation.metrics import average_precision
+from tsgm_components.evaluation.report import _json_safe, _pyplot
+from tsgm_components.io import atomic_dir, atomic_path, save_json
+
+
+def run_maps(run_dirs: Sequence[Path], subject: str) -> list[nib.Nifti1Image]:
+    """Each run's ensemble map ``<run>/<id>/<id>_anomaly.nii.gz`` (all must exist and share one shape)."""
+    images = []
+    for run in run_dirs:
+        path = run / subject / f"{subject}_anomaly.nii.gz"
+        if not path.is_file():
+            raise TsgmInputError(path, "ensemble anomaly map missing: detect every run with the same --calibration_file")
+        images.append(nib.load(str(path)))
+    if len({image.shape for image in images}) != 1:
+        raise TsgmInputError(run_dirs[0] / subject, f"the runs' maps differ in shape: {[image.shape for image in images]}")
+    return images
+
+
+def mean_variance(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise mean and unbiased variance (ddof 1) over the first axis of a (K, ...) stack, K ≥ 2; float32."""
+    if stack.shape[0] < 2:
+        raise ValueError(f"a variance needs at least 2 runs, got {stack.shape[0]}")
+    return stack.mean(0, dtype=np.float64).astype(np.float32), stack.var(0, ddof=1, dtype=np.float64).astype(np.float32)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks (1 when both are empty)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def run_uncertainty(
+    prepared_dir: str | Path,
+    detections_dir: str | Path,
+    runs: Sequence[str],
+    calibration_file: str | Path,
+    out_dir: str | Path,
+    split: str = "validation",
+    deterministic: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Bundle entry point (run ``uncertainty``): Fig. 8's NIfTI maps, figure and table (see module docstring).
+
+    runs: K ≥ 2 detection folder names, ``detections_dir/<run>/<split>/<id>/``; calibration_file: the calibration every
+    run was detected with (weights, threshold); deterministic: the default sampler's detection folder name for the same
+    split (optional, reported beside the runs, labelled deterministic). Writes ``out_dir`` atomically:
+    ``<id>/<id>_anomaly_{mean,variance}.nii.gz``, ``figures/uncertainty.png``, ``results.md``, ``summary.json``.
+    Returns the markdown.
+    """
+    folders = [Path(detections_dir) / str(run) / split for run in runs]
+    if len(folders) < 2:
+        raise TsgmInputError("runs", f"Fig. 8 needs at least 2 sampling runs, got {len(folders)}")
+    volumes, preprocess, _ = read_prepared(prepared_dir)
+    calibration = Calibration.load(calibration_file)
+    items = [item for item in read_volumes_split(volumes, split) if all((folder / str(item["subject"])).is_dir() for folder in folders)]
+    if not items:
+        raise TsgmInputError(folders[0], f"no {split} subject was detected by every run")
+    subjects, panels = {}, []
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for item in items:
+            subject = str(item["subject"])
+            images = run_maps(folders, subject)
+            mean, variance = mean_variance(np.stack([np.asarray(image.dataobj, dtype=np.float32) for image in images]))
+            (tmp / subject).mkdir()
+            for name, array in (("mean", mean), ("variance", variance)):
+                nib.save(nib.Nifti1Image(array, images[0].affine, images[0].header), str(tmp / subject / f"{subject}_anomaly_{name}.nii.gz"))
+            truth = load_ground_truth(item, preprocess)
+            cases = [load_case(folder, item, preprocess, truth, calibration.weighted) for folder in folders]
+            scores = [case.score(calibration.weights) for case in cases]  # (H, W, Z), model orientation
+            masks = [calibration.mask(score, truth.brain, truth.spacing).astype(bool) for score in scores]
+            target, brain = truth.target, truth.brain
+            std = np.stack(scores).std(0, ddof=1)
+            row: dict[str, Any] = {
+                "auprc": [average_precision(score[brain], target[brain]) for score in scores],
+                "dice": [dice(mask, target) for mask in masks],
+                "dice_between_runs": [dice(a, b) for a, b in itertools.combinations(masks, 2)],
+                "mean_std_tumour": float(std[target].mean()) if target.any() else None,
+                "mean_std_healthy_brain": float(std[brain & ~target].mean()),
+            }
+            if deterministic is not None:
+                default = load_case(Path(detections_dir) / deterministic / split, item, preprocess, truth, calibration.weighted).score(
+                    calibration.weights
+                )
+                row["deterministic_auprc"] = average_precision(default[brain], target[brain])
+                row["deterministic_dice"] = dice(calibration.mask(default, truth.brain, truth.spacing).astype(bool), target)
+            subjects[subject] = row
+            k = int(np.argmax(target.sum((0, 1))))  # the slice with the largest tumour area
+            inputs = load_subject({**item, "seg": None}, preprocess)
+            flair = normalize_volume(inputs.arrays["flair"], inputs.brain_mask, preprocess)
+            panels.append((subject, cases[0].z_indices[k], flair[:, :, cases[0].z_indices[k]], target[:, :, k], [s[:, :, k] for s in scores]))
+        plot_uncertainty(panels, tmp / "figures" / "uncertainty.png")
+        markdown = uncertainty_table(subjects, len(folders), deterministic is not None)
+        (tmp / "results.md").write_text(markdown)
+        summary = {"split": split, "runs": [str(f) for f in folders], "deterministic": deterministic, "calibration_file": str(calibration_file)}
+        save_json(_json_safe({**summary, "subjects": subjects}), tmp / "summary.json")
+    return markdown
+
+
+def uncertainty_table(subjects: dict[str, dict[str, Any]], n_runs: int, with_default: bool) -> str:
+    """Markdown: per subject, each run's AUPRC and Dice, their spread, the runs' agreement and the mean std."""
+    head = "| subject | AUPRC per run | Dice per run | Dice between runs | mean std, tumour | mean std, rest of brain |"
+    head += " deterministic default: AUPRC, Dice |" if with_default else ""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for subject, row in subjects.items():
+        tumour = "–" if row["mean_std_tumour"] is None else f"{row['mean_std_tumour']:.4f}"
+        line = (
+            f"| {subject} | {', '.join(f'{v:.3f}' for v in row['auprc'])} | {', '.join(f'{v:.3f}' for v in row['dice'])} | "
+            f"{min(row['dice_between_runs']):.3f}–{max(row['dice_between_runs']):.3f} | {tumour} | {row['mean_std_healthy_brain']:.4f} |"
+        )
+        line += f" {row['deterministic_auprc']:.3f}, {row['deterministic_dice']:.3f} |" if with_default else ""
+        lines.append(line)
+    note = (
+        f"Mean and variance over {n_runs} independent runs of a stochastic sampler (the paper's Fig. 8); AUPRC of the "
+        "ensemble map over brain voxels of the evaluated slices, Dice of the calibrated mask, std over the runs per voxel."
+    )
+    if with_default:
+        note += " The deterministic default (posterior mean) gives the same map on every run: its variance is 0 by construction."
+    return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_uncertainty(panels: list[tuple[str, int, np.ndarray, np.ndarray, list[np.ndarray]]], path: Path) -> None:
+    """One row per subject: input FLAIR with the ground truth outlined | each run's map | mean | variance."""
+    plt = _pyplot()
+    n_runs = len(panels[0][4])
+    columns = ["input FLAIR, ground truth", *(f"run {i + 1}" for i in range(n_runs)), "mean", "variance"]
+    fig, axes = plt.subplots(len(panels), len(columns), figsize=(2.1 * len(columns), 2.3 * len(panels)), squeeze=False)
+    for row, (subject, z, flair, target, maps) in zip(axes, panels):
+        stack = np.stack(maps)
+        vmax = max(float(stack.max()), 1e-6)
+        images = [flair, *maps, stack.mean(0), stack.var(0, ddof=1)]
+        for column, (ax, image) in enumerate(zip(row, images)):
+            variance = column == len(images) - 1
+            ax.imshow(
+                np.rot90(image),
+                cmap="gray" if column == 0 else "viridis" if variance else "magma",
+                vmin=0,
+                vmax=None if variance else (1 if column == 0 else vmax),
+            )
+            if column == 0:
+                ax.contour(np.rot90(target.astype(float)), levels=[0.5], colors="lime", linewidths=0.7)
+                ax.set_ylabel(f"{subject}\nz={z}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if row is axes[0]:
+            for ax, title in zip(row, columns):
+                ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
