@@ -1,0 +1,73 @@
+"""CPU budget of the comparison's peers: wall seconds of each peer's training and detection steps, as `tsgm compare`
+recorded them in W/demo_steps.json, against the budget that lets a user rerun the comparison overnight.
+
+    python benchmarks/peer_budget.py --work_dirs runs/real runs/demo --out peer_budget_cpu
+
+One column per work dir. Seconds are wall time of whole bundle commands (start-up included) on the machine that ran
+them, with whatever else it ran at the time: the record says how many comparisons ran side by side (--note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, command_line, save_report  # noqa: E402
+
+from tsgm_components.comparison import PEERS  # noqa: E402
+from tsgm_components.pipeline import STEPS_RECORD  # noqa: E402
+
+BUDGET_HOURS = 3.0  # issue target: all six peers' CPU training at the CPU scale
+
+
+def peer_seconds(record: dict[str, dict], peer: str) -> dict[str, float | None]:
+    """Training (every ``<peer>: training*`` step) and detection (validation candidates, calibration, test) seconds;
+    None when the record has no such step (not run by `tsgm compare` in that work dir, or not finished)."""
+
+    def total(prefixes: tuple[str, ...]) -> float | None:
+        values = [entry["seconds"] for name, entry in record.items() if name.startswith(prefixes)]
+        return float(sum(values)) if values else None
+
+    return {
+        "training": total((f"{peer}: training",)),
+        "detection": total((f"{peer} detection", f"{peer}: calibrate")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dirs", nargs="+", required=True)
+    parser.add_argument("--out", default="peer_budget_cpu")
+    parser.add_argument("--out_dir", default=str(RESULTS))
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    records = {str(w): json.loads((Path(w) / STEPS_RECORD).read_text()) for w in args.work_dirs}
+    table = {w: {peer: peer_seconds(record, peer) for peer in PEERS} for w, record in records.items()}
+
+    def minutes(value: float | None) -> str:
+        return "not recorded" if value is None else f"{value / 60:.1f}"
+
+    head = "| peer | " + " | ".join(f"training min ({Path(w).name}) | detection min ({Path(w).name})" for w in table) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for peer in PEERS:
+        lines.append(f"| {peer} | " + " | ".join(f"{minutes(t[peer]['training'])} | {minutes(t[peer]['detection'])}" for t in table.values()) + " |")
+    sums = []
+    for w, t in table.items():
+        trained = [t[p]["training"] for p in PEERS if t[p]["training"] is not None]
+        sums.append(f"{Path(w).name}: {len(trained)} of {len(PEERS)} peers trained, {sum(trained) / 3600:.2f} h of training")
+    markdown = (
+        f"# Peer methods: CPU time of `tsgm compare`'s steps\n\n`{command_line(__file__)}`\n\n{args.note}\n\n"
+        + "\n".join(lines)
+        + f"\n\nTraining budget target: all six peers ≤ {BUDGET_HOURS:.0f} h on 2 cores. "
+        + "; ".join(sums)
+        + ".\n"
+    )
+    print(markdown)
+    save_report(markdown, {"command": command_line(__file__), "note": args.note, "seconds": table}, args.out_dir, args.out)
+
+
+if __name__ == "__main__":
+    main()
