@@ -107,7 +107,7 @@ def test_figure_8_runs_the_stochastic_sampler_per_seed_on_the_largest_validation
         command = step.resolved_command()
         assert command[command.index("--config_file") + 1].endswith("paper_sampler.yaml']")
         assert command[command.index("--sample_seed") + 1] == str(seed) and command[command.index("--method") + 1] == f"tsgm_pc_seed{seed}"
-        assert command[command.index("--split") + 1] == "validation" and command[command.index("--subject") + 1] == "large"
+        assert command[command.index("--split") + 1] == "validation" and command[command.index("--subjects") + 1] == "['large']"
         assert command[command.index("--n_steps") + 1] == "100"  # the demo's CPU scale
         assert command[command.index("--calibration_file") + 1] == str(tmp_path / "calibration" / "tsgm" / "calibration.json")
     report = next(s for s in steps if s.name.startswith("Fig. 8: mean and variance"))

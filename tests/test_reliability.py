@@ -321,6 +321,17 @@ def _absent_datalist_file(assets, tmp_path):
     return dict(datalist=str(tmp_path / "volumes.json"), split="test"), items[1]["flair"], "file not found"
 
 
+def _datalist_subject_not_in_split(assets, tmp_path):
+    """subjects names a subject the datalist's split lacks."""
+    items = [{"subject": "S001", **{m: str(path_of(assets["dataset"] / "S001", m)) for m in MODALITIES}}]
+    (tmp_path / "volumes.json").write_text(json.dumps({"test": items}))
+    return (
+        dict(datalist=str(tmp_path / "volumes.json"), split="test", subjects=["S009"]),
+        str(tmp_path / "volumes.json"),
+        r"\['S009'\] are not in the 'test' split",
+    )
+
+
 INPUT_CASES: dict[str, Callable] = {
     # name: (assets, tmp_path) -> (VE-JP inference overrides, path the error must name, problem regex)
     "subject_dir_missing": lambda a, t: (dict(subject_dir=str(t / "nope")), str(t / "nope"), "subject directory does not exist"),
@@ -351,6 +362,7 @@ INPUT_CASES: dict[str, Callable] = {
         r"no flair file given \(--flair\); the calibration weighs flair",
     ),
     "datalist_names_absent_file": _absent_datalist_file,
+    "datalist_subject_not_in_split": _datalist_subject_not_in_split,
 }
 
 
@@ -363,6 +375,19 @@ def test_vejp_bad_paths_and_datalists(assets, tmp_path, case):
     error = input_error(excinfo.value)
     assert error.path == named and re.search(problem, error.problem), str(error)
     assert_nothing_written(out)  # a datalist is checked as a whole before its first subject is written
+
+
+def test_datalist_subjects_detects_only_those(assets, tmp_path):
+    """subjects restricts a datalist's split; subject (a single input's output name) with a datalist is refused."""
+    items = [{"subject": s, **{m: str(path_of(assets["dataset"] / s, m)) for m in MODALITIES}} for s in ("S001", "S003")]
+    (tmp_path / "volumes.json").write_text(json.dumps({"test": items}))
+    out = tmp_path / "detections"
+    run_vejp(assets, out, datalist=str(tmp_path / "volumes.json"), split="test", subjects=["S003"])
+    assert sorted(p.name for p in out.iterdir()) == ["S003"]
+    with pytest.raises(Exception) as excinfo:
+        run_vejp(assets, tmp_path / "other", datalist=str(tmp_path / "volumes.json"), split="test", subject="S001")
+    assert "give subjects ['S001']" in str(excinfo.value.__cause__)
+    assert not (tmp_path / "other").exists()
 
 
 def test_translation_without_an_input_says_which_option_is_missing(assets, tmp_path):

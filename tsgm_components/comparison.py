@@ -228,7 +228,7 @@ def figure_8_steps(work_dir: Path, checkpoint: Path, scale: str) -> list[Step]:
                 **levels,
             ),
             None,
-            late_overrides=lambda: {"subject": largest_tumour_subject(work_dir / "prepared" / "volumes.json")},
+            late_overrides=lambda: {"subjects": [largest_tumour_subject(work_dir / "prepared" / "volumes.json")]},
         )
         for seed in FIGURE_8_SEEDS
     ]

@@ -248,8 +248,10 @@ def detect_datalist(
     skip_existing: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    subjects: Sequence[str] | None = None,
 ) -> list[Path]:
-    """:func:`detect_subject` for every subject of a split; subject i is done by rank ``i % world_size``.
+    """:func:`detect_subject` for every subject of a split (only those named in ``subjects`` when given, each of which
+    must be in the split); subject i is done by rank ``i % world_size``.
 
     ``skip_existing`` resumes an interrupted run: subjects whose folder already exists are logged and skipped
     (folders are written atomically, so an existing one is complete). Before the first subject is processed, every
@@ -257,6 +259,12 @@ def detect_datalist(
     folder may exist (unless ``overwrite``), so a bad datalist fails at once. Returns the folders this rank wrote.
     """
     items = read_volumes_split(volumes, split)
+    if subjects is not None:
+        wanted = [str(name) for name in subjects]
+        unknown = sorted(set(wanted) - {str(item["subject"]) for item in items})
+        if unknown:
+            raise TsgmInputError(str(volumes), f"subjects {unknown} are not in the {split!r} split")
+        items = [item for item in items if str(item["subject"]) in wanted]
     n_reconstructed = len(detector.reconstructed)
     todo, needed = [], 0
     for item in items[rank::world_size]:
@@ -286,12 +294,14 @@ def run_detection(
     skip_existing: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    subjects: Sequence[str] | None = None,
 ) -> list[Path]:
     """Bundle entry point: detect one subject folder, explicit files (those of the reconstructed modalities at least),
     or one split of ``volumes.json``.
 
-    Exactly one input form must be given (``files`` counts when any of its paths is set). Returns the written subject
-    folders.
+    Exactly one input form must be given (``files`` counts when any of its paths is set). ``subject`` names the output
+    of a single-subject input; ``subjects`` restricts a datalist's split to the named subjects. Returns the written
+    subject folders.
     """
     # `python -m monai.bundle run` parses values with fire: `--subject 12345` or `--subject_dir 2024` arrive as ints
     files = {k: str(v) for k, v in (files or {}).items() if v is not None}
@@ -300,7 +310,13 @@ def run_detection(
     if len(given) != 1:
         raise ValueError(f"give exactly one input: subject_dir, the paths t1/t1ce/t2/flair, or datalist (+ split); got {given or 'none'}")
     if datalist:
-        return detect_datalist(datalist, split, out_dir, detector, overwrite, skip_existing, rank, world_size)
+        if subject is not None:
+            raise ValueError(
+                f"subject names the output of one subject folder or file set; to detect {subject!r} of a datalist, give subjects ['{subject}']"
+            )
+        return detect_datalist(datalist, split, out_dir, detector, overwrite, skip_existing, rank, world_size, subjects)
+    if subjects is not None:
+        raise ValueError("subjects selects subjects of a datalist; give datalist (+ split)")
     if subject_dir:
         files = subject_files(subject_dir, require_seg=False, modalities=detector.reconstructed, reasons=detector.needed)
         for note in files.notes:
