@@ -104,6 +104,7 @@ def run_uncertainty(
                 "mean_std_tumour": float(std[target].mean()) if target.any() else None,
                 "mean_std_healthy_brain": float(std[brain & ~target].mean()),
             }
+            default = None
             if deterministic is not None:
                 default = load_case(Path(detections_dir) / deterministic / split, item, preprocess, truth, calibration.weighted).score(
                     calibration.weights
@@ -114,7 +115,8 @@ def run_uncertainty(
             k = int(np.argmax(target.sum((0, 1))))  # the slice with the largest tumour area
             inputs = load_subject({**item, "seg": None}, preprocess)
             flair = normalize_volume(inputs.arrays["flair"], inputs.brain_mask, preprocess)
-            panels.append((subject, cases[0].z_indices[k], flair[:, :, cases[0].z_indices[k]], target[:, :, k], [s[:, :, k] for s in scores]))
+            z = cases[0].z_indices[k]
+            panels.append((subject, z, flair[:, :, z], target[:, :, k], [s[:, :, k] for s in scores], None if default is None else default[:, :, k]))
         plot_uncertainty(panels, tmp / "figures" / "uncertainty.png")
         markdown = uncertainty_table(subjects, len(folders), deterministic is not None)
         (tmp / "results.md").write_text(markdown)
@@ -145,32 +147,30 @@ def uncertainty_table(subjects: dict[str, dict[str, Any]], n_runs: int, with_def
     return note + "\n\n" + "\n".join(lines) + "\n"
 
 
-def plot_uncertainty(panels: list[tuple[str, int, np.ndarray, np.ndarray, list[np.ndarray]]], path: Path) -> None:
-    """One row per subject: input FLAIR with the ground truth outlined | each run's map | mean | variance."""
+def plot_uncertainty(panels: list[tuple[str, int, np.ndarray, np.ndarray, list[np.ndarray], np.ndarray | None]], path: Path) -> None:
+    """One row per subject (slice z with the largest tumour area): input FLAIR with the ground truth outlined | each
+    run's map | their mean | their variance (its own colour scale, maximum in the title) | the deterministic default's
+    map when given. Maps share one colour scale per row."""
     plt = _pyplot()
-    n_runs = len(panels[0][4])
-    columns = ["input FLAIR, ground truth", *(f"run {i + 1}" for i in range(n_runs)), "mean", "variance"]
-    fig, axes = plt.subplots(len(panels), len(columns), figsize=(2.1 * len(columns), 2.3 * len(panels)), squeeze=False)
-    for row, (subject, z, flair, target, maps) in zip(axes, panels):
+    n_runs, with_default = len(panels[0][4]), panels[0][5] is not None
+    columns = ["input FLAIR, ground truth", *(f"PC run {i + 1}" for i in range(n_runs)), "mean of the runs", "variance of the runs"]
+    columns += ["posterior mean (deterministic default)"] if with_default else []
+    fig, axes = plt.subplots(len(panels), len(columns), figsize=(2.2 * len(columns), 2.5 * len(panels)), squeeze=False)
+    for row_index, (subject, z, flair, target, maps, default) in enumerate(panels):
         stack = np.stack(maps)
+        variance = stack.var(0, ddof=1)
         vmax = max(float(stack.max()), 1e-6)
-        images = [flair, *maps, stack.mean(0), stack.var(0, ddof=1)]
-        for column, (ax, image) in enumerate(zip(row, images)):
-            variance = column == len(images) - 1
-            ax.imshow(
-                np.rot90(image),
-                cmap="gray" if column == 0 else "viridis" if variance else "magma",
-                vmin=0,
-                vmax=None if variance else (1 if column == 0 else vmax),
-            )
+        images = [(flair, "gray", 1.0), *((m, "magma", vmax) for m in maps), (stack.mean(0), "magma", vmax)]
+        images += [(variance, "viridis", max(float(variance.max()), 1e-12))] + ([(default, "magma", vmax)] if with_default else [])
+        for column, (ax, (image, cmap, top)) in enumerate(zip(axes[row_index], images)):
+            ax.imshow(np.rot90(image), cmap=cmap, vmin=0, vmax=top)
             if column == 0:
                 ax.contour(np.rot90(target.astype(float)), levels=[0.5], colors="lime", linewidths=0.7)
                 ax.set_ylabel(f"{subject}\nz={z}", fontsize=7)
+            title = columns[column] + (f"\n(max {top:.2g})" if cmap == "viridis" else "")
+            ax.set_title(title if row_index == 0 or cmap == "viridis" else "", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
-        if row is axes[0]:
-            for ax, title in zip(row, columns):
-                ax.set_title(title, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=True) as tmp:
