@@ -62,6 +62,8 @@ def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
     summary.write_text(json.dumps({"tsgm": {}, "vae": {}}))
     assert comparison_steps(tmp_path, peers=("vae",))[-1].output == summary
     assert comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].output is None
+    redo = comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].command
+    assert redo[redo.index("--overwrite") + 1] == "True"  # the evaluation of fewer peers is replaced, not refused
 
 
 def test_the_chosen_setting_is_the_best_validation_dice_and_reaches_test_detection(tmp_path):

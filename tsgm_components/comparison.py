@@ -141,6 +141,7 @@ def peer_steps(work_dir: Path, peer: str, scale: str) -> list[Step]:
                     work_dir,  # type: ignore[misc]
                     methods=methods,
                     calibration_dir=work_dir / SETTINGS_DIR / peer,
+                    overwrite=True,  # runs only while a candidate lacks its calibration: replaces an incomplete set
                 ),
                 # done when every candidate has its calibration (a candidate added to the config: calibrate again)
                 work_dir / SETTINGS_DIR / peer if all(candidate_calibration(work_dir, peer, v).is_file() for v in candidates) else None,
@@ -270,7 +271,8 @@ def comparison_steps(
     steps.append(
         Step(
             "calibrate on validation, evaluate on test: every row",
-            bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluation_dir=work_dir / COMPARISON_DIR),
+            # runs only while a requested peer lacks its row: replaces an evaluation of fewer peers
+            bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluation_dir=work_dir / COMPARISON_DIR, overwrite=True),
             summary if evaluated_rows(summary) >= set(peers) else None,  # a peer added since the last evaluation: evaluate again
             late_overrides=peer_methods,
         )

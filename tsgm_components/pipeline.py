@@ -241,8 +241,9 @@ def model_steps(
     detection.append(
         Step(
             "calibrate on validation (before test detection)",
-            bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir),
-            work_dir / "calibration" if calibration_done else None,  # a row added since (a new control): calibrate again
+            # runs only while a row lacks its calibration (a new control): replaces the incomplete set
+            bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir, overwrite=True),
+            work_dir / "calibration" if calibration_done else None,
         )
     )
     if read_test:
