@@ -2,6 +2,7 @@
 
 import ast
 import json
+import sys
 import subprocess
 from pathlib import Path
 
@@ -250,3 +251,18 @@ def test_run_can_fine_tune_the_tsgm_model_from_given_weights(tmp_path):
     tsgm = steps["train VE-JP score model (stage 2)"]
     assert tsgm[tsgm.index("--init_checkpoint") + 1] == str(tmp_path / "phantom.pt")
     assert not any("--init_checkpoint" in command for name, command in steps.items() if name != "train VE-JP score model (stage 2)")
+
+
+def test_the_steps_record_keeps_the_run_that_did_the_work(tmp_path):
+    """A step that always runs (output None, skipping finished subjects itself) rerun in a second does not replace the
+    recorded time of the run that did the work; a step with an output records each run."""
+    from tsgm_components.pipeline import STEPS_RECORD, Step, run_steps
+
+    (tmp_path / STEPS_RECORD).write_text(
+        json.dumps({"detect": {"command": "earlier", "seconds": 100.0}, "train": {"command": "earlier", "seconds": 100.0}})
+    )
+    quick = [sys.executable, "-c", "pass"]
+    run_steps(tmp_path, [Step("detect", quick, None), Step("train", quick, tmp_path / "model.pt")], "test")
+    record = json.loads((tmp_path / STEPS_RECORD).read_text())
+    assert record["detect"] == {"command": "earlier", "seconds": 100.0}
+    assert record["train"]["seconds"] < 100 and record["train"]["command"] != "earlier"

@@ -384,8 +384,11 @@ def run_steps(work: Path, steps: list[Step], label: str) -> float:
                 f"{label}: step '{step.name}' failed (exit {result.returncode}); fix it and rerun the same command to continue from this step"
             )
         seconds = time.perf_counter() - step_start
-        record[step.name] = {"command": shlex.join(command), "seconds": round(seconds, 1)}
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        # a step that always runs (output None) and skips finished subjects takes seconds when rerun: the record keeps
+        # the longer run, the one that did the work
+        if step.output is not None or record.get(step.name, {}).get("seconds", 0) <= seconds:
+            record[step.name] = {"command": shlex.join(command), "seconds": round(seconds, 1)}
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{header}: {seconds:.0f} s", flush=True)
     return time.perf_counter() - start
 
