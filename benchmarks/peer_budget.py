@@ -1,5 +1,6 @@
-"""CPU budget of the comparison's peers: wall seconds of each peer's training and detection steps, as `tsgm compare`
-recorded them in W/demo_steps.json, against the budget that lets a user rerun the comparison overnight.
+"""CPU budget of the comparison's peers: wall seconds of each peer's training steps, as `tsgm compare` recorded them in
+W/demo_steps.json, against the budget that lets a user rerun the comparison overnight (detection cost: the comparison
+table's NFE and seconds per volume).
 
     python benchmarks/peer_budget.py --work_dirs runs/real runs/demo --out peer_budget_cpu
 
@@ -23,18 +24,11 @@ from tsgm_components.pipeline import STEPS_RECORD  # noqa: E402
 BUDGET_HOURS = 3.0  # issue target: all six peers' CPU training at the CPU scale
 
 
-def peer_seconds(record: dict[str, dict], peer: str) -> dict[str, float | None]:
-    """Training (every ``<peer>: training*`` step) and detection (validation candidates, calibration, test) seconds;
-    None when the record has no such step (not run by `tsgm compare` in that work dir, or not finished)."""
-
-    def total(prefixes: tuple[str, ...]) -> float | None:
-        values = [entry["seconds"] for name, entry in record.items() if name.startswith(prefixes)]
-        return float(sum(values)) if values else None
-
-    return {
-        "training": total((f"{peer}: training",)),
-        "detection": total((f"{peer} detection", f"{peer}: calibrate")),
-    }
+def training_seconds(record: dict[str, dict], peer: str) -> float | None:
+    """Seconds of every ``<peer>: training*`` step; None when the record has none (not trained by `tsgm compare` in
+    that work dir, or not finished)."""
+    values = [entry["seconds"] for name, entry in record.items() if name.startswith(f"{peer}: training")]
+    return float(sum(values)) if values else None
 
 
 def main() -> None:
@@ -45,21 +39,21 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
     records = {str(w): json.loads((Path(w) / STEPS_RECORD).read_text()) for w in args.work_dirs}
-    table = {w: {peer: peer_seconds(record, peer) for peer in PEERS} for w, record in records.items()}
+    table = {w: {peer: training_seconds(record, peer) for peer in PEERS} for w, record in records.items()}
 
     def minutes(value: float | None) -> str:
         return "not recorded" if value is None else f"{value / 60:.1f}"
 
-    head = "| peer | " + " | ".join(f"training min ({Path(w).name}) | detection min ({Path(w).name})" for w in table) + " |"
+    head = "| peer | " + " | ".join(f"training min ({Path(w).name})" for w in table) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for peer in PEERS:
-        lines.append(f"| {peer} | " + " | ".join(f"{minutes(t[peer]['training'])} | {minutes(t[peer]['detection'])}" for t in table.values()) + " |")
+        lines.append(f"| {peer} | " + " | ".join(minutes(t[peer]) for t in table.values()) + " |")
     sums = []
     for w, t in table.items():
-        trained = [t[p]["training"] for p in PEERS if t[p]["training"] is not None]
+        trained = [t[p] for p in PEERS if t[p] is not None]
         sums.append(f"{Path(w).name}: {len(trained)} of {len(PEERS)} peers trained, {sum(trained) / 3600:.2f} h of training")
     markdown = (
-        f"# Peer methods: CPU time of `tsgm compare`'s steps\n\n`{command_line(__file__)}`\n\n{args.note}\n\n"
+        f"# Peer methods: CPU training time in `tsgm compare`\n\n`{command_line(__file__)}`\n\n{args.note}\n\n"
         + "\n".join(lines)
         + f"\n\nTraining budget target: all six peers ≤ {BUDGET_HOURS:.0f} h on 2 cores. "
         + "; ".join(sums)
