@@ -57,11 +57,12 @@ def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
     assert table_iii.command[table_iii.command.index("--config_file") + 1].endswith("modalities.yaml']")
     assert table_iii.output == tmp_path / TABLE_III_DIR / "summary.json"
     # an evaluation holding only some of the peers is redone when more are asked for, kept when it holds them all
-    summary = tmp_path / COMPARISON_DIR / "summary.json"
-    summary.parent.mkdir(parents=True)
-    summary.write_text(json.dumps({"tsgm": {}, "vae": {}}))
-    assert comparison_steps(tmp_path, peers=("vae",))[-1].output == summary
-    assert comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].output is None
+    for row in ("tsgm", "vae"):  # the evaluation's layout: summary.json and one calibration per row
+        (tmp_path / COMPARISON_DIR / row).mkdir(parents=True)
+        (tmp_path / COMPARISON_DIR / row / "calibration.json").write_text("{}")
+    (tmp_path / COMPARISON_DIR / "summary.json").write_text(json.dumps({"tsgm": {}, "vae": {}}))
+    assert comparison_steps(tmp_path, peers=("vae",))[-1].done()
+    assert not comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].done()
     redo = comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].command
     assert redo[redo.index("--overwrite") + 1] == "True"  # the evaluation of fewer peers is replaced, not refused
 

@@ -112,9 +112,9 @@ def test_test_detection_samples_only_what_the_validation_calibration_weighs(tmp_
     for method in methods:
         (tmp_path / "calibration" / method).mkdir(parents=True)
         (tmp_path / "calibration" / method / "calibration.json").write_text("{}")
-    assert demo_steps(tmp_path)[calibrating].output == tmp_path / "calibration"
+    assert demo_steps(tmp_path)[calibrating].done()
     (tmp_path / "calibration" / "regression" / "calibration.json").unlink()
-    assert demo_steps(tmp_path)[calibrating].output is None
+    assert not demo_steps(tmp_path)[calibrating].done()
 
 
 def test_a_failing_step_stops_the_demo_with_its_name(tmp_path, monkeypatch):

@@ -12,11 +12,14 @@ the shipped phantom weights); with it, on a user's dataset (``tsgm run``'s steps
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import yaml
 
 from tsgm_components.pipeline import BUNDLES, DEMO_SEED, SCALES, WEIGHT_SETS, Step, bundle_command, dataset_steps, demo_steps, run_steps
@@ -141,10 +144,10 @@ def peer_steps(work_dir: Path, peer: str, scale: str) -> list[Step]:
                     work_dir,  # type: ignore[misc]
                     methods=methods,
                     calibration_dir=work_dir / SETTINGS_DIR / peer,
-                    overwrite=True,  # runs only while a candidate lacks its calibration: replaces an incomplete set
+                    overwrite=True,
                 ),
-                # done when every candidate has its calibration (a candidate added to the config: calibrate again)
-                work_dir / SETTINGS_DIR / peer if all(candidate_calibration(work_dir, peer, v).is_file() for v in candidates) else None,
+                # every candidate's calibration: a candidate added to the config calibrates again
+                tuple(candidate_calibration(work_dir, peer, value) for value in candidates),
             )
         )
 
@@ -198,9 +201,6 @@ def table_iii_steps(work_dir: Path, checkpoint: Path, overlay: list[str]) -> lis
 
 def largest_tumour_subject(volumes_json: Path, split: str = "validation") -> str:
     """The ``split`` subject of ``volumes.json`` with the most tumour voxels (``seg > 0``): Fig. 8's example."""
-    import nibabel as nib
-    import numpy as np
-
     items = json.loads(volumes_json.read_text())[split]
     return max(items, key=lambda item: int(np.count_nonzero(np.asarray(nib.load(item["seg"]).dataobj))))["subject"]
 
@@ -211,6 +211,7 @@ def figure_8_steps(work_dir: Path, checkpoint: Path, scale: str) -> list[Step]:
     calibration, once per seed in ``FIGURE_8_SEEDS``, then the evaluation bundle's ``uncertainty`` report in
     ``W/uncertainty`` (mean and variance maps as NIfTI, figure, table; the deterministic default beside them)."""
     levels = {"n_steps": FIGURE_8_CPU_LEVELS} if scale == "cpu" else {}
+    subject = functools.cache(lambda: largest_tumour_subject(work_dir / "prepared" / "volumes.json"))  # read the labels once
     steps = [
         Step(
             f"Fig. 8: TSGM detection, PC sampler, seed {seed}",
@@ -229,7 +230,7 @@ def figure_8_steps(work_dir: Path, checkpoint: Path, scale: str) -> list[Step]:
                 **levels,
             ),
             None,
-            late_overrides=lambda: {"subjects": [largest_tumour_subject(work_dir / "prepared" / "volumes.json")]},
+            late_overrides=lambda: {"subjects": [subject()]},
         )
         for seed in FIGURE_8_SEEDS
     ]
@@ -256,7 +257,8 @@ def comparison_steps(
         tsgm = dataset_steps(work_dir, dataset_dir, scale, split_file=split_file)
         evaluation_configs = ["evaluate.yaml", *SCALES[scale]["overlay"], "controls.yaml"]  # type: ignore[misc]
     checkpoint = BUNDLES / WEIGHT_SETS["phantom"]["vejp"] if dataset_dir is None else work_dir / "vejp" / "model.pt"
-    overlay = evaluation_configs[1:2] if dataset_dir is None else list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
+    # the demo is the CPU scale
+    overlay = list(SCALES["cpu" if dataset_dir is None else scale]["overlay"])  # type: ignore[arg-type]
     steps = tsgm + table_iii_steps(work_dir, checkpoint, overlay) + figure_8_steps(work_dir, checkpoint, scale)
     steps += [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
 
@@ -267,22 +269,17 @@ def comparison_steps(
             rows.append({"name": peer, "detection_dir": str(work_dir / "detections" / chosen["method"])})
         return {"peer_methods": rows}
 
-    summary = work_dir / COMPARISON_DIR / "summary.json"
+    comparison = work_dir / COMPARISON_DIR
     steps.append(
         Step(
             "calibrate on validation, evaluate on test: every row",
-            # runs only while a requested peer lacks its row: replaces an evaluation of fewer peers
-            bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluation_dir=work_dir / COMPARISON_DIR, overwrite=True),
-            summary if evaluated_rows(summary) >= set(peers) else None,  # a peer added since the last evaluation: evaluate again
+            bundle_command("evaluating", "tsgm_evaluation", evaluation_configs, work_dir, evaluation_dir=comparison, overwrite=True),
+            # the report and every peer's row (its calibration): a peer added since evaluates again
+            (comparison / "summary.json", *(comparison / peer / "calibration.json" for peer in peers)),
             late_overrides=peer_methods,
         )
     )
     return steps
-
-
-def evaluated_rows(summary: Path) -> set[str]:
-    """The method rows of an evaluation's ``summary.json`` (empty when there is none yet)."""
-    return set(json.loads(summary.read_text())) if summary.is_file() else set()
 
 
 def paper_table() -> str:

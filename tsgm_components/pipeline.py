@@ -59,19 +59,27 @@ WEIGHTS_SEED, DEMO_SEED = 0, 1
 
 @dataclass(frozen=True)
 class Step:
-    """One pipeline command and the file whose existence means it has already run.
+    """One pipeline command and the file(s) whose existence means it has already run.
 
     ``output`` None: the step always runs and skips finished work itself (detection over a split with
     ``--skip_existing True``: each subject's folder appears atomically, so a killed split resumes per subject).
+    A tuple of paths: done when all exist, so a step whose set of results grew (a row, a candidate, a peer added since
+    it ran) runs again, and its command must then replace its incomplete output.
     """
 
     name: str
     command: list[str]
-    output: Path | None
+    output: Path | tuple[Path, ...] | None
     checkpoint_dir: Path | None = None  # training steps: an interrupted run here is resumed (--resume True)
     estimate: Callable[[], str] | None = None  # training steps: the expected duration, printed before the step runs
     # overrides known only once the earlier steps have run (e.g. a setting chosen on validation), added as --key value
     late_overrides: Callable[[], dict[str, object]] | None = None
+
+    def done(self) -> bool:
+        """Whether every output exists (never for a step without one)."""
+        if self.output is None:
+            return False
+        return all(path.exists() for path in (self.output if isinstance(self.output, tuple) else (self.output,)))
 
     def resolved_command(self) -> list[str]:
         """The command, with ``--resume True`` when an interrupted training run left checkpoints and the late overrides."""
@@ -237,13 +245,12 @@ def model_steps(
         )
     calibrated = [model[3] for model in diffusion] + ["flair_threshold", "cyclegan", "flair_threshold_model_size"]
     calibrated += ["oracle_reconstruction"] if ceilings else []
-    calibration_done = all((work_dir / "calibration" / method / "calibration.json").is_file() for method in calibrated)
     detection.append(
         Step(
             "calibrate on validation (before test detection)",
-            # runs only while a row lacks its calibration (a new control): replaces the incomplete set
+            # every row's calibration: a row added since (a new control) calibrates again, replacing the incomplete set
             bundle_command("calibrating", "tsgm_evaluation", evaluation_configs, work_dir, overwrite=True),
-            work_dir / "calibration" if calibration_done else None,
+            tuple(work_dir / "calibration" / method / "calibration.json" for method in calibrated),
         )
     )
     if read_test:
@@ -370,8 +377,8 @@ def run_steps(work: Path, steps: list[Step], label: str) -> float:
     start = time.perf_counter()
     for index, step in enumerate(steps, 1):
         header = f"[{index}/{len(steps)}] {step.name}"
-        if step.output is not None and step.output.exists():
-            print(f"{header}: done already ({step.output})", flush=True)
+        if step.done():
+            print(f"{header}: done already", flush=True)
             continue
         command = step.resolved_command()
         print(f"{header}\n$ {shlex.join(command)}", flush=True)
