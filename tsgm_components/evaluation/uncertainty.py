@@ -25,7 +25,7 @@ from tsgm_components.data.prepare import read_volumes_split
 from tsgm_components.detection.masking import Calibration
 from tsgm_components.errors import TsgmInputError
 from tsgm_components.evaluation.harness import load_case, load_ground_truth, read_prepared
-from tsgm_components.evaluation.metrics import average_precision
+from tsgm_components.evaluation.metrics import average_precision, overlap_metrics
 from tsgm_components.evaluation.report import _json_safe, _pyplot
 from tsgm_components.io import atomic_dir, atomic_path, save_json
 
@@ -50,10 +50,19 @@ def mean_variance(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return stack.mean(0, dtype=np.float64).astype(np.float32), stack.var(0, ddof=1, dtype=np.float64).astype(np.float32)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks (1 when both are empty)."""
+def mask_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice between two runs' boolean masks (1 when both are empty: the runs agree)."""
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def truth_dice(masks: Sequence[np.ndarray], target: np.ndarray, spacing: Sequence[float]) -> list[float] | None:
+    """Volume Dice of each mask against the ground truth, as the evaluation tables define it
+    (:func:`~tsgm_components.evaluation.metrics.overlap_metrics`); None for a subject without tumour."""
+    if not target.any():
+        return None
+    dice = overlap_metrics(np.stack(masks), np.broadcast_to(target, (len(masks), *target.shape)), spacing, include_hd95=False)["dice"]
+    return [float(value) for value in dice]
 
 
 def run_uncertainty(
@@ -99,8 +108,8 @@ def run_uncertainty(
             std = np.stack(scores).std(0, ddof=1)
             row: dict[str, Any] = {
                 "auprc": [average_precision(score[brain], target[brain]) for score in scores],
-                "dice": [dice(mask, target) for mask in masks],
-                "dice_between_runs": [dice(a, b) for a, b in itertools.combinations(masks, 2)],
+                "dice": truth_dice(masks, target, truth.spacing),
+                "dice_between_runs": [mask_agreement(a, b) for a, b in itertools.combinations(masks, 2)],
                 "mean_std_tumour": float(std[target].mean()) if target.any() else None,
                 "mean_std_healthy_brain": float(std[brain & ~target].mean()),
             }
@@ -110,7 +119,8 @@ def run_uncertainty(
                     calibration.weights
                 )
                 row["deterministic_auprc"] = average_precision(default[brain], target[brain])
-                row["deterministic_dice"] = dice(calibration.mask(default, truth.brain, truth.spacing).astype(bool), target)
+                default_mask = calibration.mask(default, truth.brain, truth.spacing).astype(bool)
+                row["deterministic_dice"] = (truth_dice([default_mask], target, truth.spacing) or [None])[0]
             subjects[subject] = row
             k = int(np.argmax(target.sum((0, 1))))  # the slice with the largest tumour area
             inputs = load_subject({**item, "seg": None}, preprocess)
@@ -130,13 +140,17 @@ def uncertainty_table(subjects: dict[str, dict[str, Any]], n_runs: int, with_def
     head = "| subject | AUPRC per run | Dice per run | Dice between runs | mean std, tumour | mean std, rest of brain |"
     head += " deterministic default: AUPRC, Dice |" if with_default else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def number(value: float | None, digits: int = 3) -> str:  # – for a subject without tumour
+        return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
     for subject, row in subjects.items():
-        tumour = "–" if row["mean_std_tumour"] is None else f"{row['mean_std_tumour']:.4f}"
         line = (
-            f"| {subject} | {', '.join(f'{v:.3f}' for v in row['auprc'])} | {', '.join(f'{v:.3f}' for v in row['dice'])} | "
-            f"{min(row['dice_between_runs']):.3f}–{max(row['dice_between_runs']):.3f} | {tumour} | {row['mean_std_healthy_brain']:.4f} |"
+            f"| {subject} | {', '.join(number(v) for v in row['auprc'])} | {', '.join(number(v) for v in row['dice'] or [None])} | "
+            f"{min(row['dice_between_runs']):.3f}–{max(row['dice_between_runs']):.3f} | {number(row['mean_std_tumour'], 4)} | "
+            f"{row['mean_std_healthy_brain']:.4f} |"
         )
-        line += f" {row['deterministic_auprc']:.3f}, {row['deterministic_dice']:.3f} |" if with_default else ""
+        line += f" {number(row['deterministic_auprc'])}, {number(row['deterministic_dice'])} |" if with_default else ""
         lines.append(line)
     note = (
         f"Mean and variance over {n_runs} independent runs of a stochastic sampler (the paper's Fig. 8); AUPRC of the "
