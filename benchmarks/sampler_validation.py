@@ -34,8 +34,9 @@ from tsgm_components.evaluation.harness import calibrate, load_cases, read_prepa
 from tsgm_components.data.prepare import read_volumes_split
 
 
-def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any], datalist: Path) -> tuple[Path, int]:
-    """Validation detection with ``setting`` through the bundle's inference config; (folder, NFE per slice)."""
+def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any], subjects: list[str] | None) -> tuple[Path, int]:
+    """Validation detection (of ``subjects`` only, when given) with ``setting`` through the bundle's inference config;
+    (folder, NFE per slice)."""
     out = work_dir / "sampler_validation" / Path(checkpoint).stem / label / "validation"
     parser = ConfigParser()
     parser.read_config(bundle_dir("vejp_anomaly") + "/configs/inference.yaml")
@@ -43,8 +44,9 @@ def detect(work_dir: Path, checkpoint: str, label: str, setting: dict[str, Any],
         {
             "work_dir": str(work_dir),
             "checkpoint": checkpoint,
-            "datalist": str(datalist),
+            "datalist": str(work_dir / "prepared" / "volumes.json"),
             "split": "validation",
+            "subjects": subjects,
             "detection_dir": str(out),
             "skip_existing": True,
             "reconstruct_modalities": "all",
@@ -71,20 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     work_dir = args.work_dir.resolve()
     volumes, preprocess, _ = read_prepared(work_dir / "prepared")
     items = read_volumes_split(volumes, "validation")
-    datalist = work_dir / "prepared" / "volumes.json"
     if args.subjects:
         unknown = sorted(set(args.subjects) - {item["subject"] for item in items})
         if unknown:
-            raise SystemExit(f"not validation subjects of {datalist}: {unknown}")
+            raise SystemExit(f"not validation subjects of {work_dir / 'prepared' / 'volumes.json'}: {unknown}")
         items = [item for item in items if item["subject"] in args.subjects]
-        datalist = work_dir / "sampler_validation" / f"volumes_{'_'.join(sorted(args.subjects))}.json"
-        datalist.parent.mkdir(parents=True, exist_ok=True)
-        datalist.write_text(json.dumps({"validation": items}))
     calibration_kwargs = evaluation_settings()
     truths: dict = {}
     rows = []
     for text in args.settings:
-        folder, nfe = detect(work_dir, args.checkpoint, setting_label(text), parse_setting(text), datalist)
+        folder, nfe = detect(work_dir, args.checkpoint, setting_label(text), parse_setting(text), args.subjects)
         seconds = [json.loads(p.read_text())["seconds"]["reconstruction"] for p in sorted(folder.glob("*/*_detection.json"))]
         calibration = calibrate(load_cases(folder, items, preprocess, truths), **calibration_kwargs)
         rows.append(
