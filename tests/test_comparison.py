@@ -13,6 +13,7 @@ from tsgm_components.comparison import (
     PEERS,
     SETTINGS_DIR,
     TABLE_III_DETECTIONS,
+    FOUR_CHANNEL_DETECTIONS,
     TABLE_III_DIR,
     chosen_setting,
     comparison_steps,
@@ -48,14 +49,23 @@ def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
     final = steps[-1]
     assert final.command[final.command.index("--evaluation_dir") + 1] == str(tmp_path / COMPARISON_DIR)
     assert sum("evaluating" in s.command for s in steps) == 3  # TSGM's own table, Table III and the comparison's
-    # Table III: TSGM's maps of all four modalities on both splits (its own test detection samples only the weighted)
-    for split in ("validation", "test"):
-        detect = steps[names.index(f"Table III: TSGM detection, {split}, all four modalities")].command
-        assert detect[detect.index("--split") + 1] == split and detect[detect.index("--reconstruct_modalities") + 1] == "all"
-        assert detect[detect.index("--method") + 1] == TABLE_III_DETECTIONS
+    # Table III: TSGM's maps of all four modalities on both splits (its own test detection samples only the weighted),
+    # and those of the four-channel stage 2, trained on the same pseudo-pairs (written first if the run has none)
+    training = names.index("Table III: train the four-channel VE-JP score model")
+    assert names.index("pseudo-pairs G_A→B(healthy)") < training
+    files = ast.literal_eval(steps[training].command[steps[training].command.index("--config_file") + 1])
+    assert [Path(f).name for f in files] == ["train.yaml", "cpu.yaml", "four_channel.yaml"]
+    for name, method, model in (("TSGM", TABLE_III_DETECTIONS, "phantom.pt"), ("four-channel TSGM", FOUR_CHANNEL_DETECTIONS, steps[training].output)):
+        for split in ("validation", "test"):
+            index = names.index(f"Table III: {name} detection, {split}, all four modalities")
+            detect = steps[index].command
+            assert detect[detect.index("--split") + 1] == split and detect[detect.index("--reconstruct_modalities") + 1] == "all"
+            assert detect[detect.index("--method") + 1] == method and detect[detect.index("--checkpoint") + 1].endswith(str(model))
+            assert index > training
     table_iii = next(s for s in steps if s.name.startswith("Table III: each modality"))
     assert table_iii.command[table_iii.command.index("--config_file") + 1].endswith("modalities.yaml']")
-    assert table_iii.output == tmp_path / TABLE_III_DIR / "summary.json"
+    assert table_iii.output[0] == tmp_path / TABLE_III_DIR / "summary.json"
+    assert tmp_path / TABLE_III_DIR / "tsgm_four_channel_validation_weights" / "calibration.json" in table_iii.output
     # an evaluation holding only some of the peers is redone when more are asked for, kept when it holds them all
     for row in ("tsgm", "vae"):  # the evaluation's layout: summary.json and one calibration per row
         (tmp_path / COMPARISON_DIR / row).mkdir(parents=True)

@@ -131,3 +131,64 @@ def test_min_tumour_fraction_keeps_only_clearly_tumorous_slices(stacked_prepared
     assert len(kept) == sum(f >= threshold for f in fractions) and all(lesion_fraction(i) >= threshold for i in kept)
     with pytest.raises(TsgmInputError, match=r"no tumour \(B, lesion >= 0.99 of the brain\) slices"):
         UnpairedSliceDataset(stacked_prepared, min_tumour_fraction=0.99)
+
+
+# ---------------------------------------------------------------- four-channel stage 2 (Table III)
+
+
+class ChannelOffsetDenoiser(nn.Module):
+    """Stand-in four-channel score model whose denoiser is known: D(x, σ, c) = 0.5·c + 0.1·channel, whatever x and σ,
+    so the regression sampler's output D(0, σ_max) shows which modality ended in which channel."""
+
+    image_channels = condition_channels = 4
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        assert x.shape[1] == condition.shape[1] == 4
+        denoised = 0.5 * condition + 0.1 * torch.arange(4, dtype=x.dtype).view(1, 4, 1, 1)
+        return (denoised - x) / sigma.view(-1, 1, 1, 1) ** 2
+
+
+def test_four_channel_score_model_reconstructs_the_modalities_of_a_slice_together():
+    from tsgm_components.detection.detector import InfererReconstructor
+    from tsgm_components.diffusion.inferers import DiffusionSamplerInferer
+    from tsgm_components.diffusion.sde import VESDE
+    from tsgm_components.networks.score import ScoreUNet
+
+    network = ScoreUNet(condition_channels=4, image_channels=4, channels=(8, 8), attention_levels=(False, False), num_res_blocks=1,
+                        num_head_channels=8, norm_num_groups=4)  # fmt: skip
+    x = torch.rand(2, 4, 16, 16)
+    assert network(x, torch.tensor([0.5, 2.0]), torch.rand(2, 4, 16, 16)).shape == (2, 4, 16, 16)
+    assert network.unet.conv_in.conv.in_channels == 8 and network.unet.out[-1].conv.out_channels == 4
+    with pytest.raises(ValueError, match=r"x must be \(B, 4, H, W\)"):
+        network(torch.rand(2, 1, 16, 16), torch.tensor([0.5, 2.0]), torch.rand(2, 4, 16, 16))
+
+    slices = torch.rand(4 * 3, 1, 8, 8)  # 3 axial slices of t1, then of t1ce, t2, flair (the detection harness's order)
+    expected = 0.5 * slices + 0.1 * torch.arange(4).repeat_interleave(3).view(-1, 1, 1, 1)
+    inferer = DiffusionSamplerInferer(VESDE(0.01, 20.0, 10), sampler="regression", batch_size=2)
+    torch.testing.assert_close(inferer(slices, ChannelOffsetDenoiser()), expected)
+    reconstruct = InfererReconstructor(inferer, ChannelOffsetDenoiser())
+    assert reconstruct.all_modalities
+    torch.testing.assert_close(reconstruct(slices), expected)
+    with pytest.raises(ValueError, match=r"4-channel network reconstructs the modalities of each axial slice together"):
+        inferer(torch.rand(6, 1, 8, 8), ChannelOffsetDenoiser())
+
+
+def test_four_channel_pseudo_pairs_stack_each_slices_modalities(stacked_prepared, tmp_path):
+    from tsgm_components.data.pseudo_pairs import load_pseudo_pairs, pair_transforms, stack_pairs
+
+    write_pseudo_pairs(ChannelOffset(), stacked_prepared, tmp_path / "pairs", image_size=32, batch_size=3)
+    single = load_pseudo_pairs(tmp_path / "pairs", "training", 32)
+    stacked = load_pseudo_pairs(tmp_path / "pairs", "training", 32, channels=4)
+    assert len(stacked) == 4 and len(single) == 4 * 4  # 2 training subjects x 2 healthy axial slices (x 4 modalities)
+    sample = pair_transforms(channels=4)(stacked[0])
+    assert set(sample) >= {"image", "condition"} and sample["image"].shape == sample["condition"].shape == (4, 32, 32)
+    for channel, modality in enumerate(MODS):
+        pair = next(p for p in single if (p["subject"], p["z"], p["modality"]) == (stacked[0]["subject"], stacked[0]["z"], modality))
+        torch.testing.assert_close(sample["image"][channel], torch.from_numpy(np.load(pair["image"])))
+    torch.testing.assert_close(sample["condition"], 0.5 * sample["image"] + 0.1 * torch.arange(4.0).view(4, 1, 1), atol=1e-6, rtol=0)
+    first = (single[0]["subject"], single[0]["z"])
+    without_flair = [p for p in single if not (p["modality"] == "flair" and (p["subject"], p["z"]) == first)]
+    with pytest.raises(TsgmInputError, match=rf"z={first[1]} of {first[0]} lacks the pairs of \['flair'\]"):
+        stack_pairs(without_flair)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        load_pseudo_pairs(tmp_path / "pairs", "training", channels=2)

@@ -30,6 +30,7 @@ from tsgm_components.errors import TsgmInputError
 CONFIGS = Path(tsgm_components.bundle_dir("vejp_anomaly")) / "configs"
 TRAIN, CPU, INFER = CONFIGS / "train.yaml", CONFIGS / "cpu.yaml", CONFIGS / "inference.yaml"
 UNCONDITIONAL, MULTI_GPU = CONFIGS / "train_unconditional.yaml", CONFIGS / "multi_gpu_train.yaml"
+FOUR_CHANNEL = CONFIGS / "four_channel.yaml"
 
 SHAPE = (20, 24, 8)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1.2, 0, 14], [0, 0, 2.0, -6], [0, 0, 0, 1]])
@@ -247,6 +248,42 @@ def test_unconditional_training_uses_healthy_slices_only(work_dir):
     assert state["model_spec"]["network"]["condition_channels"] == 0
     final = torch.load(work_dir / "vejp_unconditional" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
     assert final["trainer"]["iteration"] == (N_PAIRS // 2) // 2  # 4 healthy slices, batch 2
+
+
+def test_four_channel_model_trains_on_stacked_pairs_and_detects_all_modalities(work_dir, tmp_path):
+    """Table III's four-channel stage 2: trained on the four modalities' pairs of each axial slice, then detection
+    reconstructs all four modalities even when asked for the weighted ones only (its samples hold all four)."""
+    pairs = work_dir / "pseudo_pairs"
+    items = json.loads((pairs / "pseudo_pairs.json").read_text())["training"]
+    stacked = []
+    for item in items[:3]:  # 3 axial slices: t1 exists; add the other modalities' pairs (copies: content is not the point)
+        for modality in MODALITIES[1:]:
+            name = item["condition"].replace("/t1_", f"/{modality}_")
+            np.save(pairs / name, np.load(pairs / item["condition"]))
+            np.save(work_dir / "prepared" / name, np.load(item["image"]))
+            stacked.append(dict(item, image=str(work_dir / "prepared" / name), condition=name, modality=modality))
+    four = tmp_path / "work"
+    four.mkdir()
+    (four / "prepared").symlink_to(work_dir / "prepared")
+    (four / "pseudo_pairs").mkdir()
+    (four / "pseudo_pairs" / "slices").symlink_to(pairs / "slices")
+    (four / "pseudo_pairs" / "pseudo_pairs.json").write_text(json.dumps({"training": items[:3] + stacked, "validation": items[:1]}))
+    run_bundle("training", [TRAIN, CPU, FOUR_CHANNEL], work_dir=str(four), **dict(TINY_TRAIN, batch_size=1))
+    state = torch.load(four / "vejp_four_channel" / "model.pt", weights_only=True)
+    assert state["model_spec"]["network"]["image_channels"] == state["model_spec"]["network"]["condition_channels"] == 4
+    assert state["model"]["unet.conv_in.conv.weight"].shape[1] == 8  # 4 noisy healthy + 4 condition channels
+    final = torch.load(four / "vejp_four_channel" / "checkpoints" / "checkpoint_final.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 3  # one sample per axial slice, batch 1
+
+    subject = write_subject(tmp_path / "data" / "S001")
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"weights": {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}, "threshold": 0.05, "mode": "fixed"}))
+    out = tmp_path / "detections"
+    run_bundle("inference", [INFER], work_dir=str(four), detection_dir=str(out), checkpoint=str(four / "vejp_four_channel" / "model.pt"),
+               subject_dir=str(subject), calibration_file=str(calibration), reconstruct_modalities="weighted", **TINY_SAMPLER)  # fmt: skip
+    record = json.loads((out / "S001" / "S001_detection.json").read_text())
+    assert record["reconstructed_modalities"] == list(MODALITIES)
+    assert {p.name for p in (out / "S001").glob("S001_healthy_*.nii.gz")} == {f"S001_healthy_{m}.nii.gz" for m in MODALITIES}
 
 
 # ---------------------------------------------------------------- inference

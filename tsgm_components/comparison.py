@@ -22,7 +22,19 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from tsgm_components.pipeline import BUNDLES, DEMO_SEED, SCALES, WEIGHT_SETS, Step, bundle_command, dataset_steps, demo_steps, run_steps
+from tsgm_components.durations import training_estimate
+from tsgm_components.pipeline import (
+    BUNDLES,
+    DEMO_SEED,
+    SCALES,
+    WEIGHT_SETS,
+    Step,
+    bundle_command,
+    dataset_steps,
+    demo_steps,
+    pair_treatment,
+    run_steps,
+)
 
 #: Table II's peers in the paper's order, then the peers users compare with today.
 PEERS = ("vae", "fanogan", "dpm_classifier_free", "dpm_classifier", "anoddpm", "pddpm")
@@ -44,6 +56,7 @@ PAPER_TABLE_III_BRATS = {
 }
 COMPARISON_DIR = "comparison"  # in the work dir: the evaluation of every row
 TABLE_III_DIR, TABLE_III_DETECTIONS = "table_iii", "tsgm_all_modalities"  # in the work dir (modalities.yaml's defaults)
+FOUR_CHANNEL_DIR, FOUR_CHANNEL_DETECTIONS = "vejp_four_channel", "tsgm_four_channel"  # four_channel.yaml's, modalities.yaml's
 UNCERTAINTY_DIR, FIGURE_8_SEEDS, FIGURE_8_CPU_LEVELS = "uncertainty", (0, 1, 2), 100  # Fig. 8: uncertainty.yaml's folder
 SETTINGS_DIR = "peer_settings"  # in the work dir: each peer's candidate calibrations and the chosen setting
 TRAINING_RUN = re.compile(r"training(_[a-z]+)?$")
@@ -166,34 +179,62 @@ def peer_steps(work_dir: Path, peer: str, scale: str) -> list[Step]:
     return steps
 
 
-def table_iii_steps(work_dir: Path, checkpoint: Path, overlay: list[str]) -> list[Step]:
-    """The paper's Table III from TSGM's and CycleGAN-only's maps: TSGM detection of both splits with all four
-    modalities reconstructed (``detections/tsgm_all_modalities``; TSGM's own test detection samples only the modalities
-    its calibration weighs), then the evaluation bundle's ``modalities.yaml`` report in ``W/table_iii``."""
+def table_iii_steps(work_dir: Path, checkpoint: Path, cyclegan_checkpoint: Path, scale: str) -> list[Step]:
+    """The paper's Table III: TSGM detection of both splits with all four modalities reconstructed
+    (``detections/tsgm_all_modalities``; TSGM's own test detection samples only the modalities its calibration
+    weighs); the four-channel stage 2 (``four_channel.yaml``: the same pseudo-pairs, written here with
+    ``cyclegan_checkpoint`` if the run has none, network layout and budget) trained and detected
+    (``detections/tsgm_four_channel``); then the evaluation bundle's ``modalities.yaml`` report in ``W/table_iii``
+    (each modality alone, equal and validation weights, for TSGM, its four-channel model and CycleGAN-only)."""
+    overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
+    four_channel = work_dir / FOUR_CHANNEL_DIR / "model.pt"
+    training_files = ["train.yaml", *overlay, "four_channel.yaml"]
     steps = [
         Step(
-            f"Table III: TSGM detection, {split}, all four modalities",
-            bundle_command(
-                "inference",
-                "vejp_anomaly",
-                ["inference.yaml"],
-                work_dir,
-                checkpoint=checkpoint,
-                datalist=work_dir / "prepared" / "volumes.json",
-                split=split,
-                method=TABLE_III_DETECTIONS,
-                reconstruct_modalities="all",
-                skip_existing=True,
+            "pseudo-pairs G_A→B(healthy)",
+            bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=cyclegan_checkpoint, **pair_treatment(scale)),
+            work_dir / "pseudo_pairs" / "pseudo_pairs.json",
+        ),
+        Step(
+            "Table III: train the four-channel VE-JP score model",
+            bundle_command("training", "vejp_anomaly", training_files, work_dir),
+            four_channel,
+            work_dir / FOUR_CHANNEL_DIR / "checkpoints",
+            lambda: training_estimate(
+                "score", [BUNDLES / "vejp_anomaly" / "configs" / name for name in training_files], work_dir / "prepared", scale
             ),
-            None,
-        )
-        for split in ("validation", "test")
+        ),
     ]
+    for name, method, model in (("TSGM", TABLE_III_DETECTIONS, checkpoint), ("four-channel TSGM", FOUR_CHANNEL_DETECTIONS, four_channel)):
+        steps += [
+            Step(
+                f"Table III: {name} detection, {split}, all four modalities",
+                bundle_command(
+                    "inference",
+                    "vejp_anomaly",
+                    ["inference.yaml"],
+                    work_dir,
+                    checkpoint=model,
+                    datalist=work_dir / "prepared" / "volumes.json",
+                    split=split,
+                    method=method,
+                    reconstruct_modalities="all",
+                    skip_existing=True,
+                ),
+                None,
+            )
+            for split in ("validation", "test")
+        ]
+    rows = ("tsgm", FOUR_CHANNEL_DETECTIONS, "cyclegan")
     steps.append(
         Step(
-            "Table III: each modality, equal and validation weights (TSGM, CycleGAN-only)",
-            bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", *overlay, "modalities.yaml"], work_dir),
-            work_dir / TABLE_III_DIR / "summary.json",
+            "Table III: each modality, equal and validation weights (TSGM single- and four-channel, CycleGAN-only)",
+            bundle_command("evaluating", "tsgm_evaluation", ["evaluate.yaml", *overlay, "modalities.yaml"], work_dir, overwrite=True),
+            # the report and each method's validation-weighted row: a method added since evaluates again
+            (
+                work_dir / TABLE_III_DIR / "summary.json",
+                *(work_dir / TABLE_III_DIR / f"{row}_validation_weights" / "calibration.json" for row in rows),
+            ),
         )
     )
     return steps
@@ -256,10 +297,11 @@ def comparison_steps(
     else:
         tsgm = dataset_steps(work_dir, dataset_dir, scale, split_file=split_file)
         evaluation_configs = ["evaluate.yaml", *SCALES[scale]["overlay"], "controls.yaml"]  # type: ignore[misc]
-    checkpoint = BUNDLES / WEIGHT_SETS["phantom"]["vejp"] if dataset_dir is None else work_dir / "vejp" / "model.pt"
+    trained = {"vejp": work_dir / "vejp" / "model.pt", "cyclegan": work_dir / "cyclegan" / "model.pt"}
+    models = {key: BUNDLES / WEIGHT_SETS["phantom"][key] for key in trained} if dataset_dir is None else trained
     # the demo is the CPU scale
-    overlay = list(SCALES["cpu" if dataset_dir is None else scale]["overlay"])  # type: ignore[arg-type]
-    steps = tsgm + table_iii_steps(work_dir, checkpoint, overlay) + figure_8_steps(work_dir, checkpoint, scale)
+    steps = tsgm + table_iii_steps(work_dir, models["vejp"], models["cyclegan"], "cpu" if dataset_dir is None else scale)
+    steps += figure_8_steps(work_dir, models["vejp"], scale)
     steps += [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
 
     def peer_methods() -> dict[str, object]:

@@ -116,6 +116,12 @@ SCALES: dict[str, dict[str, object]] = {
 }
 
 
+def pair_treatment(scale: str) -> dict[str, object]:
+    """The CycleGAN inference overrides that give the scale's pseudo-pairs (its :data:`SCALES` lesion blending)."""
+    blend = SCALES[scale]["lesion_blend_threshold"]
+    return {} if blend is None else {"lesion_blend_threshold": blend, "lesion_placement": SCALES[scale]["lesion_placement"]}
+
+
 def model_steps(
     work_dir: Path,
     scale: str,
@@ -135,9 +141,7 @@ def model_steps(
     (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
-    blend = SCALES[scale]["lesion_blend_threshold"]
-    # what the scale does to the pseudo-pairs, done to the true pairs of the REFERENCE row too
-    pair_treatment = {} if blend is None else {"lesion_blend_threshold": blend, "lesion_placement": SCALES[scale]["lesion_placement"]}
+    treatment = pair_treatment(scale)  # done to the true pairs of the REFERENCE row too
     prepared = work_dir / "prepared"
     multi = ["multi_gpu_train.yaml"] if processes > 1 else []
 
@@ -191,9 +195,7 @@ def model_steps(
         ),
         Step(
             "pseudo-pairs G_A→B(healthy)",
-            bundle_command(
-                "inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=work_dir / "cyclegan" / "model.pt", **pair_treatment
-            ),
+            bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=work_dir / "cyclegan" / "model.pt", **treatment),
             work_dir / "pseudo_pairs" / "pseudo_pairs.json",
         ),
         train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint})),
@@ -204,7 +206,7 @@ def model_steps(
         training += [
             Step(
                 "REFERENCE true pairs (twin slice, real slice)",
-                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment),
+                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **treatment),
                 work_dir / "true_pairs" / "pseudo_pairs.json",
             ),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),

@@ -1,7 +1,8 @@
 """Pseudo-pair datalist (CycleGAN inference -> VE-JP training) and the transforms that load a pair.
 
 ``PAIRS/pseudo_pairs.json`` (docs/architecture.md): ``{"training": [...], "validation": [...]}`` with items
-``{"image": x_A .npy, "condition": x_B~ .npy, "subject", "modality", "z"}``, paths relative to ``PAIRS``.
+``{"image": x_A .npy, "condition": x_B~ .npy, "subject", "modality", "z"}``, paths relative to ``PAIRS``. The
+four-channel stage 2 (``channels=4``) reads the four modalities' pairs of an axial slice as one sample.
 
 Lesion blending (:func:`blend_lesions`, off by default; the paper uses G_A→B(x_A) as it is): at the 64² demo scale
 G_A→B adds a lesion but also rewrites the texture of all normal tissue (median change 0.057 on a brain median of
@@ -20,7 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
+from monai.transforms import Compose, ConcatItemsd, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from scipy import ndimage as ndi
 
 from tsgm_components.data.brats import MODALITIES
@@ -29,12 +30,15 @@ from tsgm_components.errors import TsgmInputError
 PAIR_KEYS = ("image", "condition")
 
 
-def load_pseudo_pairs(pairs_dir: str | Path, split: str = "training", image_size: int | None = None) -> list[dict[str, Any]]:
+def load_pseudo_pairs(pairs_dir: str | Path, split: str = "training", image_size: int | None = None, channels: int = 1) -> list[dict[str, Any]]:
     """Items of ``split`` in ``pairs_dir/pseudo_pairs.json`` with absolute ``image``/``condition`` paths.
 
     When ``image_size`` is given, the first pair's slices must be (image_size, image_size): a config built
-    for another size fails here with the file named, not deep inside the network.
+    for another size fails here with the file named, not deep inside the network. ``channels`` 1: one item per
+    modality slice; 4: one item per axial slice (:func:`stack_pairs`).
     """
+    if channels not in (1, len(MODALITIES)):
+        raise ValueError(f"channels must be 1 (modality slices as samples) or {len(MODALITIES)} (stacked {list(MODALITIES)}), got {channels}")
     pairs_dir = Path(pairs_dir).resolve()
     path = pairs_dir / "pseudo_pairs.json"
     if not path.is_file():
@@ -59,15 +63,48 @@ def load_pseudo_pairs(pairs_dir: str | Path, split: str = "training", image_size
                 raise TsgmInputError(items[0][key], f"cannot read slice ({type(error).__name__}: {error})") from error
             if shape != (image_size, image_size):
                 raise TsgmInputError(items[0][key], f"slice shape {shape} does not match the config's image_size={image_size}")
-    return items
+    return items if channels == 1 else stack_pairs(items, path)
 
 
-def pair_transforms(keys: tuple[str, ...] = PAIR_KEYS) -> Compose:
-    """Load ``keys`` (.npy slices) as (1, H, W) float32 tensors in [0, 1]."""
+def stacked_key(key: str, modality: str) -> str:
+    """The item key of one modality's slice path in a stacked pair: ``image_flair``, ``condition_t1``."""
+    return f"{key}_{modality}"
+
+
+def stack_pairs(items: list[dict[str, Any]], source: str | Path = "pseudo_pairs.json") -> list[dict[str, Any]]:
+    """Group per-modality pairs by (subject, z): one item per axial slice with the four modalities' ``image`` and
+    ``condition`` paths under :func:`stacked_key` (``MODALITIES`` order), plus ``subject`` and ``z``.
+
+    Raises TsgmInputError naming ``source`` if a slice lacks a modality's pair.
+    """
+    groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for item in items:
+        groups.setdefault((str(item["subject"]), int(item["z"])), {})[str(item["modality"])] = item
+    stacked = []
+    for (subject, z), by_modality in sorted(groups.items()):
+        missing = [m for m in MODALITIES if m not in by_modality]
+        if missing:
+            raise TsgmInputError(source, f"slice z={z} of {subject} lacks the pairs of {missing} (four-channel pairs need all of {list(MODALITIES)})")
+        item = {stacked_key(key, m): by_modality[m][key] for key in PAIR_KEYS for m in MODALITIES}
+        stacked.append(dict(item, subject=subject, z=z))
+    return stacked
+
+
+def pair_transforms(keys: tuple[str, ...] = PAIR_KEYS, channels: int = 1) -> Compose:
+    """Load ``keys`` (.npy slices) as (channels, H, W) float32 tensors in [0, 1]: with ``channels`` 4 each key is
+    the concatenation of the four modalities' slices of a :func:`stack_pairs` item, in ``MODALITIES`` order."""
+    if channels == 1:
+        loaded = list(keys)
+        stacking = []
+    else:
+        loaded = [stacked_key(key, m) for key in keys for m in MODALITIES]
+        stacking = [ConcatItemsd(keys=[stacked_key(key, m) for m in MODALITIES], name=key, dim=0) for key in keys]
+        stacking.append(DeleteItemsd(keys=loaded))
     return Compose(
         [
-            LoadImaged(keys=list(keys), reader="NumpyReader", image_only=True),
-            EnsureChannelFirstd(keys=list(keys), channel_dim="no_channel"),
+            LoadImaged(keys=loaded, reader="NumpyReader", image_only=True),
+            EnsureChannelFirstd(keys=loaded, channel_dim="no_channel"),
+            *stacking,
             EnsureTyped(keys=list(keys), dtype=torch.float32, track_meta=False),
         ]
     )

@@ -47,12 +47,16 @@ NIFTI_GZIP_BOUND = 0.25
 
 
 class InfererReconstructor:
-    """Adapts a MONAI inferer + network to :data:`Reconstructor`: ``inferer(slices, network)`` on ``device``."""
+    """Adapts a MONAI inferer + network to :data:`Reconstructor`: ``inferer(slices, network)`` on ``device``.
+
+    ``all_modalities``: the network reconstructs the four modalities of a slice together (``image_channels`` 4), so
+    every call needs all of them."""
 
     def __init__(self, inferer: Callable[[Tensor, torch.nn.Module], Tensor], network: torch.nn.Module, device: str | torch.device = "cpu"):
         self.inferer = inferer
         self.network = network.eval()
         self.device = torch.device(device)
+        self.all_modalities = getattr(network, "image_channels", 1) > 1
 
     @torch.no_grad()
     def __call__(self, slices: Tensor) -> Tensor:
@@ -72,7 +76,8 @@ class Detector:
 
     reconstruct_modalities: "all", or "weighted" to reconstruct (and write maps for) only the modalities with a
     non-zero weight, at a fraction of the sampling time (the same model and sampler; the slices' noise streams follow
-    their position in the stack, so the maps equal an "all" run's up to sampling noise).
+    their position in the stack, so the maps equal an "all" run's up to sampling noise). A reconstruction that needs
+    every modality at once (``all_modalities``: the four-channel model, a 4-channel generator) reconstructs all four.
     weights_data: "phantom" or "real" (:func:`~tsgm_components.checkpoints.weights_data_kind`): a subject of the other
     kind gets a warning (phantom weights on a real scan, or real weights on the phantom).
     """
@@ -105,7 +110,8 @@ class Detector:
     @property
     def reconstructed(self) -> list[str]:
         """The modalities this detection reconstructs, in ``MODALITIES`` order."""
-        return [m for m in MODALITIES if self.reconstruct_modalities == "all" or self.mask_settings.weights[m] > 0]
+        every = self.reconstruct_modalities == "all" or getattr(self.reconstruct, "all_modalities", False)
+        return [m for m in MODALITIES if every or self.mask_settings.weights[m] > 0]
 
     @property
     def needed(self) -> dict[str, str]:
@@ -113,6 +119,8 @@ class Detector:
         folder with FLAIR alone is enough for weights that weigh FLAIR alone)."""
         if self.reconstruct_modalities == "all":
             return {m: "reconstruct_modalities 'all' reconstructs every modality (use 'weighted')" for m in MODALITIES}
+        if getattr(self.reconstruct, "all_modalities", False):
+            return {m: "the model reconstructs the four modalities of each slice together" for m in MODALITIES}
         weights, source = self.mask_settings.weights, self.mask_settings.weights_source
         return {m: f"the calibration weighs {m} (weight {weights[m]:g}; {source})" for m in self.reconstructed}
 

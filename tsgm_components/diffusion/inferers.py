@@ -279,13 +279,16 @@ class DiffusionSamplerInferer(Inferer):
         """Healthy reconstructions of ``inputs``.
 
         Args:
-            inputs: (B, 1, H, W) slices in [0, 1] (the tumour-domain images to be made healthy).
-            network: a ``ScoreUNet`` (its EMA weights for a trained model) whose ``condition_channels`` is 1 in
-                conditional mode and 0 in unconditional mode.
+            inputs: (B, 1, H, W) slices in [0, 1] (the tumour-domain images to be made healthy). For a network with
+                ``image_channels`` C > 1 (the four-channel model), B = C·S: the S slices of each modality stacked in
+                ``MODALITIES`` order, as the detection harness passes them; the C modalities of each axial slice
+                are then reconstructed together, as one C-channel sample conditioned on all of them.
+            network: a ``ScoreUNet`` (its EMA weights for a trained model) whose ``condition_channels`` is its
+                ``image_channels`` in conditional mode and 0 in unconditional mode.
 
         Returns:
-            (B, 1, H, W) healthy reconstructions in [0, 1], float32, on the inputs' device (the mean of
-            ``n_draws`` draws).
+            (B, 1, H, W) healthy reconstructions in [0, 1], float32, on the inputs' device, in the inputs' order
+            (the mean of ``n_draws`` draws).
         """
         inputs = convert_to_tensor(inputs, dtype=torch.float32, track_meta=False)
         if inputs.ndim != 4 or inputs.shape[1] != 1:
@@ -295,19 +298,27 @@ class DiffusionSamplerInferer(Inferer):
         low, high = inputs.min().item(), inputs.max().item()
         if low < -INPUT_RANGE_TOLERANCE or high > 1 + INPUT_RANGE_TOLERANCE:
             raise ValueError(f"inputs must be normalised slices in [0, 1], got values in [{low:.4g}, {high:.4g}]")
-        expected = 1 if self.conditional else 0
+        channels = int(getattr(network, "image_channels", 1))
+        expected = channels if self.conditional else 0
         got = getattr(network, "condition_channels", None)
         if got != expected:
             raise ValueError(
                 f"{'conditional' if self.conditional else 'unconditional'} sampling needs a network with condition_channels={expected}, got {got}"
             )
+        if inputs.shape[0] % channels:
+            raise ValueError(
+                f"a {channels}-channel network reconstructs the modalities of each axial slice together: inputs must be "
+                f"({channels}·S, 1, H, W), the S slices of each modality stacked in MODALITIES order, got {tuple(inputs.shape)}"
+            )
+        # (C·S, 1, H, W) modality-major -> (S, C, H, W): one sample per axial slice (a no-op for C = 1)
+        samples = inputs.reshape(channels, -1, *inputs.shape[2:]).transpose(0, 1)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         if self.compile:
             network = self._compiled(network)
         # the draws of all slices form one stack (draw-major), chunked like the slices of a single draw
-        n_slices = inputs.shape[0]
-        units = inputs.repeat(self.n_draws, 1, 1, 1)
+        n_slices = samples.shape[0]
+        units = samples.repeat(self.n_draws, 1, 1, 1)
         chunk_size = min(self.batch_size, units.shape[0])
         outputs = []
         for first in range(0, units.shape[0], chunk_size):
@@ -318,7 +329,8 @@ class DiffusionSamplerInferer(Inferer):
             generators = [slice_generator(self.seed, u % n_slices, inputs.device, u // n_slices) for u in range(first, first + chunk.shape[0])]
             progress = self._progress(first, count, units.shape[0])
             outputs.append(self._sample(chunk, network, generators, progress)[:count].clamp_(0.0, 1.0))
-        return torch.cat(outputs).view(self.n_draws, *inputs.shape).mean(0)
+        healthy = torch.cat(outputs).view(self.n_draws, *samples.shape).mean(0)
+        return healthy.transpose(0, 1).reshape(inputs.shape)
 
     def _compiled(self, network: nn.Module) -> nn.Module:
         """``torch.compile(network)``, compiled once per network object."""

@@ -23,7 +23,7 @@ from tsgm_components.data.preprocessing import PreprocessConfig
 from tsgm_components.detection.detector import Detector, Reconstructor, detect_datalist
 from tsgm_components.detection.masking import MAPS_ONLY, Calibration
 from tsgm_components.detection.ensembling import PAPER_WEIGHTS
-from tsgm_components.stage1.translation import translate_modalities
+from tsgm_components.stage1.translation import generator_channels, translate_modalities
 
 #: Ensemble weights of the FLAIR-thresholding baseline (fixed: no weight search).
 FLAIR_ONLY: dict[str, float] = {"t1": 0.0, "t1ce": 0.0, "t2": 0.0, "flair": 1.0}
@@ -39,6 +39,7 @@ class GeneratorReconstructor:
     def __init__(self, generator: nn.Module, batch_size: int = 16):
         self.generator = generator.eval()
         self.batch_size = batch_size
+        self.all_modalities = generator_channels(generator) > 1  # a 4-channel generator needs the four at once
 
     def __call__(self, slices: Tensor) -> Tensor:
         return translate_modalities(self.generator, slices, self.batch_size)

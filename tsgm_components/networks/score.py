@@ -44,8 +44,11 @@ class ScoreUNet(nn.Module):
     the same weight on the UNet's own output.
 
     Args:
-        condition_channels: channels of the condition image (1 for VE-JP: the pseudo-tumour slice x_B~);
-            0 for an unconditional model (healthy-only SDEdit baseline).
+        condition_channels: channels of the condition image (1 for VE-JP: the pseudo-tumour slice x_B~; 4 for the
+            four-channel model); 0 for an unconditional model (healthy-only SDEdit baseline).
+        image_channels: channels of the healthy image the model denoises: 1 (the paper: every modality slice a
+            sample) or 4 (the four modalities of an axial slice as one sample, in ``MODALITIES`` order: Table III's
+            multi-channel stage 2). Checkpoints saved before this option hold 1-channel models.
         channels, attention_levels, num_res_blocks, num_head_channels, norm_num_groups: the
             ``DiffusionModelUNet`` layout; defaults are ``PAPER_PRESET``. Image sides must be divisible by
             2^(len(channels) − 1).
@@ -66,8 +69,11 @@ class ScoreUNet(nn.Module):
         norm_num_groups: int = PAPER_PRESET["norm_num_groups"],
         sigma_data: float = 0.5,
         num_classes: int = 0,
+        image_channels: int = 1,
     ):
         super().__init__()
+        if image_channels < 1:
+            raise ValueError(f"image_channels must be >= 1, got {image_channels}")
         if condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels}")
         if sigma_data <= 0:
@@ -76,12 +82,13 @@ class ScoreUNet(nn.Module):
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = int(num_classes)
         self.condition_channels = int(condition_channels)
+        self.image_channels = int(image_channels)
         self.sigma_data = float(sigma_data)
         self.size_multiple = 2 ** (len(channels) - 1)
         self.unet = DiffusionModelUNet(
             spatial_dims=2,
-            in_channels=1 + self.condition_channels,
-            out_channels=1,
+            in_channels=self.image_channels + self.condition_channels,
+            out_channels=self.image_channels,
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
             num_res_blocks=num_res_blocks,
@@ -106,20 +113,20 @@ class ScoreUNet(nn.Module):
         """Score estimate.
 
         Args:
-            x: noisy state x_t, (B, 1, H, W), data scale [0, 1] plus noise of std ``sigma``.
+            x: noisy state x_t, (B, image_channels, H, W), data scale [0, 1] plus noise of std ``sigma``.
             sigma: noise level, (B,) (or a scalar, broadcast to the batch), > 0.
             condition: (B, condition_channels, H, W) in [0, 1], never noised; None for an unconditional model.
             class_labels: (B,) int64 in 0..num_classes (num_classes = :attr:`null_class`) for a class-conditional
                 model (``num_classes > 0``); None otherwise.
 
         Returns:
-            (B, 1, H, W) score, the estimate of ∇_x log p_σ(x | condition, class), in units of 1/intensity.
+            (B, image_channels, H, W) score, the estimate of ∇_x log p_σ(x | condition, class), in units of 1/intensity.
         """
         sigma = self._check(x, sigma, condition, class_labels)
         return (self._denoise(x, sigma, condition, class_labels) - x) / sigma.to(x.dtype)[:, None, None, None] ** 2
 
     def denoise(self, x: Tensor, sigma: Tensor, condition: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
-        """D(x_t, σ, condition, class) ≈ E[x_0 | x_t, condition, class]: (B, 1, H, W) on the [0, 1] data scale;
+        """D(x_t, σ, condition, class) ≈ E[x_0 | x_t, condition, class]: (B, image_channels, H, W) on the [0, 1] data scale;
         arguments as ``forward``."""
         return self._denoise(x, self._check(x, sigma, condition, class_labels), condition, class_labels)
 
@@ -141,8 +148,8 @@ class ScoreUNet(nn.Module):
 
     def _check(self, x: Tensor, sigma: Tensor, condition: Tensor | None, class_labels: Tensor | None = None) -> Tensor:
         """Validates shapes; returns sigma as a float32 (B,) tensor on x's device."""
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"x must be (B, 1, H, W), got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.image_channels:
+            raise ValueError(f"x must be (B, {self.image_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
             raise ValueError(f"image sides {tuple(x.shape[-2:])} must be divisible by {self.size_multiple}")
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
