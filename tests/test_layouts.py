@@ -337,6 +337,11 @@ def test_monai_label_transforms_reorient_to_the_training_grid_and_write_back(tmp
         item["pred"] = item["image"] * 0.5  # a "healthy" reconstruction: half the input
         labels[name] = AnomalyFromHealthyd("pred", "image", grid, settings)(item)["pred"]
     np.testing.assert_array_equal(seen["RAS"], seen["LPS"])  # the network input does not depend on the voxel order
+    # nor on the channel order of the file (MSD Task01 stores FLAIR first): slices come out in MODALITIES order
+    msd_order = ("flair", "t1", "t1ce", "t2")
+    msd = save(np.stack([data[m] for m in msd_order], -1), tmp_path / "msd.nii.gz", LPS)
+    load_msd = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image"), MultiModalSlicesd("image", grid, msd_order)])
+    np.testing.assert_array_equal(np.asarray(load_msd({"image": str(msd)})["image"]), seen["LPS"])
     for name, path in paths.items():
         source = nib.load(str(path))
         assert labels[name].shape == (1, *source.shape[:3]) and np.allclose(labels[name].affine.numpy(), source.affine)

@@ -1,6 +1,7 @@
 """MONAI Label's dict pipeline for VE-JP (``BundleInferTask``): preprocessing(dict with "image") ->
 ``inferer(image[None], network)`` -> [0] -> "pred" -> postprocessing(dict). "image" is one multi-channel NIfTI
-(channels = ``channel_modalities``). The steps are the detection step's (:mod:`tsgm_components.detection.detector`):
+(channels = ``channel_modalities``, e.g. MSD Task01's FLAIR-first order); from the slices on, the modalities are in
+``MODALITIES`` order, the one a four-channel model's channels follow. The steps are the detection step's (:mod:`tsgm_components.detection.detector`):
 ``preprocess_volume`` per modality, the same slice inferer, :func:`~tsgm_components.detection.anomaly.anomaly_maps` and
 :meth:`~tsgm_components.detection.masking.Calibration.mask`.
 """
@@ -39,7 +40,8 @@ class SliceStackInferer(Inferer):
 
 
 class MultiModalSlicesd(MapTransform):
-    """(M, H, W, D) multi-modal volume -> (M, S, s, s) preprocessed slices in [0, 1] (same as training).
+    """(M, H, W, D) multi-modal volume, channels ``channel_modalities`` -> (M, S, s, s) preprocessed slices in [0, 1]
+    (same as training), in ``MODALITIES`` order.
 
     The volume is checked against the model's training grid and reoriented to it, from the MetaTensor's affine
     (:func:`~tsgm_components.data.brats.grid_geometry`; a plain array is taken as already in that orientation). Also
@@ -73,7 +75,8 @@ class MultiModalSlicesd(MapTransform):
                 geometry = grid_geometry(np.asarray(torch.as_tensor(meta["affine"]).cpu()), volume.shape[1:], self.preprocess, source)
                 volume = np.stack([geometry.to_training(channel) for channel in volume])
             brain = volume.any(axis=0)
-            slices = np.stack([preprocess_volume(channel, brain, self.preprocess)[1] for channel in volume])
+            channels = [volume[self.channel_modalities.index(m)] for m in MODALITIES]
+            slices = np.stack([preprocess_volume(channel, brain, self.preprocess)[1] for channel in channels])
             data[key] = MetaTensor(torch.from_numpy(slices), meta=getattr(image, "meta", None))
             data[f"{key}_brain"] = brain
             data[f"{key}_geometry"] = geometry
@@ -81,7 +84,8 @@ class MultiModalSlicesd(MapTransform):
 
 
 class AnomalyFromHealthyd(MapTransform):
-    """``pred`` (M, S, s, s) healthy slices -> (1, H, W, D) weighted anomaly map, or the uint8 mask when a mask
+    """``pred`` (M, S, s, s) healthy slices (``MODALITIES`` order, as :class:`MultiModalSlicesd` leaves the image) ->
+    (1, H, W, D) weighted anomaly map, or the uint8 mask when a mask
     rule is given (``mask_settings`` from :func:`resolve_mask_settings`), in the input geometry (mapped back from the
     model's orientation with the ``<image_key>_geometry`` :class:`MultiModalSlicesd` stored)."""
 
@@ -91,13 +95,11 @@ class AnomalyFromHealthyd(MapTransform):
         image_key: str,
         preprocess: PreprocessConfig,
         mask_settings: Calibration,
-        channel_modalities: Sequence[str] = MODALITIES,
     ):
         super().__init__(keys)
         self.image_key = image_key
         self.preprocess = preprocess
         self.mask_settings = mask_settings
-        self.channel_modalities = tuple(channel_modalities)
 
     def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
         data = dict(data)
@@ -105,11 +107,11 @@ class AnomalyFromHealthyd(MapTransform):
         geometry = data.get(f"{self.image_key}_geometry")
         slices = np.asarray(torch.as_tensor(image).detach().cpu(), dtype=np.float32)
         brain = data[f"{self.image_key}_brain"]
-        inputs = {m: slices[i] for i, m in enumerate(self.channel_modalities)}
+        inputs = dict(zip(MODALITIES, slices))
         for key in self.key_iterator(data):
             healthy = np.asarray(torch.as_tensor(data[key]).detach().cpu(), dtype=np.float32)
             _, weighted = anomaly_maps(
-                inputs, {m: healthy[i] for i, m in enumerate(self.channel_modalities)}, brain, self.preprocess, self.mask_settings.weights
+                inputs, dict(zip(MODALITIES, healthy)), brain, self.preprocess, self.mask_settings.weights
             )
             spacing = geometry.training_voxel_size if geometry is not None else (1.0, 1.0, 1.0)
             mask = self.mask_settings.mask(weighted, brain, spacing, self.preprocess.z_range)
