@@ -110,9 +110,7 @@ class AnomalyFromHealthyd(MapTransform):
         inputs = dict(zip(MODALITIES, slices))
         for key in self.key_iterator(data):
             healthy = np.asarray(torch.as_tensor(data[key]).detach().cpu(), dtype=np.float32)
-            _, weighted = anomaly_maps(
-                inputs, dict(zip(MODALITIES, healthy)), brain, self.preprocess, self.mask_settings.weights
-            )
+            _, weighted = anomaly_maps(inputs, dict(zip(MODALITIES, healthy)), brain, self.preprocess, self.mask_settings.weights)
             spacing = geometry.training_voxel_size if geometry is not None else (1.0, 1.0, 1.0)
             mask = self.mask_settings.mask(weighted, brain, spacing, self.preprocess.z_range)
             out = weighted if mask is None else mask
