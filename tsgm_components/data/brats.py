@@ -22,6 +22,7 @@ squeezed. Every problem with a file raises :class:`TsgmInputError` naming that f
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -605,8 +606,8 @@ def load_subject(
     """
     files = SubjectFiles.from_record(files)
     images, geometry = open_subject(files, preprocess, modalities, reasons)
-    arrays = {}
-    for modality in files.modalities:
+
+    def read(modality: str) -> np.ndarray:
         path = Path(files.paths[modality])
         data = _read_data(path, images[modality])
         if not data.any():
@@ -614,7 +615,12 @@ def load_subject(
                 path, "volume is all zero" if modality not in files.channels else f"channel {files.channels[modality]} ({modality}) is all zero"
             )
         check_intensities(data, path)
-        arrays[modality] = geometry.to_training(data)
+        return geometry.to_training(data)
+
+    # one thread per file: gzip decompression, most of the reading time, releases the GIL; map raises the first
+    # failing modality's error in MODALITIES order, as a loop would
+    with ThreadPoolExecutor(len(files.modalities)) as readers:
+        arrays = dict(zip(files.modalities, readers.map(read, files.modalities)))
     seg = None
     if SEG in files.paths:
         path = Path(files.paths[SEG])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 Reconstructor = Callable[[Tensor], Tensor]
 #: "all" modalities, or only the "weighted" ones (non-zero ensemble weight)
 RECONSTRUCT_MODALITIES = ("all", "weighted")
+#: threads that write a subject's NIfTI files while the overlay is drawn: gzip compression, most of the writing time,
+#: releases the GIL (benchmarks/single_subject_inference.py)
+WRITER_THREADS = 4
 #: gzip keeps about 13 % of the raw size of these float32 maps (zero outside the brain; 46 MB for a phantom subject's
 #: ten maps); the free-space check asks for this fraction, an upper estimate
 NIFTI_GZIP_BOUND = 0.25
@@ -206,21 +210,23 @@ def detect_subject(
     if mask is None:
         logger.warning("%s: no calibration file, threshold or Otsu mode given: wrote the anomaly maps only, NO binary mask", subject)
 
-    with atomic_dir(target, overwrite=overwrite) as tmp:
-        outputs = {}
+    with atomic_dir(target, overwrite=overwrite) as tmp, ThreadPoolExecutor(WRITER_THREADS) as writers:
+        outputs, writing = {}, []
         for modality in reconstructed:
             outputs[f"healthy_{modality}"] = f"{subject}_healthy_{modality}.nii.gz"
-            volumes.save(healthy[modality], tmp / outputs[f"healthy_{modality}"])
+            writing.append(writers.submit(volumes.save, healthy[modality], tmp / outputs[f"healthy_{modality}"]))
             outputs[f"anomaly_{modality}"] = f"{subject}_anomaly_{modality}.nii.gz"
-            volumes.save(anomaly[modality], tmp / outputs[f"anomaly_{modality}"])
+            writing.append(writers.submit(volumes.save, anomaly[modality], tmp / outputs[f"anomaly_{modality}"]))
         outputs["anomaly"] = f"{subject}_anomaly.nii.gz"
-        volumes.save(weighted, tmp / outputs["anomaly"])
+        writing.append(writers.submit(volumes.save, weighted, tmp / outputs["anomaly"]))
         if mask is not None:
             outputs["mask"] = f"{subject}_mask.nii.gz"
-            volumes.save(mask, tmp / outputs["mask"], dtype=np.uint8)
+            writing.append(writers.submit(volumes.save, mask, tmp / outputs["mask"], dtype=np.uint8))
         outputs["overlay"] = f"{subject}_overlay.png"
         background = normalised["flair"] if "flair" in normalised else normalised[reconstructed[0]]
         save_overlay(background, weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
+        for written in writing:  # a failed write raises here, inside atomic_dir: no half-written folder
+            written.result()
         outputs["detection"] = f"{subject}_detection.json"
         record = {
             "method": method,
