@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 #: reconstruct(slices (N, 1, s, s) float32 in [0, 1]) -> healthy slices (N, 1, s, s) in [0, 1]. The N slices mix
 #: modalities (one single-channel model serves all four contrasts): a volume is one call, i.e. one batched sampler run.
+#: A reconstructor whose ``all_modalities`` attribute is true (a four-channel model) needs all four in every call.
 Reconstructor = Callable[[Tensor], Tensor]
 #: "all" modalities, or only the "weighted" ones (non-zero ensemble weight)
 RECONSTRUCT_MODALITIES = ("all", "weighted")
