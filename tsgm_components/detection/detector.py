@@ -199,8 +199,9 @@ def detect_subject(
     check_writable(target, output_bytes(volumes.geometry, len(reconstructed)))  # before the sampling
 
     reconstruction_started = time.perf_counter()
+    background = "flair" if "flair" in volumes.arrays else reconstructed[0]  # the overlay's grey image
     normalised, slices = {}, {}
-    for modality in volumes.arrays:  # the modalities with a file: all four, or at least the reconstructed ones
+    for modality in dict.fromkeys([*reconstructed, background]):  # what the maps and the overlay use
         normalised[modality], slices[modality] = preprocess_volume(volumes.arrays[modality], volumes.brain_mask, preprocess)
     healthy_slices = _reconstruct_volume(detector.reconstruct, {m: slices[m] for m in reconstructed}, files)
     healthy = {m: slices_to_volume(healthy_slices[m], volumes.brain_mask.shape, preprocess) for m in reconstructed}
@@ -224,8 +225,7 @@ def detect_subject(
             outputs["mask"] = f"{subject}_mask.nii.gz"
             writing.append(writers.submit(volumes.save, mask, tmp / outputs["mask"], dtype=np.uint8))
         outputs["overlay"] = f"{subject}_overlay.png"
-        background = normalised["flair"] if "flair" in normalised else normalised[reconstructed[0]]
-        save_overlay(background, weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
+        save_overlay(normalised[background], weighted, mask, preprocess.z_range, tmp / outputs["overlay"], f"{subject} ({method})")
         for written in writing:  # a failed write raises here, inside atomic_dir: no half-written folder
             written.result()
         outputs["detection"] = f"{subject}_detection.json"
