@@ -11,6 +11,13 @@ copy-the-condition error |x_B~ − x_A|, over all pixels and over the *changed* 
 added, or the lesion for true pairs). Samplers that start from the prior pass through every σ; a model whose error at
 large σ is far above the copy-the-condition error gives poor healthy reconstructions whatever the sampler. With
 several ``--checkpoints`` (training checkpoints hold the EMA weights too) the rows are a training curve.
+
+``--stacked``: the probe's samples are axial slices with all four modalities' pairs (pixels of every modality), which a
+four-channel model (``four_channel.yaml``) denoises as one sample and a single-channel model modality by modality: the
+two kinds of model on the same pixels and noise. A four-channel checkpoint needs it.
+
+    python benchmarks/denoiser_probe.py --work_dir runs/real --stacked \
+        --checkpoints runs/real/vejp/model.pt runs/real/vejp_four_channel/model.pt --out probe_four_channel
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from monai.bundle import ConfigParser
 
 from tsgm_components import REPO_ROOT
 from tsgm_components.checkpoints import read_checkpoint
-from tsgm_components.data.pseudo_pairs import load_pseudo_pairs
+from tsgm_components.data.brats import MODALITIES
+from tsgm_components.data.pseudo_pairs import PAIR_KEYS, load_pseudo_pairs, stacked_key
 
 from common import save_report  # benchmarks/common.py (this script's folder is sys.path[0])
 
@@ -53,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 20.0])
     parser.add_argument("--n_pairs", type=int, default=32, help="validation pairs with changed pixels, evenly spaced")
+    parser.add_argument("--stacked", action="store_true", help="samples are axial slices of all four modalities (module doc)")
     parser.add_argument("--out", default=None, help="also write benchmarks/results/OUT.md and .json")
     args = parser.parse_args(argv)
     work = Path(args.work_dir).resolve()
@@ -62,10 +71,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.read_config(args.config_file)
     config.update({"work_dir": str(work), "device": "$torch.device('cpu')", "checkpoint": str(checkpoints[0])})
     size = int(config.get_parsed_content("image_size"))
-    items = load_pseudo_pairs(work / args.pairs, "validation", size)
+    channels = len(MODALITIES) if args.stacked else 1
+    items = load_pseudo_pairs(work / args.pairs, "validation", size, channels)
+    keys = {key: [stacked_key(key, m) for m in MODALITIES] if args.stacked else [key] for key in PAIR_KEYS}
 
     def load(item: dict, key: str) -> torch.Tensor:
-        return torch.from_numpy(np.load(item[key])).float().reshape(1, size, size)
+        return torch.stack([torch.from_numpy(np.load(item[k])).float() for k in keys[key]])
 
     changed_items = [i for i in items if bool(((load(i, "condition") - load(i, "image")).abs() > CHANGED).any())]
     pool = changed_items or items
@@ -81,11 +92,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for checkpoint in sorted(checkpoints, key=lambda c: (_iteration(c) or 0, str(c))):
         config.update({"checkpoint": str(checkpoint)})
         network = config.get_parsed_content("network", lazy=False)
+        if network.image_channels not in (1, channels):
+            raise SystemExit(f"{checkpoint}: a {network.image_channels}-channel model needs --stacked (samples of all four modalities)")
+        # a single-channel model denoises each modality of a stacked sample as its own sample
+        as_samples = (lambda x: x) if network.image_channels == channels else (lambda x: x.reshape(-1, 1, size, size))
         errors_all, errors_changed = [], []
         with torch.no_grad():
             for sigma, noise in zip(args.sigmas, noises):
-                cond = condition if network.conditional else None
-                error = (network.denoise(x_a + noise, torch.tensor(sigma), cond) - x_a).abs()
+                cond = as_samples(condition) if network.conditional else None
+                denoised = network.denoise(as_samples(x_a + noise), torch.tensor(sigma), cond).reshape(x_a.shape)
+                error = (denoised - x_a).abs()
                 errors_all.append(round(float(error.mean()), 4))
                 errors_changed.append(round(float(error[changed].mean()), 4) if changed.any() else None)
         rows.append({"checkpoint": str(checkpoint), "iteration": _iteration(checkpoint), "error_all": errors_all, "error_changed": errors_changed})
@@ -97,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# Denoiser probe: mean |D(x_A + σz, σ, x_B~) − x_A| on the [0, 1] scale ({args.pairs})",
         "",
         f"Command: `{shlex.join(['python', 'benchmarks/denoiser_probe.py', *(argv if argv is not None else sys.argv[1:])])}`",
-        f"Machine: {platform.machine()}, torch {torch.__version__}; {len(pool)} validation pairs at {size}² with changed "
+        f"Machine: {platform.machine()}, torch {torch.__version__}; {len(pool)} validation "
+        f"{'axial slices (all four modalities)' if args.stacked else 'pairs'} at {size}² with changed "
         f"pixels (|x_B~ − x_A| > {CHANGED}); EMA weights through the inference config ({', '.join(Path(c).name for c in args.config_file)}).",
         "",
         f"Copy the condition (D = x_B~): all pixels {copy_all:.4f}, changed pixels {copy_changed:.4f}. A model that beats "
