@@ -67,11 +67,23 @@ def test_comparison_steps_name_existing_configs_and_read_test_once(tmp_path):
     assert table_iii.output[0] == tmp_path / TABLE_III_DIR / "summary.json"
     assert tmp_path / TABLE_III_DIR / "tsgm_four_channel_validation_weights" / "calibration.json" in table_iii.output
     # an evaluation holding only some of the peers is redone when more are asked for, kept when it holds them all
-    for row in ("tsgm", "vae"):  # the evaluation's layout: summary.json and one calibration per row
+    for row in ("tsgm", "vae"):  # the evaluation's layout: summary.json and one calibration per row (its detections)
         (tmp_path / COMPARISON_DIR / row).mkdir(parents=True)
-        (tmp_path / COMPARISON_DIR / row / "calibration.json").write_text("{}")
+        (tmp_path / COMPARISON_DIR / row / "calibration.json").write_text(json.dumps({"detection_dir": str(tmp_path / "detections" / row)}))
     (tmp_path / COMPARISON_DIR / "summary.json").write_text(json.dumps({"tsgm": {}, "vae": {}}))
     assert comparison_steps(tmp_path, peers=("vae",))[-1].done()
+    assert not comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].done()
+    # a row evaluated with a setting that validation no longer chooses (a candidate added since) is evaluated again
+    candidates = peer_plan("pddpm")["candidates"]
+    for value in candidates:
+        folder = tmp_path / SETTINGS_DIR / "pddpm" / f"pddpm_{value}"
+        folder.mkdir(parents=True)
+        (folder / "calibration.json").write_text(json.dumps({"validation_dice": 0.9 if value == candidates[0] else 0.5}))
+    (tmp_path / COMPARISON_DIR / "pddpm").mkdir()
+    evaluated = tmp_path / COMPARISON_DIR / "pddpm" / "calibration.json"
+    evaluated.write_text(json.dumps({"detection_dir": str(tmp_path / "detections" / f"pddpm_{candidates[0]}")}))
+    assert comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].done()
+    (tmp_path / SETTINGS_DIR / "pddpm" / f"pddpm_{candidates[-1]}" / "calibration.json").write_text(json.dumps({"validation_dice": 0.95}))
     assert not comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].done()
     redo = comparison_steps(tmp_path, peers=("vae", "pddpm"))[-1].command
     assert redo[redo.index("--overwrite") + 1] == "True"  # the evaluation of fewer peers is replaced, not refused

@@ -312,6 +312,15 @@ def comparison_steps(
         return {"peer_methods": rows}
 
     comparison = work_dir / COMPARISON_DIR
+
+    def rows_have_chosen_settings() -> bool:
+        """Whether every peer's row was evaluated from the detections of its setting chosen now (its calibration
+        records them): a candidate added to a grid may change the choice."""
+        return all(
+            json.loads((comparison / peer / "calibration.json").read_text()).get("detection_dir") == row["detection_dir"]
+            for peer, row in zip(peers, peer_methods()["peer_methods"])  # type: ignore[call-overload]
+        )
+
     steps.append(
         Step(
             "calibrate on validation, evaluate on test: every row",
@@ -319,6 +328,7 @@ def comparison_steps(
             # the report and every peer's row (its calibration): a peer added since evaluates again
             (comparison / "summary.json", *(comparison / peer / "calibration.json" for peer in peers)),
             late_overrides=peer_methods,
+            current=rows_have_chosen_settings,
         )
     )
     return steps

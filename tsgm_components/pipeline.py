@@ -74,12 +74,16 @@ class Step:
     estimate: Callable[[], str] | None = None  # training steps: the expected duration, printed before the step runs
     # overrides known only once the earlier steps have run (e.g. a setting chosen on validation), added as --key value
     late_overrides: Callable[[], dict[str, object]] | None = None
+    # outputs that exist may be stale: False when they were made from other inputs than the earlier steps give now
+    # (e.g. a row evaluated with a setting that a grown candidate grid has since replaced); asked once they all exist
+    current: Callable[[], bool] | None = None
 
     def done(self) -> bool:
-        """Whether every output exists (never for a step without one)."""
+        """Whether every output exists and is :attr:`current` (never for a step without one)."""
         if self.output is None:
             return False
-        return all(path.exists() for path in (self.output if isinstance(self.output, tuple) else (self.output,)))
+        exist = all(path.exists() for path in (self.output if isinstance(self.output, tuple) else (self.output,)))
+        return exist and (self.current is None or self.current())
 
     def resolved_command(self) -> list[str]:
         """The command, with ``--resume True`` when an interrupted training run left checkpoints and the late overrides."""
