@@ -24,11 +24,13 @@ from tsgm_components.pipeline import STEPS_RECORD  # noqa: E402
 BUDGET_HOURS = 3.0  # issue target: all six peers' CPU training at the CPU scale
 
 
-def training_seconds(record: dict[str, dict], peer: str) -> float | None:
-    """Seconds of every ``<peer>: training*`` step; None when the record has none (not trained by `tsgm compare` in
-    that work dir, or not finished)."""
-    values = [entry["seconds"] for name, entry in record.items() if name.startswith(f"{peer}: training")]
-    return float(sum(values)) if values else None
+def training_seconds(record: dict[str, dict], peer: str) -> tuple[float | None, bool]:
+    """Seconds of every ``<peer>: training*`` step (None when the record has none: not trained by `tsgm compare` in
+    that work dir, or not finished) and whether one of them resumed an interrupted run (``--resume True``: the record
+    then holds only the resumed part's time)."""
+    entries = [entry for name, entry in record.items() if name.startswith(f"{peer}: training")]
+    resumed = any("--resume True" in entry["command"] for entry in entries)
+    return (float(sum(entry["seconds"] for entry in entries)) if entries else None), resumed
 
 
 def main() -> None:
@@ -41,8 +43,9 @@ def main() -> None:
     records = {str(w): json.loads((Path(w) / STEPS_RECORD).read_text()) for w in args.work_dirs}
     table = {w: {peer: training_seconds(record, peer) for peer in PEERS} for w, record in records.items()}
 
-    def minutes(value: float | None) -> str:
-        return "not recorded" if value is None else f"{value / 60:.1f}"
+    def minutes(value: tuple[float | None, bool]) -> str:
+        seconds, resumed = value
+        return "not recorded" if seconds is None else f"{seconds / 60:.1f}" + (" (resumed part only)" if resumed else "")
 
     head = "| peer | " + " | ".join(f"training min ({Path(w).name})" for w in table) + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -50,8 +53,12 @@ def main() -> None:
         lines.append(f"| {peer} | " + " | ".join(minutes(t[peer]) for t in table.values()) + " |")
     sums = []
     for w, t in table.items():
-        trained = [t[p] for p in PEERS if t[p] is not None]
-        sums.append(f"{Path(w).name}: {len(trained)} of {len(PEERS)} peers trained, {sum(trained) / 3600:.2f} h of training")
+        trained = [t[p][0] for p in PEERS if t[p][0] is not None]
+        resumed = sum(t[p][1] for p in PEERS)
+        sums.append(
+            f"{Path(w).name}: {len(trained)} of {len(PEERS)} peers trained, {sum(trained) / 3600:.2f} h of training recorded"
+            + (f" ({resumed} of them resumed: their earlier parts are not in it)" if resumed else "")
+        )
     markdown = (
         f"# Peer methods: CPU training time in `tsgm compare`\n\n`{command_line(__file__)}`\n\n{args.note}\n\n"
         + "\n".join(lines)
