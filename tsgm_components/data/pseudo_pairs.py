@@ -25,6 +25,7 @@ from monai.transforms import Compose, ConcatItemsd, DeleteItemsd, EnsureChannelF
 from scipy import ndimage as ndi
 
 from tsgm_components.data.brats import MODALITIES
+from tsgm_components.data.unpaired import axial_slices
 from tsgm_components.errors import TsgmInputError
 
 PAIR_KEYS = ("image", "condition")
@@ -77,17 +78,10 @@ def stack_pairs(items: list[dict[str, Any]], source: str | Path = "pseudo_pairs.
 
     Raises TsgmInputError naming ``source`` if a slice lacks a modality's pair.
     """
-    groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
-    for item in items:
-        groups.setdefault((str(item["subject"]), int(item["z"])), {})[str(item["modality"])] = item
-    stacked = []
-    for (subject, z), by_modality in sorted(groups.items()):
-        missing = [m for m in MODALITIES if m not in by_modality]
-        if missing:
-            raise TsgmInputError(source, f"slice z={z} of {subject} lacks the pairs of {missing} (four-channel pairs need all of {list(MODALITIES)})")
-        item = {stacked_key(key, m): by_modality[m][key] for key in PAIR_KEYS for m in MODALITIES}
-        stacked.append(dict(item, subject=subject, z=z))
-    return stacked
+    return [
+        dict({stacked_key(key, m): by_modality[m][key] for key in PAIR_KEYS for m in MODALITIES}, subject=subject, z=z)
+        for subject, z, by_modality in axial_slices(items, source, lacking="the pairs of")
+    ]
 
 
 def pair_transforms(keys: tuple[str, ...] = PAIR_KEYS, channels: int = 1) -> Compose:

@@ -35,6 +35,7 @@ from tsgm_components.errors import TsgmInputError
 
 __all__ = [
     "load_slice_items",
+    "axial_slices",
     "stack_modalities",
     "lesion_fraction",
     "check_in_channels",
@@ -87,20 +88,32 @@ def check_in_channels(in_channels: int) -> int:
     return int(in_channels)
 
 
-def stack_modalities(items: list[dict[str, Any]], source: str | Path = "datalist.json") -> list[dict[str, Any]]:
-    """Group per-modality slice items by (subject, z): one item per axial slice with the four slice paths under
-    :data:`STACK_KEYS`, plus ``subject``, ``z``, ``tumour`` (and ``label`` if the items have one).
+def axial_slices(items: list[dict[str, Any]], source: str | Path, lacking: str = "modalities") -> list[tuple[str, int, dict[str, dict[str, Any]]]]:
+    """Per-modality items (``subject``, ``z``, ``modality`` keys) grouped by axial slice: sorted
+    ``(subject, z, {modality: item})`` with all four modalities each.
 
-    Raises TsgmInputError naming ``source`` if a slice lacks a modality.
+    Raises TsgmInputError naming ``source`` if a slice lacks a modality ("slice z=Z of S lacks ``lacking`` [...]").
     """
     groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for item in items:
         groups.setdefault((str(item["subject"]), int(item["z"])), {})[str(item["modality"])] = item
-    stacked = []
+    slices = []
     for (subject, z), by_modality in sorted(groups.items()):
         missing = [m for m in MODALITIES if m not in by_modality]
         if missing:
-            raise TsgmInputError(source, f"slice z={z} of {subject} lacks modalities {missing} (4-channel stacking needs all of {list(MODALITIES)})")
+            raise TsgmInputError(source, f"slice z={z} of {subject} lacks {lacking} {missing} (4-channel stacking needs all of {list(MODALITIES)})")
+        slices.append((subject, z, by_modality))
+    return slices
+
+
+def stack_modalities(items: list[dict[str, Any]], source: str | Path = "datalist.json") -> list[dict[str, Any]]:
+    """Group per-modality slice items by (subject, z) (:func:`axial_slices`): one item per axial slice with the four
+    slice paths under :data:`STACK_KEYS`, plus ``subject``, ``z``, ``tumour`` (and ``label`` if the items have one).
+
+    Raises TsgmInputError naming ``source`` if a slice lacks a modality.
+    """
+    stacked = []
+    for subject, z, by_modality in axial_slices(items, source):
         first = by_modality[MODALITIES[0]]
         item = {key: by_modality[m]["image"] for key, m in zip(STACK_KEYS, MODALITIES)}
         item.update(subject=subject, z=z, tumour=int(first["tumour"]))
