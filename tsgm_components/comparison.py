@@ -32,7 +32,7 @@ from tsgm_components.pipeline import (
     bundle_command,
     dataset_steps,
     demo_steps,
-    pair_treatment,
+    pseudo_pairs_step,
     run_steps,
 )
 
@@ -190,11 +190,7 @@ def table_iii_steps(work_dir: Path, checkpoint: Path, cyclegan_checkpoint: Path,
     four_channel = work_dir / FOUR_CHANNEL_DIR / "model.pt"
     training_files = ["train.yaml", *overlay, "four_channel.yaml"]
     steps = [
-        Step(
-            "pseudo-pairs G_A→B(healthy)",
-            bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=cyclegan_checkpoint, **pair_treatment(scale)),
-            work_dir / "pseudo_pairs" / "pseudo_pairs.json",
-        ),
+        pseudo_pairs_step(work_dir, cyclegan_checkpoint, scale),
         Step(
             "Table III: train the four-channel VE-JP score model",
             bundle_command("training", "vejp_anomaly", training_files, work_dir),

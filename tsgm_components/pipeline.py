@@ -126,6 +126,16 @@ def pair_treatment(scale: str) -> dict[str, object]:
     return {} if blend is None else {"lesion_blend_threshold": blend, "lesion_placement": SCALES[scale]["lesion_placement"]}
 
 
+def pseudo_pairs_step(work_dir: Path, cyclegan_checkpoint: Path, scale: str) -> Step:
+    """G_A→B over the healthy training and validation slices of ``W/prepared`` with the scale's pair treatment:
+    ``W/pseudo_pairs``, the training pairs of every stage-2 model of the run."""
+    return Step(
+        "pseudo-pairs G_A→B(healthy)",
+        bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=cyclegan_checkpoint, **pair_treatment(scale)),
+        work_dir / "pseudo_pairs" / "pseudo_pairs.json",
+    )
+
+
 def model_steps(
     work_dir: Path,
     scale: str,
@@ -145,7 +155,6 @@ def model_steps(
     (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
-    treatment = pair_treatment(scale)  # done to the true pairs of the REFERENCE row too
     prepared = work_dir / "prepared"
     multi = ["multi_gpu_train.yaml"] if processes > 1 else []
 
@@ -197,11 +206,7 @@ def model_steps(
             work_dir / "cyclegan",
             estimate("cyclegan", "cyclegan_brats", cyclegan_files),
         ),
-        Step(
-            "pseudo-pairs G_A→B(healthy)",
-            bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=work_dir / "cyclegan" / "model.pt", **treatment),
-            work_dir / "pseudo_pairs" / "pseudo_pairs.json",
-        ),
+        pseudo_pairs_step(work_dir, work_dir / "cyclegan" / "model.pt", scale),
         train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint})),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
         train(["train_regression.yaml"], "vejp_regression"),
@@ -210,7 +215,8 @@ def model_steps(
         training += [
             Step(
                 "REFERENCE true pairs (twin slice, real slice)",
-                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **treatment),
+                # the scale's pair treatment, done to the true pairs as to the pseudo-pairs
+                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment(scale)),
                 work_dir / "true_pairs" / "pseudo_pairs.json",
             ),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),

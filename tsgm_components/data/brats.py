@@ -22,8 +22,8 @@ squeezed. Every problem with a file raises :class:`TsgmInputError` naming that f
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
