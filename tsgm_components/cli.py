@@ -104,6 +104,7 @@ def run(
     split_file: str | None = None,
     read_test: bool = True,
     init_checkpoint: str | None = None,
+    lesion_blend_threshold: float | None = None,
 ) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
@@ -113,7 +114,8 @@ def run(
     than one). Rerunning the same command continues after the last finished step. --read_test False: stop after
     calibration and score the validation split in-sample (W/evaluation_validation), to compare settings without
     reading test. --init_checkpoint FILE: the TSGM score model starts from FILE's weights (fine-tuning, e.g.
-    bundles/vejp_anomaly/models/phantom.pt, the phantom-trained model of the same configs)."""
+    bundles/vejp_anomaly/models/phantom.pt, the phantom-trained model of the same configs). --lesion_blend_threshold T:
+    blend the pseudo-pairs' lesions at T instead of the scale's setting (cpu: 0.1; paper: none, the paper's pairs)."""
     from tsgm_components.pipeline import SCALES, run_dataset
 
     if str(scale) not in (*SCALES, "auto"):
@@ -129,6 +131,7 @@ def run(
         None if split_file is None else str(split_file),
         bool(read_test),
         None if init_checkpoint is None else str(init_checkpoint),
+        None if lesion_blend_threshold is None else float(lesion_blend_threshold),
     )
 
 

@@ -120,18 +120,20 @@ SCALES: dict[str, dict[str, object]] = {
 }
 
 
-def pair_treatment(scale: str) -> dict[str, object]:
-    """The CycleGAN inference overrides that give the scale's pseudo-pairs (its :data:`SCALES` lesion blending)."""
-    blend = SCALES[scale]["lesion_blend_threshold"]
+def pair_treatment(scale: str, lesion_blend_threshold: float | None = None) -> dict[str, object]:
+    """The CycleGAN inference overrides that give the scale's pseudo-pairs: its :data:`SCALES` lesion blending, or
+    blending at ``lesion_blend_threshold`` when given (with the scale's lesion placement)."""
+    blend = SCALES[scale]["lesion_blend_threshold"] if lesion_blend_threshold is None else lesion_blend_threshold
     return {} if blend is None else {"lesion_blend_threshold": blend, "lesion_placement": SCALES[scale]["lesion_placement"]}
 
 
-def pseudo_pairs_step(work_dir: Path, cyclegan_checkpoint: Path, scale: str) -> Step:
-    """G_A→B over the healthy training and validation slices of ``W/prepared`` with the scale's pair treatment:
-    ``W/pseudo_pairs``, the training pairs of every stage-2 model of the run."""
+def pseudo_pairs_step(work_dir: Path, cyclegan_checkpoint: Path, scale: str, lesion_blend_threshold: float | None = None) -> Step:
+    """G_A→B over the healthy training and validation slices of ``W/prepared`` with the scale's pair treatment
+    (:func:`pair_treatment`): ``W/pseudo_pairs``, the training pairs of every stage-2 model of the run."""
+    treatment = pair_treatment(scale, lesion_blend_threshold)
     return Step(
         "pseudo-pairs G_A→B(healthy)",
-        bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=cyclegan_checkpoint, **pair_treatment(scale)),
+        bundle_command("inference", "cyclegan_brats", ["inference.yaml"], work_dir, checkpoint=cyclegan_checkpoint, **treatment),
         work_dir / "pseudo_pairs" / "pseudo_pairs.json",
     )
 
@@ -144,6 +146,7 @@ def model_steps(
     processes: int = 1,
     read_test: bool = True,
     init_checkpoint: Path | None = None,
+    lesion_blend_threshold: float | None = None,
 ) -> list[Step]:
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
 
@@ -151,7 +154,8 @@ def model_steps(
     pseudo-pair blending); ``ceilings``: the CEILING and REFERENCE rows that read healthy twins (phantom only); ``processes`` > 1:
     training and detection under torchrun. Without ``from_scratch`` detection uses the bundles' shipped weights.
     ``init_checkpoint``: the TSGM score model starts from these weights (fine-tuning, e.g. the phantom-trained
-    ``models/phantom.pt``) instead of a random initialisation. ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
+    ``models/phantom.pt``) instead of a random initialisation. ``lesion_blend_threshold``: the pseudo-pairs' blending
+    instead of the scale's (:func:`pair_treatment`). ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
     (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
@@ -206,7 +210,7 @@ def model_steps(
             work_dir / "cyclegan",
             estimate("cyclegan", "cyclegan_brats", cyclegan_files),
         ),
-        pseudo_pairs_step(work_dir, work_dir / "cyclegan" / "model.pt", scale),
+        pseudo_pairs_step(work_dir, work_dir / "cyclegan" / "model.pt", scale, lesion_blend_threshold),
         train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint})),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
         train(["train_regression.yaml"], "vejp_regression"),
@@ -216,7 +220,7 @@ def model_steps(
             Step(
                 "REFERENCE true pairs (twin slice, real slice)",
                 # the scale's pair treatment, done to the true pairs as to the pseudo-pairs
-                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment(scale)),
+                bundle_command("true_pairs", "tsgm_evaluation", ["ceilings.yaml"], work_dir, **pair_treatment(scale, lesion_blend_threshold)),
                 work_dir / "true_pairs" / "pseudo_pairs.json",
             ),
             train(["train_true_pairs.yaml"], "vejp_true_pairs"),
@@ -359,6 +363,7 @@ def dataset_steps(
     split_file: Path | None = None,
     read_test: bool = True,
     init_checkpoint: Path | None = None,
+    lesion_blend_threshold: float | None = None,
 ) -> list[Step]:
     """``tsgm run``: the whole pipeline on a user's dataset (any layout ``tsgm prepare`` reads), every model trained
     from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING or REFERENCE rows (they need healthy twins)."""
@@ -378,7 +383,10 @@ def dataset_steps(
     ]
     if split_file is not None:
         prepare += ["--split_file", str(split_file)]
-    return [Step(PREPARE_STEP, prepare, work_dir / "prepared"), *model_steps(work_dir, scale, True, False, processes, read_test, init_checkpoint)]
+    return [
+        Step(PREPARE_STEP, prepare, work_dir / "prepared"),
+        *model_steps(work_dir, scale, True, False, processes, read_test, init_checkpoint, lesion_blend_threshold),
+    ]
 
 
 def run_steps(work: Path, steps: list[Step], label: str) -> float:
@@ -484,6 +492,7 @@ def run_dataset(
     split_file: str | None = None,
     read_test: bool = True,
     init_checkpoint: str | None = None,
+    lesion_blend_threshold: float | None = None,
 ) -> None:
     """``tsgm run``: prepare a user's dataset, train every model, detect, calibrate on validation, evaluate on test
     and print the table next to the published BraTS2020 figures. Resumable like the demo (rerun the same command).
@@ -503,6 +512,7 @@ def run_dataset(
         None if split_file is None else Path(split_file),
         read_test,
         None if init_checkpoint is None else Path(init_checkpoint).resolve(),
+        lesion_blend_threshold,
     )
     work.mkdir(parents=True, exist_ok=True)
     print(f"tsgm run: {dataset_dir} -> {work}, {scale} configs, {max(processes, 1)} process(es) per step", flush=True)
