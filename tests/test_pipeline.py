@@ -168,9 +168,11 @@ def test_own_dataset_pipeline_trains_everything_with_the_scale_configs_and_torch
     cpu = dataset_steps(tmp_path, data, "cpu")
     pairs = next(s for s in cpu if s.name.startswith("pseudo-pairs")).command
     assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.1"  # the documented deviation at 64²
-    chosen = dataset_steps(tmp_path, data, "cpu", lesion_blend_threshold=0.2)
+    chosen = dataset_steps(tmp_path, data, "cpu", lesion_blend_threshold=0.2, score_model_epochs=32)
     pairs = next(s for s in chosen if s.name.startswith("pseudo-pairs")).command
     assert pairs[pairs.index("--lesion_blend_threshold") + 1] == "0.2" and pairs[pairs.index("--lesion_placement") + 1] == "random"
+    budgets = {s.name: s.command[s.command.index("--max_epochs") + 1] for s in chosen if "--max_epochs" in s.command}
+    assert budgets == {"train VE-JP score model (stage 2)": "32", "CONTROL train the regression network (VE-JP's, plain L2)": "32"}
     assert [s.name for s in cpu] == names
     assert not any("torch.distributed.run" in s.command for s in cpu)
     train = next(s for s in cpu if s.name.startswith("train VE-JP"))
@@ -233,7 +235,7 @@ def test_run_picks_the_scale_from_the_hardware_unless_given(tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_steps(work, dataset, scale, processes, seed, split_file, read_test, init_checkpoint, lesion_blend_threshold):
+    def fake_steps(work, dataset, scale, processes, seed, split_file, read_test, init_checkpoint, lesion_blend_threshold, score_model_epochs):
         seen["scale"] = scale
         raise SystemExit(0)
 

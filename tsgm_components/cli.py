@@ -105,6 +105,7 @@ def run(
     read_test: bool = True,
     init_checkpoint: str | None = None,
     lesion_blend_threshold: float | None = None,
+    score_model_epochs: int | None = None,
 ) -> None:
     """The whole pipeline on your dataset (BraTS 2018-2024 or MSD Task01 as downloaded): prepare, train CycleGAN,
     pseudo-pairs, VE-JP and the SDEdit model, detect on validation and test (TSGM and the baselines), calibrate on
@@ -115,7 +116,9 @@ def run(
     calibration and score the validation split in-sample (W/evaluation_validation), to compare settings without
     reading test. --init_checkpoint FILE: the TSGM score model starts from FILE's weights (fine-tuning, e.g.
     bundles/vejp_anomaly/models/phantom.pt, the phantom-trained model of the same configs). --lesion_blend_threshold T:
-    blend the pseudo-pairs' lesions at T instead of the scale's setting (cpu: 0.1; paper: none, the paper's pairs)."""
+    blend the pseudo-pairs' lesions at T instead of the scale's setting (cpu: 0.1; paper: none, the paper's pairs).
+    --score_model_epochs N: train the TSGM score model and its regression CONTROL for N epochs instead of the scale's
+    config (cpu: 80 epochs of 50 iterations)."""
     from tsgm_components.pipeline import SCALES, run_dataset
 
     if str(scale) not in (*SCALES, "auto"):
@@ -132,6 +135,7 @@ def run(
         bool(read_test),
         None if init_checkpoint is None else str(init_checkpoint),
         None if lesion_blend_threshold is None else float(lesion_blend_threshold),
+        None if score_model_epochs is None else int(score_model_epochs),
     )
 
 

@@ -147,6 +147,7 @@ def model_steps(
     read_test: bool = True,
     init_checkpoint: Path | None = None,
     lesion_blend_threshold: float | None = None,
+    score_model_epochs: int | None = None,
 ) -> list[Step]:
     """Training (``from_scratch``) and detection on validation and test, then calibration and evaluation.
 
@@ -155,7 +156,8 @@ def model_steps(
     training and detection under torchrun. Without ``from_scratch`` detection uses the bundles' shipped weights.
     ``init_checkpoint``: the TSGM score model starts from these weights (fine-tuning, e.g. the phantom-trained
     ``models/phantom.pt``) instead of a random initialisation. ``lesion_blend_threshold``: the pseudo-pairs' blending
-    instead of the scale's (:func:`pair_treatment`). ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
+    instead of the scale's (:func:`pair_treatment`). ``score_model_epochs``: the training epochs of the TSGM score model
+    and of its regression CONTROL (same budget by design) instead of the scale's config. ``read_test`` False (development): no test detection; the last step scores the validation split in-sample
     (``W/evaluation_validation``), so settings are compared without reading test.
     """
     overlay = list(SCALES[scale]["overlay"])  # type: ignore[arg-type]
@@ -201,6 +203,7 @@ def model_steps(
             estimate("score", "vejp_anomaly", files),
         )
 
+    budget = {} if score_model_epochs is None else {"max_epochs": score_model_epochs}
     cyclegan_files = ["train.yaml", *overlay, *multi]
     training = [
         Step(
@@ -211,9 +214,9 @@ def model_steps(
             estimate("cyclegan", "cyclegan_brats", cyclegan_files),
         ),
         pseudo_pairs_step(work_dir, work_dir / "cyclegan" / "model.pt", scale, lesion_blend_threshold),
-        train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint})),
+        train([], "vejp", **({} if init_checkpoint is None else {"init_checkpoint": init_checkpoint}), **budget),
         train(["train_unconditional.yaml"], "vejp_unconditional"),
-        train(["train_regression.yaml"], "vejp_regression"),
+        train(["train_regression.yaml"], "vejp_regression", **budget),
     ]
     if ceilings:
         training += [
@@ -364,6 +367,7 @@ def dataset_steps(
     read_test: bool = True,
     init_checkpoint: Path | None = None,
     lesion_blend_threshold: float | None = None,
+    score_model_epochs: int | None = None,
 ) -> list[Step]:
     """``tsgm run``: the whole pipeline on a user's dataset (any layout ``tsgm prepare`` reads), every model trained
     from scratch with the ``scale``'s configs (:data:`SCALES`), no CEILING or REFERENCE rows (they need healthy twins)."""
@@ -385,7 +389,7 @@ def dataset_steps(
         prepare += ["--split_file", str(split_file)]
     return [
         Step(PREPARE_STEP, prepare, work_dir / "prepared"),
-        *model_steps(work_dir, scale, True, False, processes, read_test, init_checkpoint, lesion_blend_threshold),
+        *model_steps(work_dir, scale, True, False, processes, read_test, init_checkpoint, lesion_blend_threshold, score_model_epochs),
     ]
 
 
@@ -493,6 +497,7 @@ def run_dataset(
     read_test: bool = True,
     init_checkpoint: str | None = None,
     lesion_blend_threshold: float | None = None,
+    score_model_epochs: int | None = None,
 ) -> None:
     """``tsgm run``: prepare a user's dataset, train every model, detect, calibrate on validation, evaluate on test
     and print the table next to the published BraTS2020 figures. Resumable like the demo (rerun the same command).
@@ -513,6 +518,7 @@ def run_dataset(
         read_test,
         None if init_checkpoint is None else Path(init_checkpoint).resolve(),
         lesion_blend_threshold,
+        score_model_epochs,
     )
     work.mkdir(parents=True, exist_ok=True)
     print(f"tsgm run: {dataset_dir} -> {work}, {scale} configs, {max(processes, 1)} process(es) per step", flush=True)
