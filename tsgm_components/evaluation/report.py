@@ -323,7 +323,7 @@ def plot_examples(examples: Mapping[str, Mapping[str, np.ndarray]], title: str, 
             if row_index == 0:
                 ax.set_title(panel, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # 0.3 inch above the panel titles for the suptitle
     with atomic_path(path, overwrite=True) as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
