@@ -42,7 +42,8 @@ TRAINED_ON = {
 }
 BUILD_COMMANDS = {
     "real": "tsgm real_data --source <DeepBrainSeg copy> --out DATA && tsgm run DATA runs/real --scale cpu "
-    "--init_checkpoint bundles/vejp_anomaly/models/phantom.pt && tsgm export_weights --work_dir runs/real --weights real",
+    "--init_checkpoint bundles/vejp_anomaly/models/phantom.pt --lesion_blend_threshold 0.2 --score_model_epochs 32 "
+    "&& tsgm export_weights --work_dir runs/real --weights real",
     "phantom": "tsgm build_weights --work_dir runs/weights",
 }
 #: the TSGM calibration (weights + threshold chosen on the validation split alone: the calibrating step)
