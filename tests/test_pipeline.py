@@ -209,9 +209,9 @@ def test_runs_that_train_add_the_controls_and_development_runs_never_read_test(t
 
 
 def test_training_steps_print_their_expected_duration_from_configs_and_counts(tmp_path):
-    """Iterations come from each step's configs and the prepared training counts: the CPU configs' fixed lengths
-    (8 CycleGAN epochs of 300, 80 score epochs of 50), the paper's passes over the data (1-channel: 4 samples per
-    slice), times the scale's reference seconds per iteration."""
+    """Iterations come from each step's configs, its command-line overrides and the prepared training counts: the CPU
+    configs' fixed lengths (8 CycleGAN epochs of 300, 80 score epochs of 50), the paper's passes over the data
+    (1-channel: 4 samples per slice), times the scale's reference seconds per iteration."""
     from tsgm_components.durations import REFERENCE_RATES, training_iterations
 
     (tmp_path / "prepared").mkdir()
@@ -225,6 +225,11 @@ def test_training_steps_print_their_expected_duration_from_configs_and_counts(tm
         == f"expected ≈ {4000 * rate / 60:.0f} min on a 2-core x86-64 CPU (4,000 iterations × {rate:.3f} s)"
     )
     assert len(estimates) == 4
+    # --score_model_epochs overrides the config's max_epochs for TSGM's score model and its regression CONTROL
+    budgeted = {s.name: s.estimate() for s in dataset_steps(tmp_path, tmp_path / "data", "cpu", score_model_epochs=32) if s.estimate}
+    assert "(1,600 iterations" in budgeted["train VE-JP score model (stage 2)"]
+    assert "(1,600 iterations" in budgeted["CONTROL train the regression network (VE-JP's, plain L2)"]
+    assert "(4,000 iterations" in budgeted["train unconditional score model (SDEdit baseline)"]
     assert training_iterations("score", {"max_epochs": 100, "batch_size": 8}, counts) == 100 * 104
     assert training_iterations("cyclegan", {"n_epochs": 100, "n_epochs_decay": 100, "batch_size": 1}, counts) == 200 * 4 * 380
 

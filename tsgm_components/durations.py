@@ -49,11 +49,18 @@ def training_iterations(kind: str, config: dict[str, Any], counts: dict[str, int
     return epochs * (int(length) if length else math.ceil(samples / int(config["batch_size"])))
 
 
-def training_estimate(kind: str, config_files: Sequence[str | Path], prepared_dir: str | Path, scale: str) -> str:
-    """One line: the expected duration of a training step on the scale's reference machine, and how it was made."""
+def training_estimate(
+    kind: str,
+    config_files: Sequence[str | Path],
+    prepared_dir: str | Path,
+    scale: str,
+    overrides: dict[str, Any] | None = None,
+) -> str:
+    """One line: the expected duration of a training step on the scale's reference machine, and how it was made.
+    overrides: the step's command-line config overrides (e.g. ``max_epochs``), applied over the config files."""
     # the record tsgm prepare writes (read here without the data package, which imports torch)
     counts = json.loads((Path(prepared_dir) / "prepare_config.json").read_text())["counts"]["train"]
-    iterations = training_iterations(kind, flat_config(config_files), counts)
+    iterations = training_iterations(kind, {**flat_config(config_files), **(overrides or {})}, counts)
     machine, rates = REFERENCE_RATES[scale]
     seconds = iterations * rates[kind]
     return f"expected ≈ {seconds / 60:.0f} min on {machine} ({iterations:,} iterations × {rates[kind]:.3f} s)"

@@ -189,9 +189,9 @@ def model_steps(
             None,
         )
 
-    def estimate(kind: str, bundle: str, configs: list[str]) -> Callable[[], str]:
+    def estimate(kind: str, bundle: str, configs: list[str], **overrides: object) -> Callable[[], str]:
         files = [BUNDLES / bundle / "configs" / name for name in configs]
-        return lambda: training_estimate(kind, files, prepared, scale)
+        return lambda: training_estimate(kind, files, prepared, scale, overrides)
 
     def train(configs: list[str], folder: str, **overrides: object) -> Step:
         files = ["train.yaml", *overlay, *configs, *multi]
@@ -200,7 +200,7 @@ def model_steps(
             bundle_command("training", "vejp_anomaly", files, work_dir, processes, **overrides),
             work_dir / folder / "model.pt",
             work_dir / folder / "checkpoints",
-            estimate("score", "vejp_anomaly", files),
+            estimate("score", "vejp_anomaly", files, **overrides),
         )
 
     budget = {} if score_model_epochs is None else {"max_epochs": score_model_epochs}
