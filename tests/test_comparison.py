@@ -137,3 +137,17 @@ def test_figure_8_runs_the_stochastic_sampler_per_seed_on_the_largest_validation
         assert command[command.index("--calibration_file") + 1] == str(tmp_path / "calibration" / "tsgm" / "calibration.json")
     report = next(s for s in steps if s.name.startswith("Fig. 8: mean and variance"))
     assert report.output == tmp_path / UNCERTAINTY_DIR / "summary.json" and steps.index(report) > steps.index(runs[-1])
+
+
+def test_compare_on_a_dataset_trains_tsgm_as_tsgm_run_was_told(tmp_path):
+    """A fresh `tsgm compare --dataset_dir` work dir trains the TSGM its `tsgm run` options describe (the shipped real
+    recipe), not the scale's defaults; on the demo's phantom (shipped weights) those options are refused."""
+    init = tmp_path / "phantom.pt"
+    training = {"init_checkpoint": init, "lesion_blend_threshold": 0.2, "score_model_epochs": 32}
+    steps = comparison_steps(tmp_path, tmp_path / "data", "cpu", peers=("vae",), tsgm_training=training)
+    vejp = next(s for s in steps if s.name == "train VE-JP score model (stage 2)").command
+    assert vejp[vejp.index("--init_checkpoint") + 1] == str(init) and vejp[vejp.index("--max_epochs") + 1] == "32"
+    pairs = [s.command for s in steps if s.name.startswith("pseudo-pairs")]
+    assert len(pairs) == 2 and all(c[c.index("--lesion_blend_threshold") + 1] == "0.2" for c in pairs)
+    with pytest.raises(SystemExit, match="apply to a dataset"):
+        run_comparison(str(tmp_path), peers="vae", tsgm_training={"score_model_epochs": 32})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import fire
 
@@ -166,13 +167,29 @@ def export_weights(work_dir: str, weights: str = "real", models: str | None = No
         print(f"wrote {path}")
 
 
-def compare(work_dir: str, dataset_dir: str | None = None, scale: str = "cpu", peers: str | None = None, split_file: str | None = None) -> None:
+def compare(
+    work_dir: str,
+    dataset_dir: str | None = None,
+    scale: str = "cpu",
+    peers: str | None = None,
+    split_file: str | None = None,
+    init_checkpoint: str | None = None,
+    lesion_blend_threshold: float | None = None,
+    score_model_epochs: int | None = None,
+) -> None:
     """Train and evaluate the peer methods (bundles/peer_methods) next to TSGM, its controls and baselines on one dataset
     (default: the demo's phantom; DATASET_DIR: a dataset `tsgm prepare` reads), each peer's setting chosen on validation,
-    the test split read once; prints the table and the paper's Table II. Resumable: rerun the same command."""
+    the test split read once; prints the table and the paper's Table II. Resumable: rerun the same command.
+    --init_checkpoint, --lesion_blend_threshold, --score_model_epochs: as for `tsgm run` (TSGM's training on
+    DATASET_DIR); give the run's own when WORK_DIR is a `tsgm run` work dir."""
     from tsgm_components.comparison import run_comparison
 
-    run_comparison(str(work_dir), dataset_dir, scale, peers, split_file)
+    options = {
+        "init_checkpoint": None if init_checkpoint is None else Path(str(init_checkpoint)).resolve(),
+        "lesion_blend_threshold": None if lesion_blend_threshold is None else float(lesion_blend_threshold),
+        "score_model_epochs": None if score_model_epochs is None else int(score_model_epochs),
+    }
+    run_comparison(str(work_dir), dataset_dir, scale, peers, split_file, {k: v for k, v in options.items() if v is not None})
 
 
 COMMANDS = {

@@ -179,7 +179,9 @@ def peer_steps(work_dir: Path, peer: str, scale: str) -> list[Step]:
     return steps
 
 
-def table_iii_steps(work_dir: Path, checkpoint: Path, cyclegan_checkpoint: Path, scale: str) -> list[Step]:
+def table_iii_steps(
+    work_dir: Path, checkpoint: Path, cyclegan_checkpoint: Path, scale: str, lesion_blend_threshold: float | None = None
+) -> list[Step]:
     """The paper's Table III: TSGM detection of both splits with all four modalities reconstructed
     (``detections/tsgm_all_modalities``; TSGM's own test detection samples only the modalities its calibration
     weighs); the four-channel stage 2 (``four_channel.yaml``: the same pseudo-pairs, written here with
@@ -190,7 +192,7 @@ def table_iii_steps(work_dir: Path, checkpoint: Path, cyclegan_checkpoint: Path,
     four_channel = work_dir / FOUR_CHANNEL_DIR / "model.pt"
     training_files = ["train.yaml", *overlay, "four_channel.yaml"]
     steps = [
-        pseudo_pairs_step(work_dir, cyclegan_checkpoint, scale),
+        pseudo_pairs_step(work_dir, cyclegan_checkpoint, scale, lesion_blend_threshold),
         Step(
             "Table III: train the four-channel VE-JP score model",
             bundle_command("training", "vejp_anomaly", training_files, work_dir),
@@ -283,20 +285,29 @@ def figure_8_steps(work_dir: Path, checkpoint: Path, scale: str) -> list[Step]:
 
 
 def comparison_steps(
-    work_dir: Path, dataset_dir: Path | None = None, scale: str = "cpu", peers: tuple[str, ...] = PEERS, split_file: Path | None = None
+    work_dir: Path,
+    dataset_dir: Path | None = None,
+    scale: str = "cpu",
+    peers: tuple[str, ...] = PEERS,
+    split_file: Path | None = None,
+    tsgm_training: dict[str, Any] | None = None,
 ) -> list[Step]:
     """Every step of a comparison: TSGM's (the demo's on the phantom, ``tsgm run``'s on a dataset) up to its own test
-    evaluation, each peer's, then one evaluation of all rows in ``W/comparison``."""
+    evaluation, each peer's, then one evaluation of all rows in ``W/comparison``. tsgm_training: ``tsgm run``'s
+    training options on a dataset (``init_checkpoint``, ``lesion_blend_threshold``, ``score_model_epochs``)."""
     if dataset_dir is None:
+        if tsgm_training:
+            raise ValueError(f"TSGM's training options {sorted(tsgm_training)} apply to a dataset; the demo's phantom uses the shipped weights")
         tsgm = demo_steps(work_dir, seed=DEMO_SEED)
         evaluation_configs = ["evaluate.yaml", "cpu.yaml", "ceilings.yaml", "controls.yaml"]
     else:
-        tsgm = dataset_steps(work_dir, dataset_dir, scale, split_file=split_file)
+        tsgm = dataset_steps(work_dir, dataset_dir, scale, split_file=split_file, **(tsgm_training or {}))
         evaluation_configs = ["evaluate.yaml", *SCALES[scale]["overlay"], "controls.yaml"]  # type: ignore[misc]
     trained = {"vejp": work_dir / "vejp" / "model.pt", "cyclegan": work_dir / "cyclegan" / "model.pt"}
     models = {key: BUNDLES / WEIGHT_SETS["phantom"][key] for key in trained} if dataset_dir is None else trained
     # the demo is the CPU scale
-    steps = tsgm + table_iii_steps(work_dir, models["vejp"], models["cyclegan"], "cpu" if dataset_dir is None else scale)
+    blend = (tsgm_training or {}).get("lesion_blend_threshold")
+    steps = tsgm + table_iii_steps(work_dir, models["vejp"], models["cyclegan"], "cpu" if dataset_dir is None else scale, blend)
     steps += figure_8_steps(work_dir, models["vejp"], scale)
     steps += [step for peer in peers for step in peer_steps(work_dir, peer, scale)]
 
@@ -356,13 +367,20 @@ def paper_table_iii() -> str:
 
 
 def run_comparison(
-    work_dir: str, dataset_dir: str | None = None, scale: str = "cpu", peers: str | tuple[str, ...] | None = None, split_file: str | None = None
+    work_dir: str,
+    dataset_dir: str | None = None,
+    scale: str = "cpu",
+    peers: str | tuple[str, ...] | None = None,
+    split_file: str | None = None,
+    tsgm_training: dict[str, Any] | None = None,
 ) -> None:
     """``tsgm compare``: train and evaluate every peer next to TSGM on one dataset, print the table and the paper's.
 
     WORK_DIR: the work dir (a finished ``tsgm demo`` or ``tsgm run`` work dir is reused: finished steps are skipped).
     DATASET_DIR: a dataset ``tsgm prepare`` reads (default: the demo's phantom). SCALE: cpu (64², 2 cores) or paper
-    (256², a GPU). PEERS: comma-separated subset of :data:`PEERS`. Resumable: rerun the same command.
+    (256², a GPU). PEERS: comma-separated subset of :data:`PEERS`. TSGM_TRAINING: ``tsgm run``'s training options
+    for TSGM on the dataset (give the run's own, so that a fresh work dir trains the same TSGM). Resumable: rerun
+    the same command.
     """
     # fire hands `--peers vae,pddpm` over as a tuple, `--peers vae` as a string
     names = peers if isinstance(peers, (list, tuple)) else [] if peers is None else str(peers).split(",")
@@ -375,7 +393,10 @@ def run_comparison(
     work = Path(str(work_dir)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     dataset = None if dataset_dir is None else Path(str(dataset_dir)).resolve()
-    steps = comparison_steps(work, dataset, scale, chosen, None if split_file is None else Path(str(split_file)).resolve())
+    try:
+        steps = comparison_steps(work, dataset, scale, chosen, None if split_file is None else Path(str(split_file)).resolve(), tsgm_training)
+    except ValueError as error:
+        raise SystemExit(f"tsgm compare: {error}") from error
     seconds = run_steps(work, steps, "tsgm compare")
     print(f"\nComparison finished in {seconds:.0f} s. Report: {work / COMPARISON_DIR}\n")
     print((work / COMPARISON_DIR / "results.md").read_text())
