@@ -265,7 +265,7 @@ def test_run_can_fine_tune_the_tsgm_model_from_given_weights(tmp_path):
 
 def test_the_steps_record_keeps_the_run_that_did_the_work(tmp_path):
     """A step that always runs (output None, skipping finished subjects itself) rerun in a second does not replace the
-    recorded time of the run that did the work; a step with an output records each run."""
+    recorded time of the run that did the work; a step with an output records each run, with the code's commit."""
     from tsgm_components.pipeline import STEPS_RECORD, Step, run_steps
 
     (tmp_path / STEPS_RECORD).write_text(
@@ -276,3 +276,6 @@ def test_the_steps_record_keeps_the_run_that_did_the_work(tmp_path):
     record = json.loads((tmp_path / STEPS_RECORD).read_text())
     assert record["detect"] == {"command": "earlier", "seconds": 100.0}
     assert record["train"]["seconds"] < 100 and record["train"]["command"] != "earlier"
+    from tsgm_components import git_commit
+
+    assert record["train"]["commit"] == git_commit()  # what shipped weights' provenance names as their code

@@ -52,6 +52,7 @@ def demo_run(tmp_path) -> Path:
     (work / "calibration" / "tsgm" / "calibration.json").write_text(json.dumps({"weights": {"flair": 1.0}, "threshold": 0.1}))
     steps = {name: {"command": f"python -m monai.bundle run training ... {folder}", "seconds": 100.0} for folder, name in TRAINING_STEPS.items()}
     steps[PHANTOM_STEP] = {"command": "tsgm phantom --out W/phantom --n_subjects 40 --seed 0", "seconds": 50.0}
+    steps[TRAINING_STEPS["vejp"]]["commit"] = "0123abc"  # run_steps records the commit a step started at
     (work / STEPS_RECORD).write_text(json.dumps(steps))
     return work
 
@@ -73,6 +74,8 @@ def test_export_keeps_inference_entries_and_writes_provenance(demo_run, tmp_path
         assert provenance["iterations"] == (2400 if folder == "cyclegan" else 6000)
         assert provenance["data"]["phantom"].startswith("tsgm phantom") and provenance["data"]["prepare_config"]["seed"] == 0
         assert provenance["machine"]["torch"] == torch.__version__
+        # the commit the model was trained at; a record without one (older runs) gets the code's commit at export
+        assert (provenance["commit"] == "0123abc") == (folder == "vejp") and provenance["commit"]
         assert ("not for real scans" in provenance["trained_on"]) == (weights == "phantom")
     calibration = bundles / shipped["vejp"].replace(".pt", "_calibration.json")
     assert json.loads(calibration.read_text())["threshold"] == 0.1

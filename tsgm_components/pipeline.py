@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tsgm_components import REPO_ROOT
+from tsgm_components import REPO_ROOT, git_commit
 from tsgm_components.durations import training_estimate
 
 BUNDLES = REPO_ROOT / "bundles"
@@ -394,8 +394,9 @@ def dataset_steps(
 
 
 def run_steps(work: Path, steps: list[Step], label: str) -> float:
-    """Run ``steps`` in order in ``work`` (skipping finished ones), recording each one's command and time in
-    ``work/STEPS_RECORD``; a failing step stops the run with its name. Returns the seconds spent."""
+    """Run ``steps`` in order in ``work`` (skipping finished ones), recording each one's command, time and the code's
+    commit when it started in ``work/STEPS_RECORD``; a failing step stops the run with its name. Returns the seconds
+    spent."""
     record_path = work / STEPS_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     start = time.perf_counter()
@@ -405,6 +406,7 @@ def run_steps(work: Path, steps: list[Step], label: str) -> float:
             print(f"{header}: done already", flush=True)
             continue
         command = step.resolved_command()
+        commit = git_commit()
         print(f"{header}\n$ {shlex.join(command)}", flush=True)
         if step.estimate is not None:
             print(f"{header}: {step.estimate()}", flush=True)
@@ -418,7 +420,7 @@ def run_steps(work: Path, steps: list[Step], label: str) -> float:
         # a step that always runs (output None) and skips finished subjects takes seconds when rerun: the record keeps
         # the longer run, the one that did the work
         if step.output is not None or record.get(step.name, {}).get("seconds", 0) <= seconds:
-            record[step.name] = {"command": shlex.join(command), "seconds": round(seconds, 1)}
+            record[step.name] = {"command": shlex.join(command), "seconds": round(seconds, 1), "commit": commit}
             record_path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{header}: {seconds:.0f} s", flush=True)
     return time.perf_counter() - start

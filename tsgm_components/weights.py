@@ -104,6 +104,8 @@ def export_weights(
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+    # the commit a model was trained at (recorded by run_steps), else the code's now, read before any file is replaced
+    commit_now = git_commit()
     sources = {}
     for folder in models:  # every source checked before anything is written
         source, keys = work / folder / "model.pt", KEPT_ENTRIES.get(folder, ("model",))
@@ -138,7 +140,7 @@ def export_weights(
             "wall_time_s": steps.get(step, {}).get("seconds"),
             "note": steps.get(step, {}).get("note"),
             "iterations": _iterations(work / folder),
-            "commit": git_commit(),
+            "commit": steps.get(step, {}).get("commit") or commit_now,
             "data": {
                 "phantom": steps.get(PHANTOM_STEP, {}).get("command"),
                 "prepare": steps.get(PREPARE_STEP, {}).get("command"),
