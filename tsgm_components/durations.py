@@ -17,9 +17,10 @@ import yaml
 MODALITY_COUNT = 4
 #: scale -> (reference machine and where the rates were measured, {model kind: seconds per training iteration})
 REFERENCE_RATES: dict[str, tuple[str, dict[str, float]]] = {
-    # the training logs of `tsgm run DATA/brats18_sample W --scale cpu`, one run at a time: 76 s per 300 CycleGAN
-    # iterations, 22-23 s per 50 score-model iterations (benchmarks/results/real_cpu_training.md)
-    "cpu": ("a 2-core x86-64 CPU", {"cyclegan": 0.25, "score": 0.45}),
+    # the training logs of the shipped real weights' `tsgm run DATA/brats18_sample W --scale cpu ...` on an idle
+    # 2-core AMD EPYC, one training at a time: 0.139 s per CycleGAN iteration, 0.253-0.259 s per score-model
+    # iteration (benchmarks/results/real_cpu_training.md)
+    "cpu": ("a 2-core x86-64 CPU", {"cyclegan": 0.14, "score": 0.26}),
     # benchmarks/results/gpu_paper_scale_nvidia_h100_80gb_hbm3.md: 11.70 and 5.34 iterations/s
     "paper": ("one NVIDIA H100", {"cyclegan": 1 / 11.70, "score": 1 / 5.34}),
 }
