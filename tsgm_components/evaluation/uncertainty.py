@@ -188,5 +188,5 @@ def plot_uncertainty(panels: list[tuple[str, int, np.ndarray, np.ndarray, list[n
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, overwrite=True) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")  # the variance column's two-line title stays inside
     plt.close(fig)
