@@ -102,6 +102,8 @@ def test_explicit_files_need_only_the_weighted_ones(phantom_dir, tmp_path):
     parser = ConfigParser()
     parser.read_config(str(VEJP / "configs" / "inference.yaml"))
     parser.update({"checkpoint": str(PHANTOM_MODEL), "calibration_file": str(DEFAULT_CALIBRATION), "device": "$torch.device('cpu')"})
-    with pytest.raises(TsgmInputError, match=r"no t2 file given \(--t2\); the calibration weighs t2 \(weight 0.4; calibration "):
+    t2_weight = json.loads(DEFAULT_CALIBRATION.read_text())["weights"]["t2"]  # the shipped calibration weighs T2
+    assert t2_weight > 0
+    with pytest.raises(TsgmInputError, match=rf"no t2 file given \(--t2\); the calibration weighs t2 \(weight {t2_weight:g}; calibration "):
         run_detection(tmp_path / "default", parser.get_parsed_content("detector"), files={"flair": str(flair)})
     assert not (tmp_path / "default").exists()
