@@ -29,9 +29,9 @@ def git_commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True, text=True)
     except OSError:
         return "unknown"
-    if commit.returncode or dirty.returncode or not commit.stdout:
+    if commit.returncode or dirty.returncode:
         return "unknown"
-    return commit.stdout.strip() + ("+dirty" if (dirty.stdout or "").strip() else "")
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
